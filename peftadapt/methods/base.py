@@ -1,0 +1,111 @@
+"""The method interface: one config dataclass per adaptation method.
+
+A method config is a dataclass whose fields are its options (each field's
+``metadata["help"]`` says what it does). ``wrap(model, "lora", r=8)`` looks
+the name up in :data:`METHODS`, builds the config from the keyword options
+(unknown options are a ``ValueError`` naming the valid ones), validates it, and
+calls :meth:`MethodConfig.apply`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch.nn as nn
+
+METHODS: dict[str, type["MethodConfig"]] = {}
+# Aliases: a name that maps to a config class with some options preset.
+ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
+
+
+def register_method(name: str, *aliases: tuple[str, dict[str, Any]]):
+    """Class decorator: register a method config under ``name`` (and aliases)."""
+
+    def deco(cls):
+        cls.method = name
+        METHODS[name] = cls
+        for alias, preset in aliases:
+            ALIASES[alias] = (name, dict(preset))
+        return cls
+
+    return deco
+
+
+def method_names() -> list[str]:
+    return sorted(set(METHODS) | set(ALIASES))
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """Base class of every method's options."""
+
+    method: ClassVar[str] = "base"
+
+    # -- construction ------------------------------------------------------
+    @classmethod
+    def from_options(cls, **options: Any) -> "MethodConfig":
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {unknown} for method {cls.method!r}; "
+                f"valid options: {valid}"
+            )
+        cfg = cls(**options)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise ValueError/TypeError for bad option values. Override."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["method"] = self.method
+        return d
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+    # -- application -------------------------------------------------------
+    def apply(self, model: nn.Module, adapter_name: str = "default") -> nn.Module:
+        """Return ``model`` adapted with this method (base weights frozen)."""
+        raise NotImplementedError
+
+    def add_to(self, wrapped: nn.Module, adapter_name: str) -> None:
+        """Add this method as another named adapter to an already wrapped model."""
+        raise NotImplementedError
+
+
+def build_config(method: "str | MethodConfig", **options: Any) -> MethodConfig:
+    """Turn ``("lora", r=8)`` or ``LoRA(r=8)`` into a validated config."""
+    if isinstance(method, MethodConfig):
+        if options:
+            raise ValueError(
+                f"pass options either in the config object or as keywords, not both (got {sorted(options)})"
+            )
+        method.validate()
+        return method
+    if not isinstance(method, str):
+        raise TypeError(
+            f"method must be a name or a MethodConfig, got {type(method).__name__}; "
+            f"valid names: {method_names()}"
+        )
+    key = method.lower()
+    if key in ALIASES:
+        base, preset = ALIASES[key]
+        clash = sorted(k for k in options if k in preset and options[k] != preset[k])
+        if clash:
+            raise ValueError(f"method {method!r} fixes {clash} to {[preset[k] for k in clash]}; use {base!r} instead")
+        return METHODS[base].from_options(**{**preset, **options})
+    if key not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {method_names()}")
+    return METHODS[key].from_options(**options)
+
+
+def field(default: Any, help: str, **kw: Any):
+    """A dataclass field that carries its help text."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return dataclasses.field(default=default, metadata={"help": help}, **kw)
