@@ -6,3 +6,9 @@ The public API, re-exported; nothing else lives here.
 __version__ = "0.1.0"
 
 from .methods.base import MethodConfig, METHODS, register_method  # noqa: F401
+from . import align  # noqa: F401
+from .align import MMD, CORAL, DANN, CDAN, Entropy, Alignment, Term, register as register_regularizer  # noqa: F401
+from .features import FeatureTap  # noqa: F401
+from .model import AdaptedModel  # noqa: F401
+from .methods.adapter import Adapter  # noqa: F401
+from .methods.head import Head, find_task_head  # noqa: F401
