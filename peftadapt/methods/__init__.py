@@ -1,0 +1,1 @@
+"""Adaptation methods, one module each; importing one registers it."""

@@ -23,6 +23,8 @@ def register_method(name: str, *aliases: tuple[str, dict[str, Any]]):
     """Class decorator: register a method config under ``name`` (and aliases)."""
 
     def deco(cls):
+        if "__dataclass_fields__" not in cls.__dict__:
+            cls = dataclasses.dataclass(cls)
         cls.method = name
         METHODS[name] = cls
         for alias, preset in aliases:

@@ -1,0 +1,86 @@
+"""Prefix tuning (Li & Liang 2021), built on peft.
+
+Trainable key/value vectors for ``num_virtual_tokens`` virtual positions are
+prepended to every attention layer (``past_key_values``); the base model stays
+frozen. Optionally reparameterised through an MLP (``prefix_projection``).
+
+transformers 5 classifiers (``*ForSequenceClassification``) no longer name
+``past_key_values`` in their ``forward`` signature, which peft's classifier
+path checks for and rejects. Their ``**kwargs`` do reach the backbone, so for
+classifiers we use peft's feature-extraction wrapper (which prepends the
+prefix mask and passes ``past_key_values`` through) and list the head in
+``modules_to_save``: the saved adapter is ordinary peft format.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from . import _peft
+from .base import MethodConfig, field, register_method
+
+# Architectures whose attention does not read past_key_values: prefix tuning
+# cannot reach them.
+_NO_KV_CACHE = ("distilbert", "albert", "t5encoder")
+
+
+def _head_names(model: nn.Module) -> list[str]:
+    return [n for n in ("classifier", "score", "qa_outputs") if isinstance(getattr(model, n, None), nn.Module)]
+
+
+@register_method("prefix")
+class Prefix(MethodConfig):
+    num_virtual_tokens: int = field(20, "number of virtual prefix positions per layer")
+    prefix_projection: bool = field(False, "reparameterise the prefix through a 2-layer MLP (more stable, more params while training)")
+    projection_hidden_size: int | None = field(None, "hidden size of that MLP (default: the model's hidden size)")
+    train_head: bool = field(True, "train the task head (classifier / score) when the model has one")
+
+    def validate(self) -> None:
+        if not isinstance(self.num_virtual_tokens, int) or isinstance(self.num_virtual_tokens, bool) or self.num_virtual_tokens < 1:
+            raise ValueError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
+        if self.projection_hidden_size is not None and (not isinstance(self.projection_hidden_size, int) or self.projection_hidden_size < 1):
+            raise ValueError(f"projection_hidden_size must be a positive integer or None, got {self.projection_hidden_size!r}")
+
+    def peft_config(self, model: nn.Module):
+        from peft import PrefixTuningConfig
+
+        mt = model.config.model_type
+        if mt in _NO_KV_CACHE or getattr(model.config, "is_encoder_decoder", False):
+            raise ValueError(
+                f"prefix tuning cannot be applied to a {mt!r} model: its attention takes no past_key_values"
+                + (" (encoder-decoder models are not supported by peftadapt's prefix path)" if getattr(model.config, "is_encoder_decoder", False) else "")
+                + "; use 'lora' or 'adapter' instead"
+            )
+        task = _peft.task_type_of(model)
+        modules_to_save = None
+        if task in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"):
+            heads = _head_names(model)
+            modules_to_save = heads if (self.train_head and heads) else None
+            task = "FEATURE_EXTRACTION"  # see the module docstring
+        elif task is None:
+            task = "FEATURE_EXTRACTION"
+        elif task != "CAUSAL_LM":
+            raise ValueError(f"prefix tuning supports classifiers, causal LMs and backbones; got a {task} model ({type(model).__name__})")
+        kw = {}
+        if self.prefix_projection:
+            kw["encoder_hidden_size"] = self.projection_hidden_size or model.config.hidden_size
+        return PrefixTuningConfig(
+            task_type=task,
+            num_virtual_tokens=self.num_virtual_tokens,
+            prefix_projection=self.prefix_projection,
+            modules_to_save=modules_to_save,
+            **kw,
+        )
+
+    def apply(self, model: nn.Module, adapter_name: str = "default") -> nn.Module:
+        from peft import get_peft_model
+
+        if getattr(model, "is_gradient_checkpointing", False):
+            raise ValueError(
+                "prefix tuning does not work with gradient checkpointing in peft (the prefix cache is "
+                "dropped on recomputation); call model.gradient_checkpointing_disable() first, or use 'lora'"
+            )
+        return get_peft_model(model, self.peft_config(model), adapter_name=adapter_name)
+
+    def add_to(self, wrapped: nn.Module, adapter_name: str) -> None:
+        wrapped.add_adapter(adapter_name, self.peft_config(wrapped.get_base_model()))
