@@ -1,0 +1,31 @@
+"""QLoRA: bitsandbytes 4-bit / 8-bit base models trained through adapters.
+
+bitsandbytes is imported lazily, inside the functions that need it, so
+``import peftadapt`` works without it.
+
+- :func:`load_quantized` loads a saved model with NF4/FP4 (double-quantized)
+  or 8-bit linear layers and prepares it for training.
+- :func:`build_quantized` builds any architecture from a config directly in
+  quantized form (random weights), for 7B/70B measurements without downloads.
+- :func:`prepare_for_kbit_training` freezes the base, keeps only trainable
+  parameters in fp32, turns on gradient checkpointing.
+- :func:`merge_quantized` merges LoRA into the *dequantized* base and exports
+  a dense bf16/fp16/fp32 model.
+- :func:`make_optimizer` builds AdamW / 8-bit AdamW / paged 8-bit AdamW.
+"""
+
+from .build import build_quantized
+from .load import bnb_config, load_quantized
+from .merge import merge_quantized
+from .optim import OPTIMIZERS, make_optimizer
+from .prepare import (
+    _check_prefix_compat,
+    cast_trainable_to_fp32,
+    prepare_for_kbit_training,
+)
+from ._bnb import is_quantized, quant_bits, tensor_bytes
+
+__all__ = [
+    "load_quantized", "build_quantized", "prepare_for_kbit_training", "merge_quantized", "make_optimizer",
+    "cast_trainable_to_fp32", "bnb_config", "is_quantized", "quant_bits", "tensor_bytes", "OPTIMIZERS",
+]

@@ -1,0 +1,134 @@
+"""Loading a transformers model with its linear layers quantized by bitsandbytes."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ._bnb import bnb, check_bits, default_compute_dtype, default_device, resolve_dtype
+
+TASKS = ("causal", "seqcls", "tokcls", "base")
+
+
+def _auto_class(task):
+    import transformers as tf
+
+    if isinstance(task, type):
+        return task
+    classes = {
+        "causal": tf.AutoModelForCausalLM,
+        "seqcls": tf.AutoModelForSequenceClassification,
+        "tokcls": tf.AutoModelForTokenClassification,
+        "base": tf.AutoModel,
+    }
+    if task not in classes:
+        raise ValueError(f"unknown task {task!r}; valid: {list(TASKS)} or a transformers model class")
+    return classes[task]
+
+
+def bnb_config(bits: int = 4, quant_type: str | None = None, double_quant: bool | None = None,
+               compute_dtype=torch.float32, skip_modules: list[str] | None = None,
+               llm_int8_threshold: float = 6.0):
+    """The ``transformers.BitsAndBytesConfig`` for these options (validated)."""
+    from transformers import BitsAndBytesConfig
+
+    quant_type, double_quant = check_bits(bits, quant_type, double_quant)
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant_type,
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+            llm_int8_skip_modules=skip_modules,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=llm_int8_threshold,
+                              llm_int8_skip_modules=skip_modules)
+
+
+def _device_map(device_map, device):
+    if device_map is not None:
+        return device_map
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return {"": dev.index if dev.index is not None else torch.cuda.current_device()}
+    return {"": "cpu"} if dev.type == "cpu" else {"": str(dev)}
+
+
+def load_quantized(
+    path: str | os.PathLike,
+    bits: int = 4,
+    *,
+    quant_type: str | None = None,
+    double_quant: bool | None = None,
+    compute_dtype: Any = None,
+    dtype: Any = None,
+    task: Any = "causal",
+    device: str | torch.device | None = None,
+    device_map: Any = None,
+    skip_modules: list[str] | None = None,
+    prepare: bool = True,
+    gradient_checkpointing: bool = True,
+    **from_pretrained_kwargs: Any,
+) -> nn.Module:
+    """Load a transformers model with bitsandbytes 4-bit (NF4/FP4) or 8-bit linear layers.
+
+    Args:
+        path: a model folder (or hub id, where the machine can reach the hub).
+        bits: 4 (QLoRA, Dettmers et al. 2023) or 8 (LLM.int8(), Dettmers et al. 2022).
+        quant_type: 4-bit only, ``"nf4"`` (default; NormalFloat, optimal for
+            normally distributed weights) or ``"fp4"``.
+        double_quant: 4-bit only, quantize the per-block absmax constants too
+            (default True; saves ~0.37 bit/parameter).
+        compute_dtype: dtype the dequantized weights are multiplied in;
+            default bf16 on CUDA, fp32 on CPU (CPU bf16 matmul is slow).
+        dtype: dtype of the parameters that stay unquantized (embeddings,
+            norms, lm_head / task head); default ``compute_dtype``.
+        task: ``"causal"`` (default), ``"seqcls"``, ``"tokcls"``, ``"base"`` or
+            a transformers model class.
+        device / device_map: where to put it; default the GPU if there is one,
+            else the CPU. ``device_map`` is passed to Accelerate as is
+            (e.g. ``"auto"``, ``{"": 0}``) and wins over ``device``.
+        skip_modules: module names to keep unquantized (transformers' default
+            keeps the output head).
+        prepare: run :func:`prepare_for_kbit_training` (freeze, keep frozen
+            params in their dtype, gradient checkpointing). Default True, so
+            ``wrap(load_quantized(path), "lora")`` is ready to train.
+        **from_pretrained_kwargs: passed on (``num_labels=3``, ...).
+
+    Returns the (optionally prepared) transformers model, in eval mode as
+    ``from_pretrained`` leaves it; call ``.train()`` before training.
+    """
+    bnb()  # a clear ImportError before transformers' own
+    quant_type, double_quant = check_bits(bits, quant_type, double_quant)
+    device = default_device() if device is None else device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a torch device; valid: 'cpu', 'cuda', 'cuda:0', ...") from e
+    compute_dtype = default_compute_dtype(dev) if compute_dtype is None else resolve_dtype(compute_dtype, "compute_dtype")
+    dtype = compute_dtype if dtype is None else resolve_dtype(dtype, "dtype")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a folder path (str or PathLike), got {type(path).__name__}")
+    looks_local = isinstance(path, os.PathLike) or str(path).startswith(("/", ".", "~"))
+    if looks_local and not os.path.isdir(os.path.expanduser(str(path))):
+        raise ValueError(f"model folder {str(path)!r} does not exist")
+    cls = _auto_class(task)
+    for k in ("quantization_config", "torch_dtype", "load_in_4bit", "load_in_8bit"):
+        if k in from_pretrained_kwargs:
+            raise ValueError(f"do not pass {k!r}: load_quantized sets it from bits/quant_type/double_quant/dtype")
+    qconfig = bnb_config(bits, quant_type, double_quant, compute_dtype, skip_modules)
+    model = cls.from_pretrained(
+        path,
+        quantization_config=qconfig,
+        device_map=_device_map(device_map, dev),
+        dtype=dtype,
+        **from_pretrained_kwargs,
+    )
+    if prepare:
+        from .prepare import prepare_for_kbit_training
+
+        prepare_for_kbit_training(model, gradient_checkpointing=gradient_checkpointing)
+    return model

@@ -1,0 +1,181 @@
+"""Preparing a k-bit model for training, without peft's fp32 memory trap.
+
+peft's ``prepare_model_for_kbit_training`` casts every fp16/bf16 parameter
+that is not 4-bit to fp32: embeddings, lm_head and norms. For Llama-3-8B
+that is 2 x 128256 x 4096 = 1.05 B embedding/lm_head parameters going from
+2 to 4 bytes, +2.1 GB; for Llama-3-70B +4.2 GB; none of it is trained.
+
+What we keep in fp32, and why:
+
+- **Trainable parameters** (adapters, a new task head): fp32. They receive
+  optimizer updates of size ~lr * g; in bf16 (8 bits of mantissa) an update
+  smaller than 2^-8 of the weight is rounded away, so training stalls.
+  peft already creates LoRA weights in fp32 (``autocast_adapter_dtype``);
+  :func:`cast_trainable_to_fp32` makes sure of it for any adapter.
+- **Frozen non-quantized parameters** (embeddings, lm_head, norms, biases):
+  left in the dtype they were loaded in. They receive no updates, so there is
+  no rounding to lose; the models already do the sensitive arithmetic in
+  fp32 (Llama/Qwen2/Mistral RMSNorm upcast the activations to fp32 for the
+  variance; torch's LayerNorm kernels accumulate in fp32; transformers
+  computes the LM loss on ``logits.float()``). Upcasting a norm's weight
+  would even *hurt*: ``weight * x.to(input_dtype)`` then returns fp32, which
+  either upcasts the activations after it (memory) or meets a bf16 lm_head
+  with a dtype mismatch.
+- **Quantized weights**: untouched (codes + quantization state).
+
+Gradient checkpointing is on by default with ``use_reentrant=False``: the
+non-reentrant torch checkpoint propagates gradients to the adapters inside a
+checkpointed block even when the block's input does not require grad, so the
+``enable_input_require_grads`` hook is not needed (we still install it when
+the caller asks for the reentrant variant).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+
+from ._bnb import is_quantized
+
+
+def _hf_model(model: nn.Module) -> nn.Module:
+    """The transformers PreTrainedModel inside a PeftModel / AdaptedModel / plain model."""
+    from transformers import PreTrainedModel
+
+    m = model
+    for _ in range(4):
+        if isinstance(m, PreTrainedModel):
+            return m
+        if hasattr(m, "get_base_model") and callable(m.get_base_model):  # peft.PeftModel
+            m = m.get_base_model()
+            continue
+        inner = next((getattr(m, a) for a in ("model", "base_model") if isinstance(getattr(m, a, None), nn.Module)), None)
+        if inner is None:
+            break
+        m = inner
+    return m
+
+
+def _is_wrapped(model: nn.Module) -> bool:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover
+        BaseTunerLayer = ()
+    if type(model).__name__ in ("PeftModel", "AdaptedModel") or hasattr(model, "peft_config"):
+        return True
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules()) if BaseTunerLayer else False
+
+
+def cast_trainable_to_fp32(model: nn.Module) -> int:
+    """Cast every parameter with ``requires_grad`` to fp32 in place; return how many were cast.
+
+    Call it after adding adapters to a quantized model (``wrap`` does, for
+    quantized bases). Frozen parameters are left alone.
+    """
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.to(torch.float32)
+            n += 1
+    return n
+
+
+def enable_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
+    """Turn on activation (gradient) checkpointing on a transformers model, any version."""
+    hf = _hf_model(model)
+    if not getattr(hf, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"{type(hf).__name__} does not support gradient checkpointing; pass gradient_checkpointing=False"
+        )
+    kwargs = {"use_reentrant": bool(use_reentrant)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.x
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # transformers 4.x
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if use_reentrant and hasattr(hf, "enable_input_require_grads"):
+        # The reentrant checkpoint only back-propagates if a block's input requires grad.
+        hf.enable_input_require_grads()
+
+
+def disable_checkpointing(model: nn.Module) -> None:
+    hf = _hf_model(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        if hasattr(hf, "activation_checkpointing_disable"):
+            hf.activation_checkpointing_disable()
+        else:
+            hf.gradient_checkpointing_disable()
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def prepare_for_kbit_training(
+    model: nn.Module,
+    gradient_checkpointing: bool = True,
+    use_reentrant: bool = False,
+) -> nn.Module:
+    """Make a bitsandbytes-quantized model ready for adapter training; return it.
+
+    - freezes the base model's parameters (on an already wrapped model the
+      adapter parameters stay trainable);
+    - casts trainable parameters to fp32 and leaves every frozen parameter in
+      its loaded dtype (see the module docstring for why; this is the
+      difference from peft's ``prepare_model_for_kbit_training``, which
+      upcasts embeddings, lm_head and norms to fp32);
+    - turns on gradient checkpointing (``use_reentrant=False`` by default).
+
+    Works on plain transformers models and on wrapped ones. A model that is
+    not quantized is accepted too (a bf16 base trained with LoRA wants the
+    same treatment).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    if not isinstance(gradient_checkpointing, bool):
+        raise TypeError(f"gradient_checkpointing must be True or False, got {gradient_checkpointing!r}")
+    wrapped = _is_wrapped(model)
+    for p in model.parameters():
+        if not wrapped:
+            p.requires_grad_(False)
+    cast_trainable_to_fp32(model)
+    if gradient_checkpointing:
+        enable_checkpointing(model, use_reentrant=use_reentrant)
+    hf = _hf_model(model)
+    hf._peftadapt_kbit_prepared = True
+    if not is_quantized(model):
+        hf._peftadapt_kbit_prepared = "not-quantized"
+    return model
+
+
+def _check_prefix_compat(model: nn.Module) -> nn.Module:
+    """Make ``model`` acceptable to peft prefix tuning; return it.
+
+    peft's prefix tuning feeds the prefix through the key/value cache, and a
+    checkpointed block recomputes its forward, which would append to that
+    cache twice; peft therefore refuses any model with gradient checkpointing
+    on (``ValueError: PREFIX_TUNING does not work with gradient
+    checkpointing``). ``load_quantized`` turns checkpointing on by default, so
+    ``wrap(load_quantized(...), "prefix")`` would always fail.
+
+    Our choice: turn checkpointing off for this model and say so with a
+    UserWarning (the prefix method trains, with the full activation memory of
+    an un-checkpointed forward). The alternative, raising, would make the
+    user reload the model for no gain. The lead's ``wrap(model, "prefix")``
+    calls this before ``get_peft_model``.
+    """
+    if is_checkpointing(model):
+        disable_checkpointing(model)
+        warnings.warn(
+            "prefix tuning does not work with gradient checkpointing (peft feeds the prefix through the "
+            "key/value cache, which a recomputed forward would extend twice): gradient checkpointing has been "
+            "turned OFF for this model, so activations are stored in full. To keep checkpointing, use LoRA or "
+            "an adapter instead of prefix tuning.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return model
