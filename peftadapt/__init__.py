@@ -12,3 +12,11 @@ from .features import FeatureTap  # noqa: F401
 from .model import AdaptedModel  # noqa: F401
 from .methods.adapter import Adapter  # noqa: F401
 from .methods.head import Head, find_task_head  # noqa: F401
+from .methods.lora import LoRA  # noqa: F401
+from .methods.prefix import Prefix  # noqa: F401
+from .wrap import (  # noqa: F401
+    wrap, add_adapter, set_adapter, adapter_names, load, save, merge, unmerge, disabled,
+    trainable_parameters, print_trainable_parameters, base_model, is_wrapped,
+)
+from .train import Trainer, TrainConfig, TextData  # noqa: F401
+from .quant import load_quantized, build_quantized, prepare_for_kbit_training, merge_quantized  # noqa: F401
