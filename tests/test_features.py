@@ -150,3 +150,29 @@ def test_real_minilm_default_tap_equals_pooler(minilm_classifier, minilm_tokeniz
         feats = tap.pooled()
     assert feats.shape == (2, 384)
     torch.testing.assert_close(feats, m.bert(**b).pooler_output)
+
+
+def test_activation_checkpoint_recompute_does_not_overwrite_capture():
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh())
+            self.classifier = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = checkpoint(self.block, x, use_reentrant=True)  # recompute fires module hooks
+            return self.classifier(h)
+
+    torch.manual_seed(0)
+    net = Net()
+    tap = FeatureTap(net, layer="block")
+    calls = []
+    net.block.register_forward_hook(lambda *a: calls.append(1))
+    out = net(torch.randn(3, 4, requires_grad=True))
+    captured = tap.features
+    (tap.pooled().sum() + out.sum()).backward()
+    assert len(calls) == 2  # the block really ran again during backward
+    assert tap.features is captured
+    tap.remove()
