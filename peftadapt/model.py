@@ -67,9 +67,10 @@ class _Slot(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base_layer", self._dict_name):
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None or name in ("base_layer", self._dict_name):  # half-built (unpickling): no recursion
                 raise
-            return getattr(self._modules["base_layer"], name)
+            return getattr(base, name)
 
     @property
     def entries(self) -> nn.ModuleDict:
@@ -210,9 +211,10 @@ class AdaptedModel(nn.Module):
         try:
             return super().__getattr__(name)  # parameters, buffers, submodules (incl. .model)
         except AttributeError:
-            if name == "model":  # not set up yet (during __init__): no recursion
+            model = self.__dict__.get("_modules", {}).get("model")
+            if model is None or name == "model":  # not set up yet (__init__, unpickling): no recursion
                 raise
-            return getattr(self._modules["model"], name)
+            return getattr(model, name)
 
     @property
     def config(self):
@@ -521,6 +523,15 @@ class AdaptedModel(nn.Module):
                 entry = saved[old]
                 if not isinstance(entry, dict) or "method" not in entry or not isinstance(entry.get("options"), dict):
                     raise ValueError(f"{os.path.join(path, CONFIG_NAME)}: adapter {old!r} has no method/options")
+                children = dict(self.model.named_children())
+                lacking = [h for h in entry.get("head_modules") or [] if h not in children]
+                if lacking:
+                    raise ValueError(
+                        f"adapter {old!r} in {path} trained the head module(s) {lacking} of a "
+                        f"{meta['base_model'].get('model_class')}, but the given {type(self.model).__name__} has "
+                        f"no such module; load the base model with the same class "
+                        f"(e.g. AutoModelForSequenceClassification)"
+                    )
                 cfg = build_config(entry["method"], **entry["options"])
                 self.add_adapter(new, cfg)
                 loaded.append(new)

@@ -54,6 +54,18 @@ def test_forwarding_config_attributes_and_base_model():
         assert peftadapt.base_model(wrapped) is model
 
 
+def test_deepcopy_and_pickle_keep_adapters():
+    import copy
+    import pickle
+
+    batch = token_batch()
+    wrapped = _trained_tiny("bert", "seqcls")
+    expected = _logits(wrapped, batch)
+    for clone in (copy.deepcopy(wrapped), pickle.loads(pickle.dumps(wrapped))):
+        assert clone.active_adapter == "default" and torch.equal(_logits(clone, batch), expected)
+        assert clone.get_nb_trainable_parameters() == wrapped.get_nb_trainable_parameters()
+
+
 def test_print_trainable_parameters_wording(capsys):
     wrapped = Adapter().apply(make_tiny("bert", "seqcls"))
     t, n = wrapped.get_nb_trainable_parameters()
@@ -242,6 +254,8 @@ def test_mismatched_base_model_raises_naming_both(tmp_path):
         AdaptedModel.from_pretrained(make_tiny("bert", "seqcls", num_labels=3), tmp_path)
     with pytest.raises(ValueError, match=r"num_hidden_layers=2.*num_hidden_layers=3"):
         AdaptedModel.from_pretrained(make_tiny("bert", "seqcls", num_hidden_layers=3), tmp_path)
+    with pytest.raises(ValueError, match=r"head module\(s\) \['classifier'\] of a BertForSequenceClassification.*BertModel"):
+        AdaptedModel.from_pretrained(make_tiny("bert", "base"), tmp_path)
 
 
 def test_missing_and_corrupt_files_raise_clearly(tmp_path):

@@ -236,12 +236,12 @@ def test_minilm_training_lowers_loss_and_changes_only_adapters_and_head(minilm_c
     loss0 = loss()
     opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
     wrapped.train()
-    for _ in range(6):
+    for _ in range(4):
         opt.zero_grad()
         wrapped(**batch, labels=_LABELS).loss.backward()
         opt.step()
     wrapped.eval()
-    assert loss() < loss0 - 0.05
+    assert loss() < loss0 - 0.2  # 0.69 -> ~0.07 on this seed
     for n, p in wrapped.named_parameters():
         if n in trainable:
             assert not torch.equal(p, before[n]), f"trainable {n} did not change"
