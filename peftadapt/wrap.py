@@ -295,13 +295,31 @@ def load(base: nn.Module, path: "str | os.PathLike[str]", adapter_name: str = "d
 
     try:
         if _is_peft(base):
-            base.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)
+            base.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)  # same family as base
             return base
         if is_wrapped(base):
             raise ValueError("load() onto a model that already carries adapters: pass the wrapped model itself")
-        return PeftModel.from_pretrained(base, str(path), adapter_name=adapter_name, is_trainable=is_trainable)
+        return PeftModel.from_pretrained(
+            base, str(path), adapter_name=adapter_name, is_trainable=is_trainable, config=_peft_config_here(target, cfg, shapes)
+        )
     except RuntimeError as e:  # size mismatches that slipped past our checks
         raise ValueError(f"the adapter in {path} does not fit this {target.config.model_type} model: {e}") from e
+
+
+def _peft_config_here(model: nn.Module, cfg: dict, shapes: dict):
+    """The saved peft config, with a prefix adapter's task type re-picked for this transformers."""
+    from peft import PeftConfig
+
+    config = PeftConfig.from_peft_type(**{k: v for k, v in cfg.items() if k != "peft_version"})
+    if cfg.get("peft_type") == "PREFIX_TUNING" and _peft.task_type_of(model) is not None:
+        from .methods.prefix import _head_names, prefix_task_type
+
+        task = prefix_task_type(model)
+        if task != config.task_type:
+            heads = [h for h in _head_names(model) if any(k == h or k.startswith(h + ".") for k in shapes)]
+            config.task_type = task
+            config.modules_to_save = heads or None if task == "FEATURE_EXTRACTION" else None
+    return config
 
 
 def _read_json(file: Path) -> dict:

@@ -7,12 +7,18 @@ frozen. Optionally reparameterised through an MLP (``prefix_projection``).
 transformers 5 classifiers (``*ForSequenceClassification``) no longer name
 ``past_key_values`` in their ``forward`` signature, which peft's classifier
 path checks for and rejects. Their ``**kwargs`` do reach the backbone, so for
-classifiers we use peft's feature-extraction wrapper (which prepends the
+such classifiers we use peft's feature-extraction wrapper (which prepends the
 prefix mask and passes ``past_key_values`` through) and list the head in
-``modules_to_save``: the saved adapter is ordinary peft format.
+``modules_to_save``. transformers 4.x classifiers take no ``**kwargs``, and
+there peft's own classifier path works. :func:`prefix_task_type` picks the
+route for the installed transformers; ``peftadapt.load`` re-picks it, so an
+adapter saved under one transformers version loads under the other. The saved
+adapter is ordinary peft format either way.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch.nn as nn
 
@@ -22,6 +28,19 @@ from .base import MethodConfig, field, register_method
 # Architectures whose attention does not read past_key_values: prefix tuning
 # cannot reach them.
 _NO_KV_CACHE = ("distilbert", "albert", "t5encoder")
+
+
+def prefix_task_type(model: nn.Module) -> str:
+    """The peft task type that makes prefix tuning work for this model here (see module doc)."""
+    task = _peft.task_type_of(model)
+    if task is None:
+        return "FEATURE_EXTRACTION"
+    if task in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"):
+        params = inspect.signature(model.forward).parameters
+        takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        if "past_key_values" not in params and takes_kwargs:
+            return "FEATURE_EXTRACTION"
+    return task
 
 
 def _head_names(model: nn.Module) -> list[str]:
@@ -51,16 +70,19 @@ class Prefix(MethodConfig):
                 + (" (encoder-decoder models are not supported by peftadapt's prefix path)" if getattr(model.config, "is_encoder_decoder", False) else "")
                 + "; use 'lora' or 'adapter' instead"
             )
-        task = _peft.task_type_of(model)
+        own_task = _peft.task_type_of(model)
+        if own_task not in (None, "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM"):
+            raise ValueError(f"prefix tuning supports classifiers, causal LMs and backbones; got a {own_task} model ({type(model).__name__})")
+        task = prefix_task_type(model)
+        heads = _head_names(model)
         modules_to_save = None
-        if task in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"):
-            heads = _head_names(model)
+        if task == "FEATURE_EXTRACTION" and own_task is not None:
             modules_to_save = heads if (self.train_head and heads) else None
-            task = "FEATURE_EXTRACTION"  # see the module docstring
-        elif task is None:
-            task = "FEATURE_EXTRACTION"
-        elif task != "CAUSAL_LM":
-            raise ValueError(f"prefix tuning supports classifiers, causal LMs and backbones; got a {task} model ({type(model).__name__})")
+        elif task in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS") and not self.train_head:
+            raise ValueError(
+                "train_head=False with prefix tuning on a classifier needs transformers >= 5 "
+                "(peft's classifier path always trains the head)"
+            )
         kw = {}
         if self.prefix_projection:
             kw["encoder_hidden_size"] = self.projection_hidden_size or model.config.hidden_size

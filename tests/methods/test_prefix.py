@@ -63,3 +63,26 @@ def test_prefix_refusals():
         peftadapt.wrap(gc, "prefix")
     with pytest.raises(ValueError, match="num_virtual_tokens must be a positive integer"):
         peftadapt.wrap(make_tiny(), "prefix", num_virtual_tokens=0)
+
+
+def test_prefix_classifier_saved_under_other_transformers_route_loads(tmp_path):
+    """transformers 4.x saves classifier prefixes as SEQ_CLS, 5.x (through us) as
+    FEATURE_EXTRACTION + modules_to_save; peftadapt.load reads either here."""
+    import json
+
+    model = peftadapt.wrap(make_tiny("bert", "seqcls"), "prefix", num_virtual_tokens=3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.5)
+    batch = token_batch()
+    want = _logits(model, batch)
+    model.save_pretrained(tmp_path)
+    cfg_file = tmp_path / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    if cfg["task_type"] == "FEATURE_EXTRACTION":
+        cfg.update(task_type="SEQ_CLS", modules_to_save=None)
+    else:
+        cfg.update(task_type="FEATURE_EXTRACTION", modules_to_save=["classifier"])
+    cfg_file.write_text(json.dumps(cfg))
+    assert torch.equal(_logits(peftadapt.load(make_tiny("bert", "seqcls"), tmp_path), batch), want)
