@@ -136,7 +136,11 @@ class _Adversarial(Regularizer):
     def _discriminate(self, z: torch.Tensor) -> torch.Tensor:
         # The discriminator's params are fp32; run it in fp32 with autocast off so the
         # BCE sees fp32 logits (its own weights are small, cost is negligible).
-        dt = next(self.discriminator.parameters()).dtype
+        w = next(self.discriminator.parameters())
+        if w.device != z.device:
+            raise ValueError(f"{self._label()}: features are on {z.device} but the discriminator is on {w.device}; "
+                             f"move the regularizer with .to({str(z.device)!r})")
+        dt = w.dtype
         return self.discriminator(self.grl(z).to(dt)).squeeze(1).to(_stat_dtype(z))
 
 

@@ -217,3 +217,26 @@ def test_bf16_autocast(name):
         got = reg(fs, ft, ls, lt)
     assert got.dtype == torch.float32 and torch.isfinite(got)
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_trained_discriminator_separates_shifted_domains_not_identical_ones():
+    """The domain loss stays at log 2 (chance) for identical distributions and drops for shifted ones."""
+    def train(shift):
+        torch.manual_seed(0)
+        dann = DANN(in_features=8, hidden_size=8, depth=1, dropout=0.0, grl="constant", coeff=0.0)
+        opt = torch.optim.Adam(dann.parameters(), lr=2e-2)
+        g = torch.Generator().manual_seed(1)
+        fs = torch.randn(1024, 8, generator=g)
+        ft = torch.randn(1024, 8, generator=g) + shift
+        for _ in range(40):
+            loss = dann(fs, ft)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            fs, ft = torch.randn(2048, 8, generator=g), torch.randn(2048, 8, generator=g) + shift
+            return dann(fs, ft).item()
+
+    same, shifted = train(0.0), train(1.5)
+    assert same == pytest.approx(math.log(2), abs=0.02)  # held-out data: chance level
+    assert shifted < 0.2

@@ -85,3 +85,19 @@ def test_bad_inputs_and_options():
         CORAL(scale=0)
     with pytest.raises(ValueError, match=r"valid options: \['scale'\]"):
         build("coral", weight=3)
+
+
+def test_no_dxd_tensor_is_saved_for_backward():
+    """Memory stays O(B^2 + B d): nothing of size d x d is kept for the backward pass."""
+    d, b = 2048, 8
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    xs = torch.randn(b, d, requires_grad=True)
+    xt = torch.randn(b, d, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        CORAL()(xs, xt).backward()
+    assert sizes and max(sizes) <= b * d  # a d x d covariance would be 4.2M elements
