@@ -323,3 +323,25 @@ def test_wrapping_a_peft_model_points_to_add_adapter():
         Adapter().apply(pm)
     with pytest.raises(ValueError, match="peft adapter layers.*add_adapter"):
         Adapter().apply(pm.get_base_model())
+
+
+def test_adapters_on_a_4bit_base_train_in_float32():
+    pytest.importorskip("bitsandbytes")
+    from peftadapt.quant import build_quantized
+
+    from tests.conftest import _tiny_config
+
+    model = build_quantized(_tiny_config("llama"), 4, task="causal", device="cpu")
+    o_proj = model.model.layers[0].self_attn.o_proj
+    assert type(o_proj).__name__ == "Linear4bit"
+    batch = token_batch()
+    ref = _logits(model, batch)
+    wrapped = Adapter(activation="tanh").apply(model)
+    assert torch.equal(_logits(wrapped, batch), ref)
+    ad = wrapped.model.model.layers[0].self_attn.o_proj.adapters["default"]
+    assert ad.down.weight.dtype == torch.float32
+    assert wrapped.get_nb_trainable_parameters()[0] == 4 * (2 * 32 * 2 + 2 + 32)
+    _perturb(wrapped)
+    wrapped.train()
+    wrapped(**batch, labels=batch["input_ids"]).loss.backward()
+    assert ad.down.weight.grad is not None and ad.down.weight.grad.abs().sum() > 0
