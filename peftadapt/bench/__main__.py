@@ -1,0 +1,7 @@
+"""``python -m peftadapt.bench memory|speed|peers ...`` (same as ``peftadapt bench ...``)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

