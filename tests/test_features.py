@@ -176,3 +176,18 @@ def test_activation_checkpoint_recompute_does_not_overwrite_capture():
     assert len(calls) == 2  # the block really ran again during backward
     assert tap.features is captured
     tap.remove()
+
+
+def test_adapted_model_wrapper_names_resolve():
+    import peftadapt
+
+    if not hasattr(peftadapt, "wrap"):
+        pytest.skip("peftadapt.wrap not available")
+    m = peftadapt.wrap(make_tiny("bert", "seqcls"), "adapter")
+    b = token_batch()
+    with FeatureTap(m) as head_tap, FeatureTap(m, layer="bert.encoder.layer.1", pooling="cls") as inner:
+        assert head_tap.layer_name.endswith("classifier") and head_tap.capture == "input"
+        assert inner.layer_name.endswith(".bert.encoder.layer.1")
+        out = m(**b, output_hidden_states=True)
+        torch.testing.assert_close(inner.pooled(), out.hidden_states[-1][:, 0])
+        assert head_tap.pooled().shape == (3, 32)
