@@ -1,0 +1,152 @@
+"""The ``peftadapt`` command.
+
+    peftadapt train CONFIG.yaml [--resume] [--output-dir DIR] [--set training.lr=1e-3 ...]
+    peftadapt eval  CONFIG.yaml --checkpoint DIR [--output FILE.json]
+    peftadapt demo  [--output-dir DIR] [--quick] [--seed N]
+    peftadapt bench ...            (memory / speed benchmarks: peftadapt bench --help)
+
+The config is validated before anything heavy is loaded; a bad key or value
+is reported with the allowed ones and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="peftadapt",
+                                description="Parameter-efficient fine-tuning and domain adaptation.")
+    sub = p.add_subparsers(dest="command", metavar="{train,eval,demo,bench}")
+    t = sub.add_parser("train", help="train from a YAML config")
+    t.add_argument("config", help="YAML run file (see examples/)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in training.output_dir")
+    t.add_argument("--output-dir", help="override training.output_dir")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (VALUE is parsed as YAML); repeatable")
+    e = sub.add_parser("eval", help="evaluate a saved adapter on the config's data.eval sets")
+    e.add_argument("config", help="the YAML run file the adapter was trained with")
+    e.add_argument("--checkpoint", required=True,
+                   help="a checkpoint folder (OUTPUT_DIR/final, OUTPUT_DIR/checkpoint-N) or an adapter folder")
+    e.add_argument("--output", help="also write the metrics to this JSON file")
+    e.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    d = sub.add_parser("demo", help="offline cross-domain adaptation demo on drug reviews (MiniLM, CPU)")
+    d.add_argument("--output-dir", default="peftadapt-demo", help="where results go (default ./peftadapt-demo)")
+    d.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny steps and data)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--warmup-steps", type=int, default=None, help="source-only warm-up steps shared by all runs")
+    d.add_argument("--steps", type=int, default=None, help="steps of each run after the warm-up")
+    d.add_argument("--max-length", type=int, default=None, help="tokens per review")
+    sub.add_parser("bench", help="memory / speed benchmarks (peftadapt bench --help)", add_help=False)
+    return p
+
+
+def _apply_sets(raw: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
+    import yaml
+
+    for item in sets:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. training.lr=1e-3")
+        key, value = item.split("=", 1)
+        *path, last = key.split(".")
+        node = raw
+        for part in path:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {part!r} is not a section")
+        node[last] = yaml.safe_load(value)
+    return raw
+
+
+def _load_config(path: str, sets: Sequence[str], output_dir: str | None = None) -> dict[str, Any]:
+    import yaml
+    from pathlib import Path
+
+    from .train.config import validate_run_config
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"config file not found: {path!r}")
+    with open(p, encoding="utf-8") as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the config must be a YAML mapping of sections")
+    raw = _apply_sets(raw, sets)
+    if output_dir:
+        raw.setdefault("training", {})
+        raw["training"] = dict(raw["training"] or {}, output_dir=output_dir)
+    return validate_run_config(raw, base_dir=p.parent)
+
+
+def _train(args) -> int:
+    from .train.runner import build_trainer
+
+    cfg = _load_config(args.config, args.set, args.output_dir)
+    trainer = build_trainer(cfg)
+    metrics = trainer.train(resume=args.resume)
+    out = cfg["training"].output_dir
+    print(json.dumps({"output_dir": out, "final_metrics": metrics, **{k: v for k, v in trainer.summary.items()
+                                                                     if k != "final_metrics"}}, indent=2))
+    return 0
+
+
+def _eval(args) -> int:
+    from .train.runner import evaluate_checkpoint
+
+    cfg = _load_config(args.config, args.set)
+    metrics = evaluate_checkpoint(cfg, args.checkpoint)
+    print(json.dumps(metrics, indent=2))
+    if args.output:
+        from .train.checkpoint import write_json
+        write_json(args.output, metrics)
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(output_dir=args.output_dir, quick=args.quick, seed=args.seed, warmup_steps=args.warmup_steps,
+             steps=args.steps, max_length=args.max_length)
+    return 0
+
+
+def _bench(argv: Sequence[str]) -> int:
+    try:
+        from .bench.cli import main as bench_main
+    except ImportError as e:
+        print(f"peftadapt bench is not available: peftadapt.bench.cli could not be imported ({e})",
+              file=sys.stderr)
+        return 2
+    rc = bench_main(list(argv))
+    return 0 if rc is None else int(rc)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if argv and argv[0] == "bench":  # its own parser reads the rest
+        return _bench(argv[1:])
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return {"train": _train, "eval": _eval, "demo": _demo}[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        if os.environ.get("PEFTADAPT_DEBUG"):
+            raise
+        print(f"peftadapt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,79 @@
+import copy
+
+import pytest
+import yaml
+
+from peftadapt.train import TrainConfig, load_run_config, validate_run_config
+
+BASE = {
+    "model": {"path": "m"},
+    "data": {"source": {"path": "s.csv", "label": "y"}},
+}
+
+
+def cfg(**sections):
+    c = copy.deepcopy(BASE)
+    for k, v in sections.items():
+        c[k] = v
+    return c
+
+
+def test_defaults_filled_in():
+    out = validate_run_config(cfg(training={"lr": 1e-3}))
+    assert out["model"]["task"] == "classification"
+    assert out["method"] == {"name": "lora"}
+    assert out["regularizers"] == []
+    assert out["data"]["source"]["text"] == "text"
+    assert out["data"]["max_length"] == 128
+    assert isinstance(out["training"], TrainConfig) and out["training"].lr == 1e-3
+
+
+@pytest.mark.parametrize("bad, words", [
+    (cfg(trainig={}), ["config.trainig", "training"]),
+    (cfg(training={"learning_rate": 1}), ["training.learning_rate", "lr", "warmup_ratio"]),
+    (cfg(model={"path": "m", "task": "regression"}), ["model.task", "'regression'", "causal_lm"]),
+    (cfg(model={"path": "m", "quantize": 3}), ["model.quantize", "4", "8"]),
+    (cfg(model={"task": "classification"}), ["model.path"]),
+    (cfg(training={"scheduler": "step"}), ["training.scheduler", "cosine", "linear"]),
+    (cfg(training={"mixed_precision": "fp8"}), ["training.mixed_precision", "bf16"]),
+    (cfg(training={"batch_size": 0}), ["training.batch_size", "positive"]),
+    (cfg(training={"report_to": ["tensorbord"]}), ["tensorbord", "tensorboard"]),
+    (cfg(regularizers=[{"name": "mmd"}]), ["data.target"]),
+    (cfg(regularizers=[{"name": "mmd", "schedule": "cosine"}],
+         data={"source": {"path": "s", "label": "y"}, "target": "t"}), ["regularizers[0].schedule", "dann"]),
+    (cfg(method={"name": "lorax"}), ["method.name", "lorax", "lora", "prefix"]),
+    (cfg(data={"source": {"path": "s.csv"}}), ["data.source.label"]),
+    (cfg(data={"source": {"path": "s", "label": "y", "colum": "x"}}), ["data.source.colum", "where"]),
+    (cfg(data={"source": {"path": "s", "label": "y"}, "labels": ["a", "b", "c"]},
+         model={"path": "m", "num_labels": 2}), ["data.labels", "num_labels"]),
+    (cfg(features={"pooling": "max"}), ["features.pooling", "mean", "cls"]),
+])
+def test_validation_names_key_and_allowed_values(bad, words):
+    with pytest.raises(ValueError) as e:
+        validate_run_config(bad)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_causal_lm_source_needs_no_label():
+    out = validate_run_config(cfg(model={"path": "m", "task": "causal_lm"}, data={"source": "s.txt.jsonl"}))
+    assert out["data"]["source"] == {"path": "s.txt.jsonl", "text": "text"}
+
+
+def test_yaml_file_paths_resolve_relative_to_the_config(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\na,0\n")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg(data={"source": {"path": "train.csv", "label": "label"}})))
+    out = load_run_config(tmp_path / "run.yaml")
+    assert out["data"]["source"]["path"] == str(tmp_path / "train.csv")
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_run_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [unclosed")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_run_config(tmp_path / "bad.yaml")
+
+
+def test_trainconfig_direct_validation():
+    with pytest.raises(ValueError, match="training.warmup_ratio"):
+        TrainConfig(warmup_ratio=1.5)
+    assert TrainConfig(report_to="tensorboard").report_to == ["tensorboard"]
+    assert set(TrainConfig.help()) == set(TrainConfig().to_dict())
