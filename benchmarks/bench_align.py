@@ -8,11 +8,11 @@ run twice: ours (B x B Gram form) and a direct d x d implementation, to show
 the memory difference.
 
 Memory: torch's CPU allocator keeps no peak statistics, so every configuration
-runs in a fresh subprocess: it builds the module and inputs, warms the code
-path up on tiny inputs, reads ``ru_maxrss`` (the process's peak resident set),
-runs one forward + backward at full size and reads ``ru_maxrss`` again; the
-difference is the extra peak memory of that call (inputs and module weights
-are in the baseline; the feature gradients it creates are in the extra).
+runs in its own forked child process (Linux): it builds the module and inputs,
+warms the code path up on tiny inputs, reads ``ru_maxrss`` (the process's peak
+resident set), runs one forward + backward at full size and reads ``ru_maxrss``
+again; the difference is the extra peak memory of that call (inputs and module
+weights are in the baseline; the feature gradients it creates are in the extra).
 
     python benchmarks/bench_align.py            # ~5-8 minutes on 2 cores
     python benchmarks/bench_align.py --quick    # d=384 only, for a smoke test
@@ -28,7 +28,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +47,7 @@ def _rss_mb() -> float:
 
 
 # ---------------------------------------------------------------------------
-# Workers (run in a fresh subprocess each)
+# Workers (each runs in a forked child process)
 # ---------------------------------------------------------------------------
 def _coral_direct(fs, ft, *unused_logits):
     """The textbook CORAL with explicit d x d covariances (the comparison)."""
@@ -74,9 +73,17 @@ def _make_reg(name: str, d: int):
     return align.build(name)
 
 
+def _set_threads() -> None:
+    import torch
+
+    if os.environ.get("PEFTADAPT_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["PEFTADAPT_BENCH_THREADS"]))
+
+
 def worker_reg(name: str, d: int, b: int, reps: int) -> dict:
     import torch
 
+    _set_threads()
     torch.manual_seed(0)
     reg = _make_reg(name, d)
     params = list(reg.parameters()) if hasattr(reg, "parameters") else []
@@ -126,6 +133,7 @@ def worker_lora(b: int, steps: int) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
+    _set_threads()
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(str(gt.MODEL_DIR), num_labels=NUM_CLASSES)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
@@ -158,13 +166,35 @@ def worker_lora(b: int, steps: int) -> dict:
 # ---------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------
-def _run_worker(args: list[str], timeout: float = 240.0) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *args]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"worker {args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _in_fork(fn, *args) -> dict:
+    """Run ``fn(*args)`` in a forked child and return its JSON-able result.
+
+    A fork per configuration gives each measurement a fresh peak-RSS counter
+    without paying the interpreter + torch import again (12 s on a loaded
+    2-core machine). The parent imports torch but runs no torch op, so no
+    OpenMP thread pool exists at fork time.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(r)
+        code = 0
+        try:
+            payload = json.dumps(fn(*args))
+        except BaseException as e:  # report, never fall back into the parent's loop
+            payload = json.dumps({"error": f"{type(e).__name__}: {e}"})
+            code = 1
+        with os.fdopen(w, "w") as f:
+            f.write(payload)
+        os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    res = json.loads(data) if data else {"error": "child died without output"}
+    if "error" in res:
+        raise RuntimeError(f"{fn.__name__}{args} failed: {res['error']}")
+    return res
 
 
 def _machine() -> dict:
@@ -196,7 +226,8 @@ def _markdown(res: dict) -> str:
     lines = [
         "# Alignment regularizer cost vs one LoRA training step",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['threads']} threads), "
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
+        f"({res['lora_step'][0]['threads'] if res['lora_step'] else m['threads']} torch threads in every measurement), "
         f"Python {m['python']}. Load average (1/5/15 min) at start {res['load_start']}, at end {res['load_end']}: "
         "the machine was shared with other jobs, so absolute times are noisy; all rows were measured in one run.",
         f"Run: {res['started']} UTC, {res['wall_s']:.0f} s.",
@@ -238,7 +269,7 @@ def _markdown(res: dict) -> str:
         "Over the 5 % target: " + (", ".join(f"{k[0]} (d={k[1]}, B={k[2]})" for k, _ in over) if over else "none") + ".",
         "",
         "How memory is measured: torch's CPU allocator keeps no peak statistics, so each configuration runs in its "
-        "own fresh Python process. The process builds the regularizer and the inputs, runs the same code path once "
+        "own forked child process (fresh peak-RSS counter; torch imported once by the parent). The child builds the regularizer and the inputs, runs the same code path once "
         "on tiny inputs, then reads `resource.getrusage(RUSAGE_SELF).ru_maxrss` (peak resident set size), runs one "
         "full-size forward + backward and reads it again. The difference is that call's extra peak memory, at page "
         "granularity: values under ~1 MiB are within noise (the allocator may reuse memory already mapped), and it "
@@ -256,26 +287,17 @@ def _markdown(res: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="d=384 only (smoke test; results not written)")
     ap.add_argument("--reps", type=int, default=7, help="timed forward+backward repetitions per configuration")
     ap.add_argument("--lora-steps", type=int, default=3, help="timed LoRA steps after one warm-up step")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in every worker (0: torch's default)")
     a = ap.parse_args()
     if a.threads:
-        os.environ["PEFTADAPT_BENCH_THREADS"] = str(a.threads)
-    if os.environ.get("PEFTADAPT_BENCH_THREADS"):
-        import torch
-
-        torch.set_num_threads(int(os.environ["PEFTADAPT_BENCH_THREADS"]))
-    if a.worker:
-        kind = a.worker[0]
-        if kind == "reg":
-            res = worker_reg(a.worker[1], int(a.worker[2]), int(a.worker[3]), int(a.worker[4]))
-        else:
-            res = worker_lora(int(a.worker[1]), int(a.worker[2]))
-        print(json.dumps(res))
-        return
+        os.environ["PEFTADAPT_BENCH_THREADS"] = str(a.threads)  # read by each child (_set_threads)
+    import torch  # noqa: F401  (imported once here; the forked children inherit it)
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+    from peftadapt import align  # noqa: F401
 
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     t_start = time.time()
@@ -285,7 +307,7 @@ def main() -> None:
     dims = (384,) if a.quick else DIMS
     lora = []
     for b in BATCHES:
-        r = _run_worker(["lora", str(b), str(a.lora_steps)], timeout=400)
+        r = _in_fork(worker_lora, b, a.lora_steps)
         print(f"LoRA step  B={b:3d}: {r['time_ms']:8.1f} ms  (steps {[round(t) for t in r['times_ms']]}), "
               f"extra RSS {r['extra_mb']:.0f} MiB", flush=True)
         lora.append(r)
@@ -294,7 +316,7 @@ def main() -> None:
     for reg in REGS:
         for d in dims:
             for b in BATCHES:
-                r = _run_worker(["reg", reg, str(d), str(b), str(a.reps)])
+                r = _in_fork(worker_reg, reg, d, b, a.reps)
                 pct = 100.0 * r["time_ms"] / lora_ms[b]
                 print(f"{reg:17s} d={d:5d} B={b:3d}: {r['time_ms']:9.2f} ms ({pct:5.2f}% of step), "
                       f"extra peak RSS {r['extra_mb']:7.1f} MiB", flush=True)
