@@ -86,9 +86,9 @@ class MMD(Regularizer):
         z = z.detach()
         n = z.shape[0]
         if self.bandwidth == "mean":
-            # sum_{i,j} ||z_i - z_j||^2 = 2n sum_i ||z_i||^2 - 2 ||sum_i z_i||^2: O(N d), no N x N matrix.
-            total = 2.0 * n * z.pow(2).sum() - 2.0 * z.sum(0).pow(2).sum()
-            h = total.clamp_min(0.0) / (n * (n - 1))
+            # sum_{i,j} ||z_i - z_j||^2 = 2n sum_i ||z_i - mean||^2: O(N d), no N x N matrix, no cancellation.
+            total = 2.0 * n * (z - z.mean(0, keepdim=True)).pow(2).sum()
+            h = total / (n * (n - 1))
         else:
             d = _sq_dists(z, z)
             off = ~torch.eye(n, dtype=torch.bool, device=z.device)
@@ -109,6 +109,11 @@ class MMD(Regularizer):
         dt = _stat_dtype(fs)
         with _full_precision(fs):
             x, y = fs.to(dt), ft.to(dt)
+            # Distances are translation invariant: shift by the pooled mean (a constant, so the
+            # gradient is unchanged) so the Gram-expansion distances do not cancel in fp32 when
+            # features share a large offset (common in LLM hidden states).
+            shift = torch.cat([x, y], 0).detach().mean(0, keepdim=True)
+            x, y = x - shift, y - shift
             h = self._base_bandwidth(torch.cat([x, y], 0))
             if self.estimator == "unbiased":
                 return self._unbiased(x, y, h)

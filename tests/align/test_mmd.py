@@ -123,3 +123,13 @@ def test_bad_inputs():
         mmd(torch.randn(4, 3, 8), x)
     with pytest.raises(ValueError, match="equal batch sizes"):
         MMD(estimator="linear")(x, torch.randn(6, 8))
+
+
+def test_large_common_offset_does_not_cancel_in_fp32():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 256, generator=g, dtype=torch.float64)
+    y = torch.randn(16, 256, generator=g, dtype=torch.float64) * 1.3 + 0.2
+    offset = torch.randn(256, generator=g, dtype=torch.float64) * 1e3  # LLM-style massive activations
+    want = MMD()(x, y).item()
+    got = MMD()((x + offset).float(), (y + offset).float()).item()
+    assert got == pytest.approx(want, rel=1e-3)
