@@ -240,3 +240,15 @@ def test_trained_discriminator_separates_shifted_domains_not_identical_ones():
     same, shifted = train(0.0), train(1.5)
     assert same == pytest.approx(math.log(2), abs=0.02)  # held-out data: chance level
     assert shifted < 0.2
+
+
+@pytest.mark.parametrize("randomized", [False, True])
+def test_cdan_discriminator_gradcheck(randomized):
+    fs, ft = _feats(4, 3, 5, seed=4)
+    ls, lt = torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    cdan = CDAN(in_features=5, num_classes=3, entropy=True, randomized=randomized, randomized_dim=6,
+                hidden_size=4, depth=1, dropout=0.0, seed=0).double()
+    w = cdan.discriminator[0].weight
+    assert torch.autograd.gradcheck(
+        lambda weight: torch.func.functional_call(cdan, {"discriminator.0.weight": weight}, (fs, ft, ls, lt)),
+        (w.detach().clone().requires_grad_(True),))
