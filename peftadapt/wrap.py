@@ -261,13 +261,16 @@ def save(model: nn.Module, path: "str | os.PathLike[str]") -> None:
     model.save_pretrained(str(path))
 
 
-def load(base: nn.Module, path: "str | os.PathLike[str]", adapter_name: str = "default", is_trainable: bool = False) -> nn.Module:
+def load(base: nn.Module, path: "str | os.PathLike[str]", adapter_name: str | None = None, is_trainable: bool = False) -> nn.Module:
     """Load an adapter saved by peftadapt or by plain peft onto ``base``.
 
     ``base`` is the transformers model the adapter was trained on (same
     architecture and sizes), or an already wrapped model to which the adapter
-    is added under ``adapter_name``. Checks the saved shapes against ``base``
-    before loading and says what differs.
+    is added. ``adapter_name``: the name to load under (peft format, default
+    ``"default"``), or which saved adapter to load (peftadapt format, default:
+    all of them under their saved names). Checks the saved shapes against
+    ``base`` before loading and says what differs. ``is_trainable=False``
+    loads for inference (everything frozen).
     """
     _load_methods()
     path = Path(path)
@@ -286,6 +289,7 @@ def load(base: nn.Module, path: "str | os.PathLike[str]", adapter_name: str = "d
             f"no adapter in {str(path)!r}: expected {PEFT_CONFIG} (peft format: LoRA/DoRA/prefix) "
             f"or {OURS_CONFIG} (peftadapt format: adapter/head); found {sorted(p.name for p in path.iterdir())}"
         )
+    adapter_name = adapter_name or "default"
     target = base_model(base)
     _peft.check_transformers_model(target)
     cfg = _read_json(path / PEFT_CONFIG)
