@@ -1,6 +1,7 @@
 """The ``peftadapt`` command: train / eval end to end on a tiny config, errors, bench, demo smoke."""
 
 import importlib.util
+import math
 import json
 import sys
 import types
@@ -83,3 +84,36 @@ def test_demo_data_split():
     assert (len(d["source_train"]), len(d["target_train"])) == (102, 444)
     assert d["target_train"].labels is None
     assert set(d["target_test"].labels) == {0, 1}
+
+
+def test_train_causal_lm_qlora_4bit(tmp_path, minilm_tokenizer):
+    pytest.importorskip("bitsandbytes")
+    from .conftest import make_tiny
+    from .train.conftest import VOCAB, write_jsonl
+
+    model_dir = tmp_path / "tiny_llama"
+    make_tiny("llama", "causal", vocab_size=VOCAB).save_pretrained(model_dir)
+    minilm_tokenizer.save_pretrained(model_dir)
+    text = [{"text": "the cat sat on the mat and the dog sat on the log"}] * 8
+    write_jsonl(tmp_path / "train.jsonl", text)
+    write_jsonl(tmp_path / "target.jsonl", [{"text": "a bird flew over the old red barn"}] * 8)
+    cfg = {
+        "model": {"path": str(model_dir), "task": "causal_lm", "quantize": 4},
+        "method": {"name": "lora", "r": 4, "target_modules": "all-linear"},
+        "regularizers": [{"name": "coral", "weight": 1.0}],
+        "features": {"pooling": "last"},
+        "data": {"max_length": 16, "source": str(tmp_path / "train.jsonl"),
+                 "target": str(tmp_path / "target.jsonl"), "eval": {"val": str(tmp_path / "train.jsonl")}},
+        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 3, "batch_size": 4, "lr": 0.01,
+                     "progress": False, "plot": False, "gradient_checkpointing": True},
+    }
+    from peftadapt.train import validate_run_config
+    from peftadapt.train.runner import build_trainer
+
+    bnb = pytest.importorskip("bitsandbytes")
+    trainer = build_trainer(validate_run_config(cfg))
+    assert any(isinstance(mod, bnb.nn.Linear4bit) for mod in trainer.model.modules())  # really 4-bit
+    m = trainer.train()
+    assert m["val/perplexity"] == pytest.approx(math.exp(m["val/loss"]), rel=1e-6)
+    assert trainer.best_metric_name == "val/loss"
+    assert [r["step"] for r in trainer.history if "reg/coral" in r] == [1, 2, 3]

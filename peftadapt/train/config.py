@@ -67,6 +67,10 @@ class TrainConfig:
     report_to: list = _f([], f"Accelerate trackers: any of {list(TRACKERS)}")
     plot: bool = _f(True, "write training_curves.png at the end")
     progress: bool = _f(True, "show a progress bar")
+    global_batch_size: int | None = _f(None, "source examples per micro-batch summed over all processes; overrides "
+                                      "batch_size and must be a multiple of the number of processes")
+    align_scope: str = _f("auto", "with several processes: global (alignment loss over the whole batch), local "
+                          "(each process on its shard) or auto (global for mmd/coral/cdan+e); see docs/distributed.md")
 
     def __post_init__(self):
         self.validate()
@@ -80,7 +84,7 @@ class TrainConfig:
             v = getattr(self, key)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
                  key, "must be a positive integer")
-        for key in ("target_batch_size", "eval_batch_size", "max_steps", "eval_every", "save_every",
+        for key in ("target_batch_size", "global_batch_size", "eval_batch_size", "max_steps", "eval_every", "save_every",
                     "early_stopping_patience", "warmup_steps"):
             v = getattr(self, key)
             need(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= (0 if key == "warmup_steps" else 1)),
@@ -95,6 +99,7 @@ class TrainConfig:
         need(self.optimizer in OPTIMIZERS, "optimizer", f"allowed values: {list(OPTIMIZERS)}")
         need(self.scheduler in SCHEDULERS, "scheduler", f"allowed values: {list(SCHEDULERS)}")
         need(self.mixed_precision in MIXED_PRECISION, "mixed_precision", f"allowed values: {list(MIXED_PRECISION)}")
+        need(self.align_scope in ("auto", "local", "global"), "align_scope", "allowed values: ['auto', 'local', 'global']")
         if isinstance(self.report_to, str):
             self.report_to = [self.report_to]
         bad = [t for t in self.report_to if t not in TRACKERS]

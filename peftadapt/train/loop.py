@@ -300,15 +300,18 @@ class Trainer:
 
         # data: tokenized once; batches drawn by index from endless seeded streams
         pad = self.tokenizer.pad_token_id
+        from .. import distributed  # per-process batch sizes; pre-flight checks across processes
+        bs, tbs = distributed.batch_sizes(cfg, acc.num_processes)
         src = BatchStream(tokenize(self.train_data.texts, self.tokenizer, self.max_length),
                           self.train_data.labels if self.task == "classification" else None,
-                          cfg.batch_size, seed=cfg.seed, pad_id=pad, task=self.task,
+                          bs, seed=cfg.seed, pad_id=pad, task=self.task,
                           rank=acc.process_index, world=acc.num_processes)
         tgt = None
         if alignment is not None:
             tgt = BatchStream(tokenize(self.target_data.texts, self.tokenizer, self.max_length), None,
-                              cfg.target_batch_size or cfg.batch_size, seed=cfg.seed + 1, pad_id=pad,
+                              tbs, seed=cfg.seed + 1, pad_id=pad,
                               task="target", rank=acc.process_index, world=acc.num_processes)
+        distributed.preflight(self, acc, src, tgt)
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * src.batches_per_epoch / cfg.grad_accum))
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total)
 

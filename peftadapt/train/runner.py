@@ -62,8 +62,8 @@ def load_tokenizer(mcfg: dict[str, Any]):
     return tok
 
 
-def load_base_model(mcfg: dict[str, Any], num_labels: int | None):
-    """The transformers model named by ``model:`` (4/8-bit via peftadapt.load_quantized)."""
+def load_base_model(mcfg: dict[str, Any], num_labels: int | None, gradient_checkpointing: bool = False):
+    """The transformers model named by ``model:`` (4/8-bit through peftadapt.load_quantized)."""
     path, task = mcfg["path"], mcfg["task"]
     if not Path(path).exists() and (os.environ.get("HF_HUB_OFFLINE") == "1"):
         raise FileNotFoundError(f"model.path: folder not found: {path!r} (offline: a local folder is needed)")
@@ -73,9 +73,10 @@ def load_base_model(mcfg: dict[str, Any], num_labels: int | None):
     if mcfg.get("dtype"):
         kwargs["dtype"] = getattr(torch, mcfg["dtype"])
     if mcfg.get("quantize"):
-        from .. import quant  # lazy: bitsandbytes is optional
+        from ..quant import load_quantized  # lazy: bitsandbytes is optional
 
-        return quant.load_quantized(path, bits=mcfg["quantize"], task=task, **kwargs)
+        return load_quantized(path, bits=mcfg["quantize"], task="seqcls" if task == "classification" else "causal",
+                              gradient_checkpointing=gradient_checkpointing, **kwargs)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
@@ -147,7 +148,7 @@ def build_trainer(cfg: dict[str, Any], training_overrides: dict[str, Any] | None
         nl = max(2, max(source.labels) + 1)  # integer labels without a list: 0..max
     tokenizer = load_tokenizer(cfg["model"])
     set_seed(training.seed)  # head init, adapter init and discriminators are seeded too
-    base = load_base_model(cfg["model"], nl)
+    base = load_base_model(cfg["model"], nl, training.gradient_checkpointing)
     model = wrap_model(base, cfg)
     feats = cfg["features"]
     alignment = None

@@ -77,3 +77,13 @@ def test_trainconfig_direct_validation():
         TrainConfig(warmup_ratio=1.5)
     assert TrainConfig(report_to="tensorboard").report_to == ["tensorboard"]
     assert set(TrainConfig.help()) == set(TrainConfig().to_dict())
+
+
+def test_example_configs_are_valid():
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+    assert len(examples) >= 3
+    for p in examples:
+        out = validate_run_config(yaml.safe_load(p.read_text()), base_dir=p.parent)
+        assert out["training"].output_dir.startswith("runs/"), p
