@@ -20,3 +20,4 @@ from .wrap import (  # noqa: F401
 )
 from .train import Trainer, TrainConfig, TextData  # noqa: F401
 from .quant import load_quantized, build_quantized, prepare_for_kbit_training, merge_quantized  # noqa: F401
+from . import bench  # noqa: F401  (memory model + `peftadapt bench`; light: no heavy imports)

@@ -60,7 +60,8 @@ def test_analytic_memory_orders_methods_and_options():
     w = {q: mm.weight_bytes(arch, quant=q) for q in (None, "8bit", "4bit")}
     assert w["4bit"] < w["8bit"] < w[None]
     reg = mm.analytic_memory(arch, "lora", batch=4, seq=256, regularizer=True)
-    assert reg["activations"] == 2 * est["lora"]["activations"]
+    layers = mm.activation_bytes(arch, "lora", 4, 256)["layers"]
+    assert reg["activations"] == est["lora"]["activations"] + layers + arch.hidden * 4 * 256 * 4
     longer = mm.analytic_memory(arch, "lora", batch=4, seq=512)
     assert longer["activations"] > 1.9 * est["lora"]["activations"]
 
@@ -140,10 +141,10 @@ def test_regularizer_and_checkpointing_runs():
     reg = run({**common, "regularizer": "mmd"}, prime=False)
     ck = run({**common, "grad_ckpt": True}, prime=False)
     assert "error" not in reg and "error" not in ck
-    # the target batch's forward is kept for the backward pass: more saved activations
-    assert reg["saved_tensors_bytes"] > 1.5 * plain["saved_tensors_bytes"]
+    # the target batch's layer activations are kept for the backward pass (its logits are not)
+    assert reg["saved_tensors_bytes"] > 1.3 * plain["saved_tensors_bytes"]
     assert ck["saved_tensors_bytes"] < plain["saved_tensors_bytes"]
-    assert reg["analytic"]["activations"] == 2 * plain["analytic"]["activations"]
+    assert reg["analytic"]["activations"] > plain["analytic"]["activations"]
 
 
 # -- report ------------------------------------------------------------------------

@@ -7,8 +7,8 @@ starts from a clean heap (its own peak resident set, reset at fork), which is
 what a per-configuration peak-memory figure needs. The parent never runs a
 torch operation, so no thread pool exists at fork time.
 
-Run as a script (not ``-m``): a peer run must not execute ``peftadapt/__init__``
-(see ``_worker.py``); a child of a ``peftadapt`` spec imports peftadapt itself.
+Run as a script (not ``-m``), so that the server still starts where ``import
+peftadapt`` fails (then the peer specs run and the peftadapt specs report why).
 """
 
 import json
@@ -36,12 +36,13 @@ def _preload(extra: list[str]) -> None:
             pass
 
 
+_IMPORT_ERROR = None
+
+
 def _child(spec: dict, out_fd: int) -> None:
-    if spec.get("impl", "peftadapt") == "peftadapt":
-        sys.modules.pop("peftadapt", None)
-        for k in [k for k in sys.modules if k.startswith("peftadapt.")]:
-            sys.modules.pop(k)
     try:
+        if spec.get("impl", "peftadapt") == "peftadapt" and _IMPORT_ERROR:
+            raise ImportError(f"import peftadapt failed in this environment: {_IMPORT_ERROR}")
         from peftadapt.bench.harness import run
 
         res = run(spec)
@@ -57,11 +58,20 @@ def main() -> int:
     if sys.path and os.path.abspath(sys.path[0]) == _HERE:
         sys.path.pop(0)
     sys.path.insert(0, _ROOT)
-    # the server itself runs no peftadapt code: a stand-in package lets the bench modules import
-    pkg = types.ModuleType("peftadapt")
-    pkg.__path__ = [os.path.join(_ROOT, "peftadapt")]
-    sys.modules["peftadapt"] = pkg
     _preload([m for m in sys.argv[1:] if m in ("adapters", "bitsandbytes")])
+    # import peftadapt once here, before any fork, so its import is part of every child's baseline
+    # (a peer's child never calls it). Where it does not import (e.g. an older transformers), a
+    # stand-in package still lets the bench modules load, and peftadapt specs report the error.
+    global _IMPORT_ERROR
+    try:
+        import peftadapt  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+        for k in [k for k in sys.modules if k == "peftadapt" or k.startswith("peftadapt.")]:
+            sys.modules.pop(k)
+        pkg = types.ModuleType("peftadapt")
+        pkg.__path__ = [os.path.join(_ROOT, "peftadapt")]
+        sys.modules["peftadapt"] = pkg
     out = sys.stdout.buffer
     out.write(b'{"ready": true}\n')
     out.flush()

@@ -175,7 +175,11 @@ def _default_adapters_python() -> str | None:
     return p if os.path.exists(p) else None
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, keep_servers: bool = False) -> int:
+    """Run ``peftadapt bench ARGV``; 0 on success, 1 when every configuration failed, 2 on bad options.
+
+    ``keep_servers`` keeps the fork servers alive for the next call in this process (scripts running
+    several sweeps)."""
     args = _parser().parse_args(argv)
     from . import report as R
     from .runner import run_specs
@@ -206,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     print(R.machine_lines(machine))
     t0 = time.time()
     log = None if args.quiet else (lambda line: print(line, flush=True))
-    results = run_specs(specs, reps=args.reps, pythons=pythons, log=log)
+    results = run_specs(specs, reps=args.reps, pythons=pythons, log=log, keep_servers=keep_servers)
     machine["loadavg_end"] = list(os.getloadavg())
     machine["bench_wall_s"] = round(time.time() - t0, 1)
     name = args.name or args.what

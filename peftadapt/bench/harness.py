@@ -238,7 +238,7 @@ def _measure(spec: dict[str, Any], prime: bool, measure: bool) -> dict[str, Any]
     base_rss = rss_bytes()
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(s["model"], s["head"], dtype=s["dtype"], quant=s["quant"], seed=s["seed"],
-                            attn=s["attn"], tmpdir=tmp)
+                            attn=s["attn"], tmpdir=tmp, use_ours=s["impl"] == "peftadapt")
         if dev == "cuda" and s["quant"] is None:
             model.to(dev)
         arch = mm.Arch.from_config(model.config, s["head"])

@@ -10,8 +10,8 @@ the method or a gap in this model).
 
 * ``weights``: every parameter at its storage dtype; a quantized linear weight
   costs 0.5 byte (4-bit NF4/FP4) or 1 byte (8-bit) per element plus its
-  scales (one fp32 absmax per 64-element block for 4-bit, one fp32 scale per
-  output row for 8-bit). Embeddings, norms and the output head stay at the
+  scales (one absmax per 64-element block for 4-bit, 8-bit when double
+  quantized; one fp32 scale per output row for 8-bit). Embeddings, norms and the output head stay at the
   compute dtype, as bitsandbytes leaves them.
 * ``grads`` + ``optimizer``: one gradient per trainable parameter at its dtype,
   plus AdamW's two fp32 moments (8 bytes; SGD with momentum 4, plain SGD 0).
@@ -47,7 +47,7 @@ plus one layer's activations, recomputed during the backward pass.
 Outside the layers: the final norm input (h), the head's input (h, if the head
 is trainable), and for a causal LM the logits and the log-softmax output
 (2 * vocab per token) and, transiently, the gradient of the logits (vocab per
-token). Transient buffers inside the backward pass and allocator slack are
+token). A regularizer's target batch adds its layer activations (no logits). Transient buffers inside the backward pass and allocator slack are
 not modelled; the measured/analytic ratio shows them.
 """
 
@@ -163,8 +163,13 @@ def _check(name: str, value: Any, valid) -> None:
         raise ValueError(f"unknown {name} {value!r}; valid choices: {sorted(map(str, valid))}")
 
 
-def weight_bytes(arch: Arch, dtype: str = "float32", quant: str | None = None, blocksize: int = 64) -> int:
-    """Bytes of all weights; with ``quant`` the block linear layers are 4- or 8-bit."""
+def weight_bytes(arch: Arch, dtype: str = "float32", quant: str | None = None, blocksize: int = 64,
+                 double_quant: bool = True) -> int:
+    """Bytes of all weights; with ``quant`` the block linear layers are 4- or 8-bit.
+
+    4-bit: half a byte per weight plus one absmax per ``blocksize`` block, as
+    fp32, or with ``double_quant`` (QLoRA's default) as 8 bits plus one fp32
+    constant per 256 blocks."""
     _check("dtype", dtype, DTYPE_BYTES)
     _check("quant", quant, QUANT_BITS)
     b = DTYPE_BYTES[dtype]
@@ -174,7 +179,8 @@ def weight_bytes(arch: Arch, dtype: str = "float32", quant: str | None = None, b
     if bits is None:
         return (lin + other) * b
     if bits == 4:
-        qbytes = lin * 0.5 + lin / blocksize * 4  # packed nibbles + fp32 absmax per block
+        blocks = lin / blocksize
+        qbytes = lin * 0.5 + (blocks * 1 + blocks / 256 * 4 if double_quant else blocks * 4)
     else:
         rows = arch.layers * sum(o for o, _ in arch.linear_shapes().values())
         qbytes = lin * 1 + rows * 4  # int8 + fp32 scale per output row
@@ -301,8 +307,8 @@ def analytic_memory(arch: Arch, method: str, batch: int, seq: int, *, dtype: str
     ``trainable`` overrides the predicted trainable-parameter count (pass the
     measured one so that the estimate isolates activations and states).
     With ``regularizer`` a second (target) batch runs through the model in the
-    same step, and its activations are kept until the backward pass: the
-    activations double.
+    same step, and its layer activations are kept until the backward pass (not
+    its logits: the target batch has no task loss).
     """
     _check("optimizer", optimizer, OPTIMIZER_BYTES)
     if batch < 1 or seq < 1:
@@ -316,6 +322,8 @@ def analytic_memory(arch: Arch, method: str, batch: int, seq: int, *, dtype: str
     act = activation_bytes(arch, method, batch, seq, dtype=dtype, grad_ckpt=grad_ckpt, attention=attention, **opts)
     acts = act["layers"] + act["outside"]
     if regularizer:
-        acts *= 2
+        # the target batch goes through the same layers and is kept for the backward pass of the
+        # alignment term; it has no labels, so no logits/log-softmax are kept for it
+        acts += act["layers"] + (arch.hidden * batch * seq * DTYPE_BYTES[dtype] if method != "head" else 0)
     return {"weights": int(w), "grads": int(grads), "optimizer": int(optim), "activations": int(acts),
             "total": int(w + grads + optim + acts), "trainable": int(n_train)}

@@ -53,7 +53,7 @@ def apply(model, impl: str, method: str, head: str, quant: str | None = None, gr
     if quant is not None:
         if method == "full":
             raise ValueError("full fine-tuning of a quantized base is not possible; use a PEFT method")
-        _prepare_kbit(model, grad_ckpt)
+        _prepare_kbit(model, grad_ckpt, ours=impl == "peftadapt")
     if impl == "peftadapt":
         return _apply_peftadapt(model, method, head)
     if impl == "peft":
@@ -61,14 +61,16 @@ def apply(model, impl: str, method: str, head: str, quant: str | None = None, gr
     return _apply_adapters(model, method, head)
 
 
-def _prepare_kbit(model, grad_ckpt: bool) -> None:
+def _prepare_kbit(model, grad_ckpt: bool, ours: bool) -> None:
+    """k-bit preparation: peftadapt's own (``peftadapt.quant``) for peftadapt, peft's for the peers."""
     prep = None
-    try:
-        import peftadapt
+    if ours:
+        try:
+            import peftadapt.quant as q
 
-        prep = getattr(getattr(peftadapt, "quant", None), "prepare_for_kbit_training", None)
-    except Exception:  # noqa: BLE001 - peer runs may not import peftadapt's top level
-        prep = None
+            prep = getattr(q, "prepare_for_kbit_training", None) or getattr(q, "prepare_kbit", None)
+        except ImportError:
+            prep = None
     if prep is not None:
         prep(model, gradient_checkpointing=grad_ckpt)
         return

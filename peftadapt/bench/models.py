@@ -101,10 +101,10 @@ def _auto_class(head: str):
 
 
 def build_model(name: str, head: str = "causal", *, dtype: str = "float32", quant: str | None = None,
-                seed: int = 0, attn: str | None = None, tmpdir: str | None = None) -> Any:
+                seed: int = 0, attn: str | None = None, tmpdir: str | None = None, use_ours: bool = True) -> Any:
     """A fresh model in train mode. ``quant`` in {None, "4bit", "8bit"} loads the base through
-    ``peftadapt.load_quantized`` when that exists, else transformers' ``BitsAndBytesConfig``.
-    Random-weight configs are saved to ``tmpdir`` first, since quantized loading needs a checkpoint."""
+    ``peftadapt.quant`` (``build_quantized`` for random weights, ``load_quantized`` for a folder)
+    when ``use_ours`` and it exists, else transformers' ``BitsAndBytesConfig`` (NF4, double-quantized)."""
     name = resolve_model(name)
     torch.manual_seed(seed)
     tdtype = getattr(torch, dtype)
@@ -120,7 +120,7 @@ def build_model(name: str, head: str = "causal", *, dtype: str = "float32", quan
         folder = os.path.join(tmpdir, "tinybase")
         m.save_pretrained(folder)
         del m
-        model = _load_quantized(folder, cls, quant, tdtype, head, **kw)
+        model = _load_quantized(folder, cls, quant, tdtype, head, use_ours=use_ours, **kw)
         model.train()
         return model
     if quant is None:
@@ -134,16 +134,13 @@ def build_model(name: str, head: str = "causal", *, dtype: str = "float32", quan
         return model
     if quant not in ("4bit", "8bit"):
         raise ValueError(f"unknown quant {quant!r}; valid choices: None, '4bit', '8bit'")
-    folder = name
     if name.startswith("llama-"):
         if tmpdir is None:
-            raise ValueError("a quantized random-weight model needs tmpdir to save its checkpoint")
-        cfg = llama_config(name[6:], head)
-        m = cls.from_config(cfg)
-        folder = os.path.join(tmpdir, "base")
-        m.save_pretrained(folder)
-        del m
-    model = _load_quantized(folder, cls, quant, tdtype, head, **kw)
+            raise ValueError("a quantized random-weight model needs tmpdir")
+        model = _build_quantized_random(llama_config(name[6:], head), cls, quant, tdtype, head, seed, tmpdir,
+                                        use_ours, **kw)
+    else:
+        model = _load_quantized(name, cls, quant, tdtype, head, use_ours=use_ours, **kw)
     model.train()
     return model
 
@@ -158,26 +155,43 @@ def _dtype_kw(tdtype) -> dict:
     return {"dtype": tdtype} if _new_tf() else {"torch_dtype": tdtype}
 
 
-def _load_quantized(folder: str, cls, quant: str, tdtype, head: str, **kw):
-    bits = 4 if quant == "4bit" else 8
+def _quant_module(use_ours: bool):
+    """``peftadapt.quant`` when the run measures peftadapt and it is there; else None (plain bitsandbytes)."""
+    if not use_ours:
+        return None
     try:
-        import peftadapt
+        import peftadapt.quant as q
+    except ImportError:
+        return None
+    return q if hasattr(q, "load_quantized") else None
 
-        loader = getattr(peftadapt, "load_quantized", None)
-    except Exception:  # noqa: BLE001 - the bench must run where peftadapt's optional parts are missing
-        loader = None
-    if loader is not None:
-        task = {"causal": "causal", "seqcls": "seqcls"}[head]
-        try:
-            return loader(folder, bits=bits, task=task, compute_dtype=tdtype, device_map="cpu")
-        except TypeError:
-            pass  # a different signature: fall back to transformers directly
+
+def _build_quantized_random(cfg, cls, quant: str, tdtype, head: str, seed: int, tmpdir: str, use_ours: bool, **kw):
+    """A random-weight model with quantized linear layers: ``peftadapt.quant.build_quantized`` (no
+    checkpoint round trip), else save the fp32 model and load it through ``BitsAndBytesConfig``."""
+    q = _quant_module(use_ours)
+    if q is not None and hasattr(q, "build_quantized"):
+        return q.build_quantized(cfg, bits=4 if quant == "4bit" else 8, compute_dtype=tdtype, task=head,
+                                 device="cpu", seed=seed, prepare=False)
+    m = cls.from_config(cfg)
+    folder = os.path.join(tmpdir, "base")
+    m.save_pretrained(folder)
+    del m
+    return _load_quantized(folder, cls, quant, tdtype, head, use_ours=False, **kw)
+
+
+def _load_quantized(folder: str, cls, quant: str, tdtype, head: str, use_ours: bool = True, **kw):
+    bits = 4 if quant == "4bit" else 8
+    q = _quant_module(use_ours)
+    if q is not None:
+        # prepare=False: the benchmark prepares (and checkpoints, or not) like every other configuration
+        return q.load_quantized(folder, bits=bits, task=head, compute_dtype=tdtype, device="cpu", prepare=False, **kw)
     from transformers import BitsAndBytesConfig
 
     if bits == 4:
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=tdtype, bnb_4bit_quant_type="nf4")
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=tdtype, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_use_double_quant=True)
     else:
-        q = BitsAndBytesConfig(load_in_8bit=True)
+        qc = BitsAndBytesConfig(load_in_8bit=True)
     device_map = "cpu" if not torch.cuda.is_available() else {"": 0}
-    model = cls.from_pretrained(folder, quantization_config=q, device_map=device_map, **_dtype_kw(tdtype), **kw)
-    return model
+    return cls.from_pretrained(folder, quantization_config=qc, device_map=device_map, **_dtype_kw(tdtype), **kw)

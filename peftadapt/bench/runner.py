@@ -10,6 +10,7 @@ shared machine's load hit both alike.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -65,7 +66,7 @@ class Server:
 
 
 def run_specs(specs: Iterable[dict[str, Any]], *, reps: int = 1, pythons: dict[str, str] | None = None,
-              log: Callable[[str], None] | None = print, stderr=None) -> list[dict[str, Any]]:
+              log: Callable[[str], None] | None = print, stderr=None, keep_servers: bool = False) -> list[dict[str, Any]]:
     """Measure every spec ``reps`` times, cycling through the list (interleaved repetitions).
 
     ``pythons`` maps an environment label to a Python executable; a spec's
@@ -86,7 +87,7 @@ def run_specs(specs: Iterable[dict[str, Any]], *, reps: int = 1, pythons: dict[s
                 if env not in pythons:
                     raise ValueError(f"unknown env {env!r}; valid: {sorted(pythons)}")
                 if env not in servers:
-                    servers[env] = Server(pythons[env], stderr=stderr, preload=_preloads(specs))
+                    servers[env] = _server(pythons[env], stderr, _preloads(specs))
                 t0 = time.time()
                 res = servers[env].measure(spec)
                 res["rep"], res["env"], res["wall_s"] = rep, env, time.time() - t0
@@ -94,9 +95,33 @@ def run_specs(specs: Iterable[dict[str, Any]], *, reps: int = 1, pythons: dict[s
                 if log:
                     log(_one_line(res, rep, i, len(specs), reps))
     finally:
-        for s in servers.values():
-            s.close()
+        if not keep_servers:
+            for s in servers.values():
+                s.close()
+                _POOL.pop(s.python, None)
     return out
+
+
+# servers kept between run_specs calls of one process (keep_servers=True): a script that runs several
+# sweeps pays the library imports once. A lazily imported library is still measured right: each child
+# primes (imports) before its baseline.
+_POOL: dict[str, Server] = {}
+
+
+def _server(python: str, stderr, preload: tuple[str, ...]) -> Server:
+    s = _POOL.get(python)
+    if s is None or s.proc.poll() is not None:
+        s = _POOL[python] = Server(python, stderr=stderr, preload=preload)
+    return s
+
+
+def close_servers() -> None:
+    for s in list(_POOL.values()):
+        s.close()
+    _POOL.clear()
+
+
+atexit.register(close_servers)
 
 
 def _preloads(specs: list[dict[str, Any]]) -> tuple[str, ...]:
@@ -110,9 +135,11 @@ def _preloads(specs: list[dict[str, Any]]) -> tuple[str, ...]:
 
 
 def _one_line(res: dict[str, Any], rep: int, i: int, n: int, reps: int) -> str:
+    from .report import model_label
+
     s = res["spec"]
     tag = (f"[{rep * n + i + 1}/{n * reps}] {res.get('env', 'main')}:{s.get('impl', '?')} {s.get('method')} "
-           f"{s.get('model')} q={s.get('quant')} b={s.get('batch')} s={s.get('seq')} ckpt={s.get('grad_ckpt')} "
+           f"{model_label(s.get('model', '?'))} q={s.get('quant')} b={s.get('batch')} s={s.get('seq')} ckpt={s.get('grad_ckpt')} "
            f"reg={s.get('regularizer')}")
     if res.get("error"):
         return f"{tag}: ERROR {res['error'][:200]}"
