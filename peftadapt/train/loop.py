@@ -237,8 +237,9 @@ class Trainer:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     def _make_accelerator(self):
+        import importlib.util
+
         from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration  # noqa: F401  (import check)
 
         mp = self.config.mixed_precision
         if mp == "auto":
@@ -248,6 +249,11 @@ class Trainer:
                 mp = "no"
         kwargs: dict[str, Any] = {"mixed_precision": mp}
         if self.config.report_to:
+            for tracker in self.config.report_to:  # a clear error instead of Accelerate's
+                module = {"tensorboard": "tensorboard"}.get(tracker, tracker)
+                if importlib.util.find_spec(module) is None and not (
+                        tracker == "tensorboard" and importlib.util.find_spec("tensorboardX")):
+                    raise ImportError(f"training.report_to: {tracker!r} needs its package: pip install {module}")
             kwargs.update(log_with=list(self.config.report_to), project_dir=self.config.output_dir)
         return Accelerator(**kwargs)
 
