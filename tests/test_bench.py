@@ -189,6 +189,15 @@ def test_cli_dry_run_and_bad_values(capsys):
         main(["memory", "--methods", "lorax"])
 
 
+def test_cli_analytic_needs_no_model(capsys):
+    assert main(["memory", "--analytic", "--models", "llama-7b", "--methods", "full,lora", "--quant", "none,4bit",
+                 "--seq", "512"]) == 0
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| llama-7b")]
+    assert len(rows) == 3 and "6.74B" in rows[0]
+    total = {r.split("|")[2].strip(): float(r.split("|")[-2].replace(",", "")) for r in rows}
+    assert total["lora (4bit)"] < total["lora"] < total["full"]
+
+
 def test_cli_memory_end_to_end(tmp_path, capsys):
     out = tmp_path / "res"
     rc = main(["memory", "--models", "llama-8m", "--methods", "full,lora", "--seq", "16", "--steps", "1",

@@ -96,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--regularizer", type=_list, default=["none"],
                         help="alignment term(s) on a second (target) batch: none, coral, mmd, dann, ... (default none)")
         sp.add_argument("--attn", choices=["sdpa", "eager"], default=None, help="attention implementation")
+        sp.add_argument("--analytic", action="store_true",
+                        help="print the analytic memory model's estimate for each configuration; measure nothing "
+                             "(instant, any size: e.g. --models llama-7b --quant none,4bit)")
     sp = sub.add_parser("peers", help="peftadapt vs peft and AdapterHub adapters, alternating, same configuration",
                         description="peftadapt / peer ratios of step time and peak memory, interleaved repetitions.")
     common(sp, "minilm", "128", "16")
@@ -170,6 +173,33 @@ def peer_specs(args, adapters_python: str | None) -> list[dict[str, Any]]:
     return specs
 
 
+def analytic_table(specs: list[dict[str, Any]]) -> str:
+    """The analytic memory model for each spec, as a Markdown table (no model is built)."""
+    from . import memory_model as mm
+    from .models import LLAMA_SIZES, llama_config
+    from .report import _mib, _params, method_label, model_label
+
+    rows = ["| model | method | batch x seq | trainable | weights MiB | grads + optimizer MiB | activations MiB "
+            "| total MiB |", "|---|---|---|---|---|---|---|---|"]
+    for s in specs:
+        if s["model"].startswith("llama-") and s["model"][6:] in LLAMA_SIZES:
+            cfg = llama_config(s["model"][6:], s["head"])
+        else:
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(s["model"])
+        arch = mm.Arch.from_config(cfg, s["head"])
+        a = mm.analytic_memory(arch, s["method"], s["batch"], s["seq"], dtype=s["dtype"], quant=s["quant"],
+                               grad_ckpt=s["grad_ckpt"], regularizer=bool(s["regularizer"]),
+                               attention="eager" if s["attn"] == "eager" else "sdpa",
+                               r=M.DEFAULTS["r"], reduction_factor=M.DEFAULTS["reduction_factor"],
+                               prefix_tokens=M.DEFAULTS["prefix_tokens"])
+        rows.append(f"| {model_label(s['model'])} ({_params(arch.total_params())}) | {method_label(s)} | "
+                    f"{s['batch']} x {s['seq']} | {_params(a['trainable'])} | {_mib(a['weights'])} | "
+                    f"{_mib(a['grads'] + a['optimizer'])} | {_mib(a['activations'])} | {_mib(a['total'])} |")
+    return "\n".join(rows)
+
+
 def _default_adapters_python() -> str | None:
     p = os.path.join("benchmarks", ".venv-adapters", "bin", "python")
     return p if os.path.exists(p) else None
@@ -203,6 +233,9 @@ def main(argv: list[str] | None = None, keep_servers: bool = False) -> int:
     if args.dry_run:
         for s in specs:
             print(s)
+        return 0
+    if getattr(args, "analytic", False):
+        print(analytic_table(specs))
         return 0
 
     machine = R.machine_info()

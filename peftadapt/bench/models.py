@@ -28,6 +28,9 @@ LLAMA_SIZES: dict[str, dict[str, int]] = {
                  num_key_value_heads=16, vocab_size=32000),
     "1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=5632, num_attention_heads=32,
                num_key_value_heads=4, vocab_size=32000),
+    # Llama-2-7B's shape: for the analytic model and GPUs (``--analytic`` prints its estimate anywhere)
+    "7b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),
 }
 HEADS = ("causal", "seqcls")
 
@@ -146,9 +149,11 @@ def build_model(name: str, head: str = "causal", *, dtype: str = "float32", quan
 
 
 def _new_tf() -> bool:
+    """transformers >= 4.56 takes ``dtype=`` (``torch_dtype=`` is deprecated there)."""
     import transformers as tf
 
-    return int(tf.__version__.split(".")[0]) >= 5
+    major, minor = (int(x) for x in tf.__version__.split(".")[:2])
+    return (major, minor) >= (4, 56)
 
 
 def _dtype_kw(tdtype) -> dict:
