@@ -266,8 +266,8 @@ def main(argv: list[str] | None = None, keep_servers: bool = False) -> int:
         ok = [r for r in results if not r.get("error")]
         if len({r["analytic_total_params"] for r in ok}) > 1:
             R.plot(ok, "analytic_total_params", "peak_bytes", os.path.join(args.out, f"{name}_memory_vs_size.png"),
-                   xlabel="model parameters", ylabel="peak memory (MiB)", logx=True, logy=True,
-                   title=f"Peak training-step memory vs model size ({machine.get('cpu')})")
+                   xlabel="model parameters", ylabel="peak memory (MiB)", logx=True, logy=True, analytic=True,
+                   title=f"Peak training-step memory vs model size (dashed: analytic model; {machine.get('cpu')})")
         if len({r["spec"]["seq"] for r in ok}) > 1:
             R.plot(ok, "seq", "median_step_s", os.path.join(args.out, f"{name}_time_vs_seq.png"),
                    xlabel="sequence length", ylabel="step time (s)", logx=True, logy=True,

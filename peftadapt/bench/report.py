@@ -200,8 +200,9 @@ def errors_section(results: list[dict[str, Any]]) -> str:
 
 # -- plots ---------------------------------------------------------------------
 def plot(results: list[dict[str, Any]], x: str, y: str, path: str, *, xlabel: str, ylabel: str, title: str,
-         logx: bool = False, logy: bool = False) -> str | None:
-    """One line per method label; ``x`` is a spec field or ``total_params``; ``y`` a result field (bytes -> MiB)."""
+         logx: bool = False, logy: bool = False, analytic: bool = False) -> str | None:
+    """One line per method label; ``x`` is a spec field or ``total_params``; ``y`` a result field (bytes -> MiB).
+    With ``analytic`` each method's analytic estimate is drawn dashed in the same colour."""
     try:
         import matplotlib
 
@@ -210,12 +211,16 @@ def plot(results: list[dict[str, Any]], x: str, y: str, path: str, *, xlabel: st
     except ImportError:
         return None
     lines: dict[str, list] = defaultdict(list)
+    est: dict[str, dict] = defaultdict(dict)
     for r in results:
         if r.get("error"):
             continue
         xv = r["spec"][x] if x in r["spec"] else r[x]
         yv = r[y] / MiB if y.endswith("bytes") else r[y]
-        lines[method_label(r["spec"]) + ("" if r["spec"]["impl"] == "peftadapt" else f" [{r['spec']['impl']}]")].append((xv, yv))
+        lab = method_label(r["spec"]) + ("" if r["spec"]["impl"] == "peftadapt" else f" [{r['spec']['impl']}]")
+        lines[lab].append((xv, yv))
+        if analytic and "analytic" in r:
+            est[lab][xv] = r["analytic"]["total"] / MiB
     if not lines:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -224,7 +229,10 @@ def plot(results: list[dict[str, Any]], x: str, y: str, path: str, *, xlabel: st
         for a, b in pts:
             agg[a].append(b)
         xs = sorted(agg)
-        ax.plot(xs, [statistics.median(agg[a]) for a in xs], marker="o", label=lab)
+        (line,) = ax.plot(xs, [statistics.median(agg[a]) for a in xs], marker="o", label=lab)
+        if analytic and lab in est:
+            ex = sorted(est[lab])
+            ax.plot(ex, [est[lab][a] for a in ex], linestyle="--", color=line.get_color(), alpha=0.6)
     if logx:
         ax.set_xscale("log")
     if logy:

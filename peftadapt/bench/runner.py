@@ -3,9 +3,10 @@
 A :class:`Server` is one ``_server.py`` process (libraries imported once) under
 a given Python executable; it forks a fresh child per spec. :func:`run_specs`
 sends the specs one at a time (never two at once: they would share the CPU)
-and, with ``reps > 1``, cycles through the whole list ``reps`` times, so
-that repetitions of two implementations are interleaved and slow drifts of a
-shared machine's load hit both alike.
+and, with ``reps > 1``, cycles through the whole list ``reps`` times (every
+other time backwards, so that in a pair each side goes first equally often),
+so that repetitions of two implementations are interleaved and slow drifts of
+a shared machine's load hit both alike.
 """
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ def run_specs(specs: Iterable[dict[str, Any]], *, reps: int = 1, pythons: dict[s
     out = []
     try:
         for rep in range(reps):
-            for i, spec in enumerate(specs):
+            # odd repetitions run the list backwards: in a pair (ours, peer) each goes first equally often
+            order = list(enumerate(specs)) if rep % 2 == 0 else list(reversed(list(enumerate(specs))))
+            for i, spec in order:
                 spec = dict(spec)
                 env = spec.pop("env", "main")
                 if env not in pythons:
@@ -93,7 +96,7 @@ def run_specs(specs: Iterable[dict[str, Any]], *, reps: int = 1, pythons: dict[s
                 res["rep"], res["env"], res["wall_s"] = rep, env, time.time() - t0
                 out.append(res)
                 if log:
-                    log(_one_line(res, rep, i, len(specs), reps))
+                    log(_one_line(res, len(out), len(specs) * reps))
     finally:
         if not keep_servers:
             for s in servers.values():
@@ -134,11 +137,11 @@ def _preloads(specs: list[dict[str, Any]]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _one_line(res: dict[str, Any], rep: int, i: int, n: int, reps: int) -> str:
+def _one_line(res: dict[str, Any], done: int, total: int) -> str:
     from .report import model_label
 
     s = res["spec"]
-    tag = (f"[{rep * n + i + 1}/{n * reps}] {res.get('env', 'main')}:{s.get('impl', '?')} {s.get('method')} "
+    tag = (f"[{done}/{total}] {res.get('env', 'main')}:{s.get('impl', '?')} {s.get('method')} "
            f"{model_label(s.get('model', '?'))} q={s.get('quant')} b={s.get('batch')} s={s.get('seq')} ckpt={s.get('grad_ckpt')} "
            f"reg={s.get('regularizer')}")
     if res.get("error"):
