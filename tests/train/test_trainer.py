@@ -154,3 +154,14 @@ def test_metric_for_best_must_exist(tok):
                 metric_for_best="test/acc", **FAST)
     with pytest.raises(ValueError, match="no trainable parameters"):
         Trainer(make_tiny("bert", "seqcls", vocab_size=VOCAB).requires_grad_(False), tok, text_data(8, 0), **FAST)
+
+
+def test_missing_tracker_package_is_a_clear_error(tok, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        pytest.skip("tensorboard is installed")
+    tr = Trainer(tiny_classifier(), tok, text_data(8, 0), output_dir=str(tmp_path), report_to=["tensorboard"],
+                 max_steps=1, **FAST)
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        tr.train()
