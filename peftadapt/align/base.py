@@ -368,11 +368,14 @@ class Term(nn.Module):
         start: fraction of training before which the term is off. Aligning
             from step 0 can wreck a classifier that has not learnt the task yet.
         name: the key of this term in the logged values (default: regularizer name).
+        scope: with several processes, "global" (loss over the whole batch of all processes),
+            "local" (each process on its shard) or "auto" (global for batch statistics such as
+            MMD / CORAL, local for per-sample losses); see :mod:`peftadapt.distributed`.
     """
 
     def __init__(self, regularizer: Regularizer | str, weight: float = 1.0,
                  schedule: str | Callable[[float], float] = "constant", warmup: float = 0.0,
-                 start: float = 0.0, name: str | None = None) -> None:
+                 start: float = 0.0, name: str | None = None, scope: str = "auto") -> None:
         super().__init__()
         reg = build(regularizer) if isinstance(regularizer, str) else regularizer
         if not isinstance(reg, nn.Module):
@@ -394,6 +397,8 @@ class Term(nn.Module):
         self.warmup = float(warmup)
         self.start = float(start)
         self.name = name or getattr(reg, "name", type(reg).__name__.lower())
+        from ..distributed import check_scope
+        self.scope = check_scope(scope)
 
     def weight_at(self, progress: float) -> float:
         """The effective weight lambda(progress)."""
@@ -406,6 +411,9 @@ class Term(nn.Module):
             self.regularizer.set_progress(progress)
         if w == 0.0:
             return None, None
+        from ..distributed import gather_inputs  # no-op in a single process
+        fs, ft, source_logits, target_logits = gather_inputs(self.scope, self.regularizer, fs, ft,
+                                                             source_logits, target_logits)
         raw = self.regularizer(fs, ft, source_logits, target_logits)
         return w * raw, raw
 

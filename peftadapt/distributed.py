@@ -1,0 +1,407 @@
+"""Several processes (``accelerate launch``): alignment over the global batch, and pre-flight checks.
+
+Under DDP / FSDP / DeepSpeed each process sees its own shard of every batch.
+A per-sample loss (task cross-entropy, DANN, plain CDAN, entropy) is a mean
+over samples, so the mean of the per-process means *is* the full-batch mean,
+and the data-parallel gradient average already gives the full-batch gradient.
+Batch statistics are different: MMD (kernel means over all pairs), CORAL
+(covariances), CDAN+E (per-domain weight normalisation) and the diversity
+term of ``Entropy(diversity=True)`` (the mean prediction) computed on a shard
+are a *different* estimator from the one on the whole batch, and a noisier one.
+
+Scopes (``Term(..., scope=...)``, ``TrainConfig.align_scope``):
+
+- ``"global"``: every process gathers the source / target features (and
+  logits when the regularizer reads them) of all processes and computes the
+  loss of the whole batch; the gradient reaches each process's own share.
+- ``"local"``: each process computes the loss on its own shard (cheaper: no
+  communication, and O(b^2) instead of O((N b)^2) for MMD / CORAL).
+- ``"auto"`` (default): ``"global"`` where it changes the math (a batch
+  statistic, see :func:`default_scope`), ``"local"`` for per-sample losses.
+
+The gradient factor. With N processes, process r holds features f_r of its
+shard; the loss of the whole batch is L(f_1, ..., f_N). :func:`gather` returns
+the concatenation where slot r is the local tensor (autograd flows into it)
+and the other slots are constants received from the other processes. So the
+backward pass on process r yields only dL/df_r * df_r/dtheta. Data-parallel
+training then *averages* the parameter gradients over the N processes:
+
+    (1/N) sum_r  c * dL/df_r * df_r/dtheta   must equal   dL/dtheta = sum_r dL/df_r * df_r/dtheta
+
+hence c = N: :func:`gather` multiplies the gradient of the local slot by N
+(the loss *value* is left unchanged, so logged values are the full-batch
+loss). Parameters the loss touches directly (a DANN / CDAN discriminator
+replicated on every process) get the full gradient dL/dtheta_D on every
+process already, whose average is dL/dtheta_D: no factor there, which is why
+the factor lives in the gather's backward and not on the loss. This is exact
+when every process computes the same L (deterministic regularizers: MMD,
+CORAL, and DANN / CDAN with ``dropout=0``); with a dropout discriminator each
+process draws its own mask and the result is an unbiased estimate of the
+same gradient.
+
+Pre-flight (:func:`check_run`, called by the Trainer before the first step):
+one all_gather of a vector of config hashes (a mismatched config on one
+process is a ``ValueError`` on every process, naming the differing fields,
+instead of a hang or silent divergence), then the batch-size checks (a global
+batch the world size does not divide; a batch per process, or global batch,
+too small for an estimator: MMD and CORAL need 2 per domain).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+__all__ = [
+    "SCOPES",
+    "is_distributed",
+    "world_size",
+    "rank",
+    "gather",
+    "default_scope",
+    "resolve_scope",
+    "check_scope",
+    "gather_inputs",
+    "per_process_batch",
+    "config_fingerprint",
+    "check_same_config",
+    "check_min_batch",
+    "check_run",
+]
+
+SCOPES = ("auto", "local", "global")
+
+
+# ---------------------------------------------------------------------------
+# The process group
+# ---------------------------------------------------------------------------
+def is_distributed() -> bool:
+    """True inside an initialized process group with more than one process."""
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def _all_gather_fixed(x: torch.Tensor) -> list[torch.Tensor]:
+    """all_gather of same-shape tensors; no autograd."""
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    torch.distributed.all_gather(out, x.contiguous())
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Gather with gradient
+# ---------------------------------------------------------------------------
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``factor`` in backward."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def gather(x: torch.Tensor, *, grad_factor: float | None = None) -> torch.Tensor:
+    """Concatenate ``x`` (shape ``(b_r, ...)``) of every process along dim 0, in rank order.
+
+    Slot r of the result is this process's own ``x`` (autograd flows into it);
+    the other slots are received constants. In backward the local gradient is
+    multiplied by ``grad_factor``, by default the world size N: data-parallel
+    training averages gradients over the N processes, and N * (1/N) = 1 makes
+    the averaged gradient equal the gradient of the loss on the whole batch
+    (module docstring). Pass ``grad_factor=1`` where gradients are summed
+    rather than averaged.
+
+    Processes may hold different batch sizes (the last, smaller batch of an
+    epoch): the sizes are exchanged first and the tensors padded for the
+    collective. Outside a multi-process run this returns ``x`` unchanged.
+    """
+    if not is_distributed():
+        return x
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise TypeError(f"gather needs a tensor with a batch dimension, got {type(x).__name__}"
+                        + (f" of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else ""))
+    n, r = world_size(), rank()
+    sizes = [int(s) for s in _all_gather_fixed(torch.tensor([x.shape[0]], device=x.device, dtype=torch.long))]
+    top = max(sizes)
+    send = x.detach()
+    if send.shape[0] < top:  # pad to the largest shard: all_gather moves equal shapes
+        send = torch.cat([send, send.new_zeros((top - send.shape[0],) + tuple(send.shape[1:]))], 0)
+    parts = [p[:s] for p, s in zip(_all_gather_fixed(send), sizes)]
+    factor = float(n if grad_factor is None else grad_factor)
+    parts[r] = _ScaleGrad.apply(x, factor) if x.requires_grad else x
+    return torch.cat(parts, 0)
+
+
+# ---------------------------------------------------------------------------
+# Scopes
+# ---------------------------------------------------------------------------
+def check_scope(scope: Any) -> str:
+    """Validate a scope name; returns it."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown alignment scope {scope!r}; valid scopes: {list(SCOPES)} "
+                         "(global: loss over the whole batch of all processes; local: each process on its shard)")
+    return scope
+
+
+def default_scope(regularizer: Any) -> str:
+    """``"global"`` if the regularizer's loss is a batch statistic (the shard loss is a
+    different estimator), ``"local"`` if it is a mean of per-sample losses (global == local).
+
+    - MMD, CORAL: batch statistics -> global.
+    - DANN, CDAN: mean of per-sample BCE -> local.
+    - CDAN+E: per-domain weights normalised over the batch -> global.
+    - Entropy: mean per-sample entropy -> local; with ``diversity=True`` the
+      entropy of the mean prediction is a batch statistic -> global.
+    - Your own: its ``batch_statistic`` attribute (bool) if set, else global
+      (always correct; local is the cheaper approximation you opt into).
+    """
+    from .align import CDAN, CORAL, DANN, MMD, Entropy
+
+    flag = getattr(regularizer, "batch_statistic", None)
+    if isinstance(flag, bool):
+        return "global" if flag else "local"
+    if isinstance(regularizer, (MMD, CORAL)):
+        return "global"
+    if isinstance(regularizer, CDAN):
+        return "global" if regularizer.entropy else "local"
+    if isinstance(regularizer, DANN):
+        return "local"
+    if isinstance(regularizer, Entropy):
+        return "global" if regularizer.diversity else "local"
+    return "global"
+
+
+def resolve_scope(scope: str, regularizer: Any) -> str:
+    """``"local"`` or ``"global"`` for a term's scope (``"auto"`` -> :func:`default_scope`)."""
+    check_scope(scope)
+    return default_scope(regularizer) if scope == "auto" else scope
+
+
+def gather_inputs(scope: str, regularizer: Any, fs, ft, ls=None, lt=None):
+    """The regularizer's inputs under ``scope``: unchanged for local (or one process),
+    gathered over all processes (:func:`gather`) for global. Logits are gathered
+    only when the regularizer reads them."""
+    if not is_distributed() or resolve_scope(scope, regularizer) == "local":
+        return fs, ft, ls, lt
+    def g(x):
+        return None if x is None else gather(x)
+
+    fs, ft = g(fs), g(ft)
+    if getattr(regularizer, "needs_logits", False):
+        ls, lt = g(ls), g(lt)
+    return fs, ft, ls, lt
+
+
+# ---------------------------------------------------------------------------
+# Batch sizes
+# ---------------------------------------------------------------------------
+def per_process_batch(global_batch: int, world: int, what: str = "global_batch_size") -> int:
+    """``global_batch / world``; a ``ValueError`` if the world size does not divide it."""
+    if global_batch % world:
+        lo, hi = (global_batch // world) * world, (global_batch // world + 1) * world
+        raise ValueError(
+            f"training.{what}={global_batch} cannot be split evenly over {world} processes; use a multiple "
+            f"of {world} (e.g. {lo or hi} or {hi}), or set batch_size (per process) instead"
+        )
+    return global_batch // world
+
+
+def shard_sizes(n_examples: int, batch_size: int, world: int) -> tuple[int, int]:
+    """(smallest global batch, smallest per-process batch) an epoch of ``n_examples`` yields
+    when each of ``world`` processes draws ``batch_size`` per micro-batch (the trainer's
+    :class:`~peftadapt.train.data.BatchStream`: the last batch of an epoch is smaller;
+    a process whose slice of it is empty reuses one example)."""
+    g = batch_size * world
+    last = n_examples - (max(1, -(-n_examples // g)) - 1) * g
+    smallest_global = min(g, last)
+    return smallest_global, max(1, smallest_global // world)
+
+
+# ---------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------
+def _digest(obj: Any) -> int:
+    """A signed 64-bit hash of a JSON-able object (stable across processes, unlike hash())."""
+    blob = json.dumps(obj, sort_keys=True, default=repr).encode()
+    return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little", signed=True)
+
+
+def config_fingerprint(**parts: Any) -> dict[str, int]:
+    """{field: 64-bit hash}; dataclasses and mappings are split into one entry per field."""
+    out: dict[str, int] = {}
+    for key, value in parts.items():
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
+        if isinstance(value, Mapping):
+            for k in sorted(value):
+                out[f"{key}.{k}"] = _digest(value[k])
+        else:
+            out[key] = _digest(value)
+    return out
+
+
+def check_same_config(fingerprint: Mapping[str, int], device: torch.device | str = "cpu") -> None:
+    """All processes must hold the same fingerprint (:func:`config_fingerprint`).
+
+    One all_gather of a vector of int64 hashes. Every process receives every
+    vector and so raises the same ``ValueError`` (naming the fields that
+    differ and the ranks that hold each version): no process goes on to the
+    first training collective alone and waits there forever. The field names
+    must be the same on every process (they come from code, not from the config).
+    """
+    if not is_distributed():
+        return
+    keys = list(fingerprint)
+    mine = torch.tensor([len(keys), _digest(keys)] + [fingerprint[k] for k in keys], dtype=torch.long,
+                        device=device)
+    sizes = [int(s) for s in _all_gather_fixed(torch.tensor([mine.numel()], dtype=torch.long, device=device))]
+    if len(set(sizes)) > 1:
+        raise ValueError(f"processes disagree on the configuration layout ({sizes} fields per rank): "
+                         "are all processes running the same peftadapt version and script?")
+    rows = [t.tolist() for t in _all_gather_fixed(mine)]
+    if any(row[:2] != rows[0][:2] for row in rows):
+        raise ValueError("processes disagree on the configuration fields: are all processes running the same "
+                         "peftadapt version and script?")
+    bad = []
+    for i, k in enumerate(keys):
+        vals = [row[2 + i] for row in rows]
+        if len(set(vals)) > 1:
+            groups: dict[int, list[int]] = {}
+            for rk, v in enumerate(vals):
+                groups.setdefault(v, []).append(rk)
+            bad.append(f"{k} (" + " vs ".join(f"ranks {g}" for g in groups.values()) + ")")
+    if bad:
+        raise ValueError(
+            f"the run is configured differently on different processes: {', '.join(bad)}. Every process "
+            "must run the same script with the same config, data and model (check per-node files, "
+            "environment variables and command-line arguments)"
+        )
+
+
+def check_min_batch(terms: Iterable[Any], *, source: tuple[int, int], target: tuple[int, int],
+                    world: int, batch_size: int, target_batch_size: int) -> None:
+    """Every term's estimator must get enough samples per domain in every step.
+
+    ``source`` / ``target`` are :func:`shard_sizes` of the two data streams:
+    (smallest global batch, smallest per-process batch). A global-scope term
+    sees the whole batch, a local one only its process's shard.
+    """
+    for t in terms:
+        reg = t.regularizer
+        need = int(getattr(reg, "min_batch", 1))
+        scope = resolve_scope(getattr(t, "scope", "auto"), reg) if world > 1 else "local"
+        for dom, (g, local), bs in (("source", source, batch_size), ("target", target, target_batch_size)):
+            have = g if scope == "global" else local
+            if have >= need:
+                continue
+            where = ("in the global batch" if scope == "global" else
+                     "per process" if world > 1 else "per batch")
+            fix = ("scope='global' (then it needs " + str(need) + " in the global batch), " if scope == "local"
+                   and world > 1 else "")
+            raise ValueError(
+                f"alignment term {t.name!r} ({type(reg).__name__}, scope {scope!r}) needs at least {need} "
+                f"{dom} samples {where}, but with {dom} batch size {bs} per process on {world} process(es) some "
+                f"step gives it only {have} (the last, smaller batch of an epoch counts). Use {fix}a larger "
+                f"batch size, or a dataset size whose remainder is not that small"
+            )
+
+
+def check_run(*, fingerprint: Mapping[str, int], device: torch.device | str, alignment: Any,
+              source_len: int, target_len: int | None, batch_size: int, target_batch_size: int,
+              world: int) -> None:
+    """The trainer's pre-flight check: same config everywhere, then batch sizes
+    large enough for every alignment term. Raises ``ValueError`` on every process alike."""
+    check_same_config(fingerprint, device=device)
+    if alignment is not None and target_len is not None:
+        check_min_batch(alignment.terms, source=shard_sizes(source_len, batch_size, world),
+                        target=shard_sizes(target_len, target_batch_size, world), world=world,
+                        batch_size=batch_size, target_batch_size=target_batch_size)
+
+
+def describe_alignment(alignment: Any) -> Sequence[str]:
+    """A stable text description of the terms (for the fingerprint)."""
+    if alignment is None:
+        return []
+    out = []
+    for t in alignment.terms:
+        out.append(f"{t.name}|{t.extra_repr()}|{t.regularizer!r}|scope={getattr(t, 'scope', 'auto')}")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The trainer's hooks
+# ---------------------------------------------------------------------------
+def batch_sizes(config: Any, world: int) -> tuple[int, int]:
+    """(source, target) examples per process per micro-batch for a TrainConfig.
+
+    ``global_batch_size`` (when set) is split over the processes and must be
+    divisible by their number; else ``batch_size`` is per process. The target
+    batch defaults to the source batch per process.
+    """
+    g = getattr(config, "global_batch_size", None)
+    bs = per_process_batch(g, world) if g else config.batch_size
+    return bs, config.target_batch_size or bs
+
+
+def check_launch(accelerator_world: int) -> None:
+    """The launcher started N processes but Accelerate runs as one: every process would
+    train alone on the whole data (N copies, no gradient sync). Typical cause: torchrun on
+    CPU-only machines, where Accelerate needs ``--cpu`` (``ACCELERATE_USE_CPU=1``)."""
+    import os
+
+    env_world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    group_world = torch.distributed.get_world_size() if (
+        torch.distributed.is_available() and torch.distributed.is_initialized()) else 1
+    launched = max(env_world, group_world)
+    if launched > 1 and accelerator_world != launched:
+        raise ValueError(
+            f"{launched} processes were launched (WORLD_SIZE / process group) but Accelerate runs "
+            f"{accelerator_world}: each process would train alone. Launch with `accelerate launch` "
+            "(add --cpu, or set ACCELERATE_USE_CPU=1, on machines without GPUs) so Accelerate joins the group"
+        )
+
+
+def preflight(trainer: Any, accelerator: Any, source: Any, target: Any | None) -> None:
+    """Called by the Trainer before the first step (on every process): applies
+    ``config.align_scope`` to the terms left on "auto", then :func:`check_run`
+    with a fingerprint of the config, task, data, trainable parameters and
+    alignment terms."""
+    cfg, alignment = trainer.config, trainer.alignment
+    scope = check_scope(getattr(cfg, "align_scope", "auto"))
+    if alignment is not None and scope != "auto":
+        for t in alignment.terms:
+            if getattr(t, "scope", "auto") == "auto":
+                t.scope = scope
+    world = accelerator.num_processes
+    check_launch(world)
+    fp = {}
+    if world > 1:  # hashing the data costs a little; only worth it with several processes
+        fp = config_fingerprint(
+            training={k: v for k, v in dataclasses.asdict(cfg).items()},
+            task=trainer.task, max_length=trainer.max_length,
+            features=[trainer.feature_layer, trainer.pooling],
+            trainable=[(n, list(p.shape), str(p.dtype)) for n, p in trainer.model.named_parameters()
+                       if p.requires_grad],
+            alignment=list(describe_alignment(alignment)),
+            source_data=[source.ids, source.labels],
+            target_data=None if target is None else target.ids,
+        )
+    check_run(fingerprint=fp, device=accelerator.device, alignment=alignment, source_len=len(source.ids),
+              target_len=None if target is None else len(target.ids), batch_size=source.batch_size,
+              target_batch_size=target.batch_size if target is not None else source.batch_size, world=world)

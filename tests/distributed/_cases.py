@@ -1,0 +1,94 @@
+"""The alignment cases the multi-process tests compare with one process.
+
+A small feature extractor + classifier (float64, seeded) turns fixed source /
+target inputs into features and logits; each case is an alignment ``Term``.
+The single-process reference runs the whole batch; each of N processes runs
+its shard (:func:`shards`) and the data-parallel gradient average must give
+the same parameter gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+IN, WIDTH, CLASSES = 6, 5, 3
+
+
+class Net(nn.Module):
+    """Linear features -> tanh -> linear classifier (float64)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Linear(IN, WIDTH).double()
+        self.head = nn.Linear(WIDTH, CLASSES).double()
+
+    def forward(self, x):
+        f = torch.tanh(self.features(x))
+        return f, self.head(f)
+
+
+def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(8, IN, generator=g, dtype=torch.float64)
+    xt = torch.randn(6, IN, generator=g, dtype=torch.float64) * 1.5 + 0.5
+    return xs, xt
+
+
+# rows of the source / target batch that each of 2 processes holds
+SHARDS = {
+    "equal": ([range(0, 4), range(4, 8)], [range(0, 3), range(3, 6)]),
+    "unequal": ([range(0, 5), range(5, 8)], [range(0, 4), range(4, 6)]),
+}
+
+
+def make_term(case: str):
+    """``case`` = "<regularizer>:<scope>"."""
+    from peftadapt.align import CDAN, CORAL, DANN, MMD, Entropy, Term
+
+    name, scope = case.split(":")
+    torch.manual_seed(2)
+    reg = {
+        "mmd": lambda: MMD(),
+        "coral": lambda: CORAL(scale=1.0),
+        "cdan+e": lambda: CDAN(WIDTH, CLASSES, entropy=True, hidden_size=8, dropout=0.0, grl="constant", seed=0),
+        "cdan": lambda: CDAN(WIDTH, CLASSES, hidden_size=8, dropout=0.0, grl="constant", seed=0),
+        "dann": lambda: DANN(WIDTH, hidden_size=8, dropout=0.0, grl="constant"),
+        "entropy": lambda: Entropy(),
+        "entropy+div": lambda: Entropy(diversity=True),
+    }[name]()
+    return Term(reg.double(), weight=1.0, scope=scope)
+
+
+CASES = [f"{r}:{s}" for r in ("mmd", "coral", "cdan+e", "cdan", "dann", "entropy", "entropy+div")
+         for s in ("global", "local")]
+
+
+def run(case: str, shard: str | None, rank: int = 0, world: int = 1) -> dict:
+    """Loss and parameter gradients of one case; ``shard=None``: the whole batch on one process.
+
+    With several processes the network and the term (when it has parameters)
+    are wrapped in DistributedDataParallel, which averages the gradients.
+    """
+    xs, xt = inputs()
+    if shard is not None:
+        src, tgt = SHARDS[shard]
+        xs, xt = xs[list(src[rank])], xt[list(tgt[rank])]
+    net, term = Net(), make_term(case)
+    mods = {"net": net, "term": term}
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # distance losses leave the classifier unused: DDP must not wait for its gradients
+        net = DDP(net, find_unused_parameters=True)
+        if any(p.requires_grad for p in term.parameters()):
+            term = DDP(term)
+    f, logits = net(torch.cat([xs, xt]))
+    fs, ft = f[: len(xs)], f[len(xs):]
+    ls, lt = logits[: len(xs)], logits[len(xs):]
+    loss, raw = term(fs, ft, ls, lt, progress=0.5)
+    loss.backward()
+    grads = {f"{k}.{n}": (p.grad.flatten().tolist() if p.grad is not None else None)
+             for k, m in mods.items() for n, p in m.named_parameters()}
+    return {"loss": float(loss.detach()), "grads": grads}
