@@ -238,7 +238,8 @@ def _measure(spec: dict[str, Any], prime: bool, measure: bool) -> dict[str, Any]
     base_rss = rss_bytes()
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(s["model"], s["head"], dtype=s["dtype"], quant=s["quant"], seed=s["seed"],
-                            attn=s["attn"], tmpdir=tmp, use_ours=s["impl"] == "peftadapt")
+                            attn=s["attn"], tmpdir=tmp, use_ours=s["impl"] == "peftadapt",
+                            device=dev)
         if dev == "cuda" and s["quant"] is None:
             model.to(dev)
         arch = mm.Arch.from_config(model.config, s["head"])
@@ -252,7 +253,7 @@ def _measure(spec: dict[str, Any], prime: bool, measure: bool) -> dict[str, Any]
         reg = feats = None
         if s["regularizer"]:
             num_classes = arch.num_labels if s["head"] == "seqcls" else arch.vocab
-            reg = _regularizer(s["regularizer"], arch.hidden, num_classes)
+            reg = _regularizer(s["regularizer"], arch.hidden, num_classes).to(dev)
             params += [p for p in reg.parameters() if p.requires_grad]
             feats = _Features(model)
         opt = torch.optim.AdamW(params, lr=1e-4)

@@ -104,7 +104,8 @@ def _auto_class(head: str):
 
 
 def build_model(name: str, head: str = "causal", *, dtype: str = "float32", quant: str | None = None,
-                seed: int = 0, attn: str | None = None, tmpdir: str | None = None, use_ours: bool = True) -> Any:
+                seed: int = 0, attn: str | None = None, tmpdir: str | None = None, use_ours: bool = True,
+                device: str = "cpu") -> Any:
     """A fresh model in train mode. ``quant`` in {None, "4bit", "8bit"} loads the base through
     ``peftadapt.quant`` (``build_quantized`` for random weights, ``load_quantized`` for a folder)
     when ``use_ours`` and it exists, else transformers' ``BitsAndBytesConfig`` (NF4, double-quantized)."""
@@ -123,7 +124,7 @@ def build_model(name: str, head: str = "causal", *, dtype: str = "float32", quan
         folder = os.path.join(tmpdir, "tinybase")
         m.save_pretrained(folder)
         del m
-        model = _load_quantized(folder, cls, quant, tdtype, head, use_ours=use_ours, **kw)
+        model = _load_quantized(folder, cls, quant, tdtype, head, use_ours=use_ours, device=device, **kw)
         model.train()
         return model
     if quant is None:
@@ -141,9 +142,9 @@ def build_model(name: str, head: str = "causal", *, dtype: str = "float32", quan
         if tmpdir is None:
             raise ValueError("a quantized random-weight model needs tmpdir")
         model = _build_quantized_random(llama_config(name[6:], head), cls, quant, tdtype, head, seed, tmpdir,
-                                        use_ours, **kw)
+                                        use_ours, device=device, **kw)
     else:
-        model = _load_quantized(name, cls, quant, tdtype, head, use_ours=use_ours, **kw)
+        model = _load_quantized(name, cls, quant, tdtype, head, use_ours=use_ours, device=device, **kw)
     model.train()
     return model
 
@@ -171,26 +172,28 @@ def _quant_module(use_ours: bool):
     return q if hasattr(q, "load_quantized") else None
 
 
-def _build_quantized_random(cfg, cls, quant: str, tdtype, head: str, seed: int, tmpdir: str, use_ours: bool, **kw):
+def _build_quantized_random(cfg, cls, quant: str, tdtype, head: str, seed: int, tmpdir: str, use_ours: bool,
+                            device: str = "cpu", **kw):
     """A random-weight model with quantized linear layers: ``peftadapt.quant.build_quantized`` (no
     checkpoint round trip), else save the fp32 model and load it through ``BitsAndBytesConfig``."""
     q = _quant_module(use_ours)
     if q is not None and hasattr(q, "build_quantized"):
         return q.build_quantized(cfg, bits=4 if quant == "4bit" else 8, compute_dtype=tdtype, task=head,
-                                 device="cpu", seed=seed, prepare=False)
+                                 device=device, seed=seed, prepare=False)
     m = cls.from_config(cfg)
     folder = os.path.join(tmpdir, "base")
     m.save_pretrained(folder)
     del m
-    return _load_quantized(folder, cls, quant, tdtype, head, use_ours=False, **kw)
+    return _load_quantized(folder, cls, quant, tdtype, head, use_ours=False, device=device, **kw)
 
 
-def _load_quantized(folder: str, cls, quant: str, tdtype, head: str, use_ours: bool = True, **kw):
+def _load_quantized(folder: str, cls, quant: str, tdtype, head: str, use_ours: bool = True, device: str = "cpu",
+                    **kw):
     bits = 4 if quant == "4bit" else 8
     q = _quant_module(use_ours)
     if q is not None:
         # prepare=False: the benchmark prepares (and checkpoints, or not) like every other configuration
-        return q.load_quantized(folder, bits=bits, task=head, compute_dtype=tdtype, device="cpu", prepare=False, **kw)
+        return q.load_quantized(folder, bits=bits, task=head, compute_dtype=tdtype, device=device, prepare=False, **kw)
     from transformers import BitsAndBytesConfig
 
     if bits == 4:
@@ -198,5 +201,5 @@ def _load_quantized(folder: str, cls, quant: str, tdtype, head: str, use_ours: b
                                 bnb_4bit_use_double_quant=True)
     else:
         qc = BitsAndBytesConfig(load_in_8bit=True)
-    device_map = "cpu" if not torch.cuda.is_available() else {"": 0}
+    device_map = {"": 0} if device == "cuda" else "cpu"
     return cls.from_pretrained(folder, quantization_config=qc, device_map=device_map, **_dtype_kw(tdtype), **kw)
