@@ -17,7 +17,7 @@ forked process; repetitions are interleaved (peftadapt, peer, peftadapt, ...).
 Then LoRA / DoRA / prefix again on a random-weight Llama causal LM (20M,
 batch 4), where peft's prefix tuning runs (on a transformers 5 BERT classifier
 it does not: the model's forward takes no ``past_key_values``).
-Writes ``benchmarks/results/peers.{json,md}`` and ``peers_llama.{json,md}``.
+Writes ``benchmarks/results/peers_minilm.{json,md}`` and ``peers_llama.{json,md}``.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def run(argv: list[str] | None = None) -> int:
     from peftadapt.bench.cli import main
 
     cmd = ["peers", "--model", "minilm", "--head", "seqcls", "--batch", args.batch, "--seq", args.seq,
-           "--methods", args.methods, "--reps", args.reps, "--steps", args.steps, "--out", args.out, "--name", "peers"]
+           "--methods", args.methods, "--reps", args.reps, "--steps", args.steps, "--out", args.out, "--name", "peers_minilm"]
     if py:
         cmd += ["--adapters-python", py]
     rc = main(cmd, keep_servers=True)
