@@ -40,4 +40,8 @@ def main(out: Path = HERE / "data") -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=HERE / "data", help="output folder (default examples/data)")
+    main(ap.parse_args().out)
