@@ -68,17 +68,42 @@ def _is_wrapped(model: nn.Module) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in model.modules()) if BaseTunerLayer else False
 
 
-def cast_trainable_to_fp32(model: nn.Module) -> int:
-    """Cast every parameter with ``requires_grad`` to fp32 in place; return how many were cast.
+def _to_fp32_pre_hook(module, args):
+    module._peftadapt_in_dtype = next((a.dtype for a in args if torch.is_tensor(a) and a.is_floating_point()), None)
+    return tuple(a.to(torch.float32) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
-    Call it after adding adapters to a quantized model (``wrap`` does, for
-    quantized bases). Frozen parameters are left alone.
+
+def _back_to_input_dtype_hook(module, args, output):
+    dtype = getattr(module, "_peftadapt_in_dtype", None)
+    if dtype is not None and torch.is_tensor(output) and output.is_floating_point() and output.dtype != dtype:
+        return output.to(dtype)
+    return output
+
+
+def cast_trainable_to_fp32(model: nn.Module) -> int:
+    """Cast every trainable parameter to fp32 in place; return how many were cast.
+
+    A module whose own weights were cast (typically a task head trained in
+    full, e.g. peft's ``modules_to_save`` copy of ``score``, created in the
+    base's bf16) then sits in a bf16 activation stream: it gets hooks that
+    cast its floating inputs to fp32 and its output back to the input's dtype,
+    i.e. it computes in fp32 and hands on what the stream carries (the same
+    rule peft's LoRA layers and our bottleneck adapters follow). Frozen
+    parameters are left alone. Call it (or :func:`prepare_for_kbit_training`)
+    after adding adapters to a half-precision or quantized base.
     """
     n = 0
-    for p in model.parameters():
-        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
-            p.data = p.data.to(torch.float32)
-            n += 1
+    for module in model.modules():
+        cast = False
+        for p in module.parameters(recurse=False):
+            if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.to(torch.float32)
+                n += 1
+                cast = True
+        if cast and not getattr(module, "_peftadapt_fp32_hooks", False):
+            module.register_forward_pre_hook(_to_fp32_pre_hook)
+            module.register_forward_hook(_back_to_input_dtype_hook)
+            module._peftadapt_fp32_hooks = True
     return n
 
 

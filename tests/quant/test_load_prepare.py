@@ -139,13 +139,23 @@ def test_prefix_tuning_turns_checkpointing_off_with_a_warning(saved_tiny):
         _check_prefix_compat(model)  # nothing to do the second time: no warning
 
 
-def test_prepare_on_a_wrapped_model_keeps_adapters_trainable_and_fp32(saved_tiny):
-    folder, _ = saved_tiny("llama")
-    model = load_quantized(folder, bits=4, dtype="bf16", device="cpu", prepare=False)
-    wrapped = peftadapt.wrap(model, "adapter")
-    trainable = [p for p in wrapped.parameters() if p.requires_grad]
-    for p in trainable:
-        p.data = p.data.to(torch.bfloat16)  # as if an adapter had been created in the base dtype
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_prepare_on_a_wrapped_classifier_trains_adapters_and_head_in_fp32(saved_tiny, method):
+    """The head copy a wrapper trains is created in the base's bf16: prepare casts it and lets it run."""
+    folder, _ = saved_tiny("llama", "seqcls")
+    model = load_quantized(folder, bits=4, dtype="bf16", task="seqcls", device="cpu", num_labels=2)
+    wrapped = peftadapt.wrap(model, method)
+    named = {n: p for n, p in wrapped.named_parameters() if p.requires_grad}
+    trainable = list(named.values())
+    head = [p for n, p in named.items() if "score" in n]
+    assert len(head) == 1 and head[0].dtype == torch.bfloat16  # the head copy, before preparation
     prepare_for_kbit_training(wrapped)
-    assert [p for p in wrapped.parameters() if p.requires_grad] == trainable
-    assert all(p.dtype == torch.float32 for p in trainable)
+    assert [p for p in wrapped.parameters() if p.requires_grad] == trainable  # nothing frozen
+    assert {p.dtype for p in trainable} == {torch.float32}
+    assert {p.dtype for p in wrapped.parameters() if not p.requires_grad and p.is_floating_point()} == {torch.bfloat16}
+    wrapped.train()
+    out = wrapped(**token_batch(), labels=torch.tensor([0, 1, 0]))
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16  # the fp32 head hands back the stream's dtype
+    assert all(p.grad is not None for p in trainable)
+    assert head[0].dtype == torch.float32 and head[0].grad.abs().sum() > 0
