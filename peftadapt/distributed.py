@@ -315,7 +315,8 @@ def check_min_batch(terms: Iterable[Any], *, source: tuple[int, int], target: tu
             fix = ("scope='global' (then it needs " + str(need) + " in the global batch), " if scope == "local"
                    and world > 1 else "")
             raise ValueError(
-                f"alignment term {t.name!r} ({type(reg).__name__}, scope {scope!r}) needs at least {need} "
+                f"alignment term {t.name!r} ({type(reg).__name__}" + (f", scope {scope!r}" if world > 1 else "")
+                + f") needs at least {need} "
                 f"{dom} samples {where}, but with {dom} batch size {bs} per process on {world} process(es) some "
                 f"step gives it only {have} (the last, smaller batch of an epoch counts). Use {fix}a larger "
                 f"batch size, or a dataset size whose remainder is not that small"

@@ -1,0 +1,116 @@
+"""Single-process tests of peftadapt.distributed: scopes, batch-size and launch checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftadapt import distributed as D
+from peftadapt.align import CDAN, CORAL, DANN, MMD, Entropy, Term
+from peftadapt.train import TrainConfig
+
+
+def test_gather_is_the_identity_in_one_process():
+    x = torch.randn(3, 4, requires_grad=True)
+    assert D.gather(x) is x
+    fs, ft, ls, lt = D.gather_inputs("global", MMD(), x, x, None, None)
+    assert fs is x and ft is x and ls is None
+    assert not D.is_distributed() and D.world_size() == 1 and D.rank() == 0
+
+
+def test_default_scope_follows_the_math():
+    assert D.default_scope(MMD()) == "global" and D.default_scope(CORAL()) == "global"
+    assert D.default_scope(DANN(4)) == "local"
+    assert D.default_scope(CDAN(4, 2)) == "local"
+    assert D.default_scope(CDAN(4, 2, entropy=True)) == "global"  # per-domain weight normalisation
+    assert D.default_scope(Entropy()) == "local"
+    assert D.default_scope(Entropy(diversity=True)) == "global"  # entropy of the mean prediction
+
+    class PerSample(MMD):
+        batch_statistic = False
+
+    assert D.default_scope(PerSample()) == "local"
+    assert D.resolve_scope("global", DANN(4)) == "global" and D.resolve_scope("auto", DANN(4)) == "local"
+
+
+def test_bad_scope_names_the_choices():
+    with pytest.raises(ValueError, match=r"unknown alignment scope 'everywhere'; valid scopes: \['auto', 'local', 'global'\]"):
+        Term(MMD(), scope="everywhere")
+    with pytest.raises(ValueError, match=r"training.align_scope: allowed values"):
+        TrainConfig(align_scope="both")
+    with pytest.raises(ValueError, match=r"training.global_batch_size: must be a positive integer"):
+        TrainConfig(global_batch_size=0)
+
+
+def test_per_process_batch():
+    assert D.per_process_batch(16, 4) == 4
+    with pytest.raises(ValueError, match=r"global_batch_size=10 cannot be split evenly over 4 processes; use a "
+                                         r"multiple of 4 \(e.g. 8 or 12\)"):
+        D.per_process_batch(10, 4)
+    assert D.batch_sizes(TrainConfig(batch_size=5), 3) == (5, 5)
+    assert D.batch_sizes(TrainConfig(global_batch_size=12, target_batch_size=2), 3) == (4, 2)
+
+
+def test_shard_sizes_counts_the_last_batch_of_an_epoch():
+    assert D.shard_sizes(40, 4, 2) == (8, 4)
+    assert D.shard_sizes(42, 4, 2) == (2, 1)   # 42 = 5 * 8 + 2: one example per process
+    assert D.shard_sizes(41, 4, 2) == (1, 1)   # rank 1's slice is empty: it reuses one example
+    assert D.shard_sizes(3, 8, 1) == (3, 3)    # fewer examples than one batch
+
+
+def test_min_batch_check_per_scope():
+    local, glob = Term(MMD(), scope="local"), Term(CORAL(), scope="global")
+    ok = dict(world=2, batch_size=4, target_batch_size=4)
+    D.check_min_batch([local, glob], source=(8, 4), target=(8, 4), **ok)
+    # 42 source examples: the last step gives each process 1, the global batch 2
+    with pytest.raises(ValueError, match=r"'mmd' \(MMD, scope 'local'\) needs at least 2 source samples per "
+                                         r"process.*only 1.*Use scope='global'"):
+        D.check_min_batch([local], source=D.shard_sizes(42, 4, 2), target=(8, 4), **ok)
+    D.check_min_batch([glob], source=D.shard_sizes(42, 4, 2), target=(8, 4), **ok)
+    with pytest.raises(ValueError, match=r"'coral' \(CORAL, scope 'global'\) needs at least 2 target samples in "
+                                         r"the global batch"):
+        D.check_min_batch([glob], source=(8, 4), target=D.shard_sizes(41, 4, 2), **ok)
+    # DANN works on one sample; one process is always "local" (nothing to gather)
+    D.check_min_batch([Term(DANN(4))], source=(1, 1), target=(1, 1), **ok)
+    with pytest.raises(ValueError, match=r"needs at least 2 source samples per batch"):
+        D.check_min_batch([Term(MMD(), scope="global")], source=(1, 1), target=(4, 4), world=1, batch_size=4,
+                          target_batch_size=4)
+
+
+def test_fingerprint_names_each_field():
+    a = D.config_fingerprint(training=TrainConfig(lr=0.1), task="classification")
+    b = D.config_fingerprint(training=TrainConfig(lr=0.2), task="classification")
+    assert a.keys() == b.keys() and "training.lr" in a and "task" in a
+    assert [k for k in a if a[k] != b[k]] == ["training.lr"]
+    D.check_same_config(a)  # one process: nothing to compare, no collective
+
+
+def test_launched_processes_that_accelerate_does_not_see_are_an_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"2 processes were launched .* but Accelerate runs 1.*--cpu"):
+        D.check_launch(1)
+    D.check_launch(2)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    D.check_launch(1)
+
+
+def test_trainer_checks_before_the_first_step(minilm_tokenizer, tmp_path):
+    from peftadapt.train import Trainer
+
+    from ..train.conftest import text_data, tiny_classifier
+
+    def trainer(**kw):
+        return Trainer(tiny_classifier(dropout=0.0), minilm_tokenizer, text_data(9, 0),
+                       target=text_data(12, 1, labeled=False), regularizers=[Term(MMD(), weight=0.5)],
+                       output_dir=str(tmp_path), progress=False, plot=False, max_length=12, **{"max_steps": 3, **kw})
+
+    # 9 = 2 * 4 + 1: the third batch of an epoch holds one source example, too few for MMD
+    with pytest.raises(ValueError, match=r"'mmd' \(MMD\) needs at least 2 source samples per batch, but with "
+                                         r"source batch size 4 per process on 1 process\(es\) some step gives it only 1"):
+        trainer(batch_size=4).train()
+    assert not list(tmp_path.glob("checkpoint-*"))
+    tr = trainer(batch_size=3, align_scope="local", max_steps=1)  # 9 = 3 * 3
+    tr.train()
+    assert tr.alignment.terms[0].scope == "local"  # the run-wide scope fills in terms left on "auto"
+    # a global batch size needs no processes to divide when there is one
+    assert D.batch_sizes(tr.config, 1) == (3, 3)
