@@ -145,7 +145,7 @@ def run_demo(output_dir: str | os.PathLike = "peftadapt-demo", *, quick: bool = 
     model = peftadapt.wrap(base, "lora", r=8, alpha=16, modules_to_save=["pooler"])
 
     common = dict(max_length=L, batch_size=B, eval_batch_size=64, seed=seed, max_grad_norm=1.0,
-                  keep_last=1, plot=False)
+                  keep_last=1, plot=False, overwrite=True)  # the demo owns its runs/ folder
     warm = Trainer(model, tokenizer, data["source_train"],
                    eval={"source": data["source_test"], "target": data["target_test"]},
                    output_dir=str(out / "runs" / "warmup"), max_steps=W, warmup_ratio=0.1, lr=settings["lr"],

@@ -39,6 +39,7 @@ class TrainConfig:
     """Optimization, evaluation, checkpoint and logging options of a run."""
 
     output_dir: str = _f("peftadapt-run", "folder for checkpoints, metrics.jsonl and the curves PNG")
+    overwrite: bool = _f(False, "start afresh in an output_dir that holds checkpoints (deletes them)")
     seed: int = _f(0, "seeds model init, dropout and the batch order; same seed, same run")
     epochs: float = _f(1.0, "passes over the source data (ignored when max_steps is set)")
     max_steps: int | None = _f(None, "optimizer steps to run; overrides epochs")

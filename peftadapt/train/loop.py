@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -348,6 +349,15 @@ class Trainer:
         start = None
         if resume:
             start = Path(resume) if isinstance(resume, (str, Path)) else ckpt.latest_checkpoint(out_dir)
+        if start is None and ckpt.list_checkpoints(out_dir):
+            if not cfg.overwrite:
+                raise ValueError(
+                    f"{str(out_dir)!r} already holds checkpoints of another run; resume it (resume=True, "
+                    "peftadapt train --resume), choose another output_dir, or set training.overwrite: true"
+                )
+            if acc.is_main_process:
+                for _, p in ckpt.list_checkpoints(out_dir):
+                    shutil.rmtree(p)
         if start is not None:
             st = ckpt.load_checkpoint(start, model=acc.unwrap_model(model), alignment=self.alignment,
                                       optimizer=optimizer, scheduler=scheduler)
@@ -476,7 +486,6 @@ class Trainer:
         if acc.is_main_process:
             final_dir = out_dir / "final"
             tmp = out_dir / ".tmp-final"
-            import shutil
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             acc.unwrap_model(model).save_pretrained(str(tmp / "adapter"))

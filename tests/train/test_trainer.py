@@ -88,6 +88,11 @@ def test_early_stopping_restores_the_best_weights(tok, tmp_path):
     now = trainable_state(tr.model)
     assert all(torch.equal(now[k], saved[k]) for k in saved)
     assert tr.evaluate()["test/loss"] == pytest.approx(best["test/loss"], abs=1e-6)
+    # a fresh run into a folder holding checkpoints would mix two runs: refused unless overwrite
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        _train(tok, tmp_path, max_steps=1)
+    _train(tok, tmp_path, max_steps=1, overwrite=True)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
 
 
 def test_alignment_terms_schedules_and_discriminator_lr(tok, tmp_path):
