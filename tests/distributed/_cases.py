@@ -65,7 +65,7 @@ CASES = [f"{r}:{s}" for r in ("mmd", "coral", "cdan+e", "cdan", "dann", "entropy
          for s in ("global", "local")]
 
 
-def run(case: str, shard: str | None, rank: int = 0, world: int = 1) -> dict:
+def run(case: str, shard: str | None, rank: int = 0, world: int = 1, fsdp: bool = False) -> dict:
     """Loss and parameter gradients of one case; ``shard=None``: the whole batch on one process.
 
     With several processes the network and the term (when it has parameters)
@@ -77,7 +77,15 @@ def run(case: str, shard: str | None, rank: int = 0, world: int = 1) -> dict:
         xs, xt = xs[list(src[rank])], xt[list(tgt[rank])]
     net, term = Net(), make_term(case)
     mods = {"net": net, "term": term}
-    if world > 1:
+    if world > 1 and fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        fully_shard(net, mesh=mesh)
+        if any(p.requires_grad for p in term.parameters()):
+            fully_shard(term, mesh=mesh)
+    elif world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # distance losses leave the classifier unused: DDP must not wait for its gradients
@@ -89,6 +97,9 @@ def run(case: str, shard: str | None, rank: int = 0, world: int = 1) -> dict:
     ls, lt = logits[: len(xs)], logits[len(xs):]
     loss, raw = term(fs, ft, ls, lt, progress=0.5)
     loss.backward()
-    grads = {f"{k}.{n}": (p.grad.flatten().tolist() if p.grad is not None else None)
+    def full(g):  # an FSDP2 gradient is a sharded DTensor: gather the whole tensor
+        return g.full_tensor() if hasattr(g, "full_tensor") else g
+
+    grads = {f"{k}.{n}": (full(p.grad).flatten().tolist() if p.grad is not None else None)
              for k, m in mods.items() for n, p in m.named_parameters()}
     return {"loss": float(loss.detach()), "grads": grads}

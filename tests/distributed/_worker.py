@@ -93,7 +93,8 @@ def scenario_trainer(out: Path, rank: int, world: int, args: dict) -> dict:
 
 def scenario_all(out: Path, rank: int, world: int, args: dict) -> dict:
     """Everything in one launch: starting processes and importing transformers is the slow part."""
-    return {"align": scenario_align(out, rank, world, args), "trainer": scenario_trainer(out, rank, world, args)}
+    return {"align": scenario_align(out, rank, world, args), "fsdp": scenario_fsdp(out, rank, world, args),
+            "trainer": scenario_trainer(out, rank, world, args)}
 
 
 def main() -> None:
@@ -115,6 +116,16 @@ def main() -> None:
     (out / f"result{rank}.json").write_text(json.dumps(res))
     dist.barrier()
     dist.destroy_process_group()
+
+
+
+def scenario_fsdp(out: Path, rank: int, world: int, args: dict) -> dict:
+    """torch FSDP2 (fully_shard) on the CPU over gloo: parameters sharded, gradients reduce-scattered
+    (averaged); global-scope alignment must give the single-process gradient of the whole batch."""
+    from tests.distributed import _cases
+
+    return {f"{case}|{shard}": _cases.run(case, shard, rank, world, fsdp=True)
+            for case in ("mmd:global", "coral:global", "cdan+e:global") for shard in ("unequal",)}
 
 
 if __name__ == "__main__":
