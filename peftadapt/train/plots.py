@@ -55,8 +55,10 @@ def plot_history(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path
 
 
 def plot_bars(values: Mapping[str, float], path: str | Path, *, title: str, ylabel: str,
-              baseline: str | None = None, errors: Mapping[str, float] | None = None) -> Path:
-    """One bar per run; a dashed line at the ``baseline`` run's value."""
+              baseline: str | None = None, errors: Mapping[str, float] | None = None,
+              references: Mapping[str, float] | None = None) -> Path:
+    """One bar per run; a dashed line at the ``baseline`` run's value and a dotted,
+    labeled line per ``references`` entry (e.g. the majority-class accuracy)."""
     plt = _pyplot()
     names = list(values)
     fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 4))
@@ -64,12 +66,17 @@ def plot_bars(values: Mapping[str, float], path: str | Path, *, title: str, ylab
     bars = ax.bar(names, [values[n] for n in names], yerr=yerr, capsize=4,
                   color=["#888888" if n == baseline else "#3b75af" for n in names])
     for b, n in zip(bars, names):
-        ax.annotate(f"{values[n]:.3f}", (b.get_x() + b.get_width() / 2, b.get_height()),
+        top = b.get_height() + (errors.get(n, 0.0) if errors else 0.0)  # above the error bar
+        ax.annotate(f"{values[n]:.3f}", (b.get_x() + b.get_width() / 2, top),
                     ha="center", va="bottom", fontsize=9, xytext=(0, 2), textcoords="offset points")
     if baseline is not None and baseline in values:
         ax.axhline(values[baseline], ls="--", color="#555555", lw=1)
-    lo = min(values.values())
-    hi = max(values.values())
+    for label, v in (references or {}).items():
+        ax.axhline(v, ls=":", color="#aa3333", lw=1.2, label=f"{label} ({v:.3f})")
+    if references:
+        ax.legend(fontsize=8, loc="lower right")
+    lo = min([*values.values(), *(references or {}).values()])
+    hi = max([*values.values(), *(references or {}).values()])
     if 0.0 <= lo and hi <= 1.0:  # fractions: zoom in on the differences, labeled values keep it honest
         ax.set_ylim(max(0.0, lo - 0.15), min(1.02, hi + 0.08))
     ax.set_ylabel(ylabel)
