@@ -99,15 +99,37 @@ def tables(res: dict) -> tuple[str, dict]:
     return "\n".join(lines), goal
 
 
+def choose_weights(sel: dict) -> dict:
+    """The selection rule: per regularizer the λ with the highest reverse-validation accuracy;
+    within 0.5 points, the higher source validation accuracy, then the smaller λ."""
+    best = {}
+    for key, cell in sel["cells"].items():
+        pair, method, reg, w, seed = key.split("|")
+        if reg not in REGULARIZERS or "rv" not in cell:
+            continue
+        best.setdefault(reg, []).append((cell["rv"], cell.get("src_val", 0.0), float(w)))
+    chosen = {}
+    for reg, cands in best.items():
+        top = max(c[0] for c in cands)
+        near = [c for c in cands if c[0] >= top - 0.005]
+        chosen[reg] = sorted(near, key=lambda c: (-c[1], c[2]))[0][2]
+    return chosen
+
+
 def selection_table(sel: dict) -> str:
-    rows = ["| regularizer | λ | reverse-val acc (source val) | source val acc | target test acc (not used) |",
-            "|---|---|---|---|---|"]
+    chosen = choose_weights(sel)
+    rows = ["| regularizer | λ | reverse-val acc (source val) | source val acc | target test acc (not used) | chosen |",
+            "|---|---|---|---|---|---|"]
     for key, cell in sorted(sel["cells"].items()):
         pair, method, reg, w, seed = key.split("|")
         if pair.startswith("oracle"):
             continue
+        mark = "**yes**" if chosen.get(reg) == float(w) else ""
         rows.append(f"| {reg} | {w} | {100 * cell.get('rv', float('nan')):.2f} | {100 * cell.get('src_val', float('nan')):.2f}"
-                    f" | {100 * cell['acc']:.2f} |")
+                    f" | {100 * cell['acc']:.2f} | {mark} |")
+    clash = {r: (w, FROZEN_WEIGHTS[r]) for r, w in chosen.items() if FROZEN_WEIGHTS.get(r) != w}
+    if clash:
+        rows.append(f"\nWARNING: run.py FROZEN_WEIGHTS differ from the selection rule's choice: {clash}")
     return "\n".join(rows)
 
 
@@ -150,12 +172,18 @@ def chart(res: dict, path: Path) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Amazon benchmark report")
     ap.add_argument("--profile", default="quick")
+    ap.add_argument("--choose", action="store_true", help="only print the weights the selection rule picks")
     args = ap.parse_args(argv)
+    if args.choose:
+        print(json.dumps(choose_weights(json.loads((RESULTS / "amazon_select.json").read_text()))))
+        return
     res = json.loads((RESULTS / f"amazon_{args.profile}.json").read_text())
     body, goal = tables(res)
     prof = res["meta"]["profile"]
     md = [f"# Amazon multi-domain cross-domain sentiment: profile `{args.profile}`", "",
-          f"Command: `{res['meta']['command']}` ({res['meta']['machine']}, device {res['meta']['device']}, "
+          "Commands (each process that added cells; resumable runs skip finished cells): "
+          + "; ".join(f"`{c}`" for c in res["meta"].get("commands", [res["meta"]["command"]]))
+          + f" ({res['meta']['machine']}, device {res['meta']['device']}, "
           f"torch {res['meta']['torch']}). Report: `python -m benchmarks.amazon.report --profile {args.profile}`.", "",
           f"Protocol: per domain a fixed stratified 1600 train / 400 test split; the source's 1600 train = 1400 "
           f"for training + 200 validation (used only for selection); the target's 1600 train reviews unlabeled; "
