@@ -14,6 +14,7 @@ measured peak is printed next to an analytic lower bound:
             + B x H x T^2 x act_bytes               its projections, MLP and attention probabilities)
             + 3 x B x T x V x 4                    (fp32 logits, the log-probabilities the
                                                     cross-entropy saves, and the logits' gradient)
+          + CORAL modes: a second batch's activations and three (B T)^2 fp32 Gram matrices
           + the largest dequantized weight (bitsandbytes dequantizes one layer at
             a time into the compute dtype; 4-bit modes only)
 
@@ -24,8 +25,9 @@ the model is built). CUDA: ``torch.cuda.max_memory_allocated`` / ``_reserved``.
 
 Modes:
   qlora             4-bit NF4 base (double quant), our k-bit preparation, LoRA, AdamW
-  qlora_coral       the same + a CORAL term on mean-pooled last hidden states of a
-                    second (target) batch: two forwards per step
+  qlora_coral       the same + a CORAL term between the token-level last hidden states
+                    (B*T rows) of the source batch and of a second (target) batch:
+                    two forwards per step
   peft_qlora        4-bit base, peft's prepare_model_for_kbit_training + get_peft_model
   peft_qlora_coral  the same + CORAL
   lora16            bf16 dense base (no quantization), LoRA
@@ -54,6 +56,8 @@ RESULTS = REPO / "benchmarks" / "results"
 
 # Llama-architecture configs. vocab 32000 (Llama-2) for the small ones, 128256 (Llama-3) for 8B/70B.
 SIZES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000),  # a smoke test of the script itself
     "50m": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                 num_key_value_heads=8, vocab_size=32000),
     "150m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
@@ -156,6 +160,8 @@ def _bound(model, size, mode, batch, seq, store):
     H = cfg["num_attention_heads"]
     block = batch * seq * (4 * d + 3 * f) * act + batch * H * seq * seq * act
     acts = n_batches * (L * batch * seq * d * act + block) + 3 * batch * seq * V * 4
+    if n_batches == 2:  # CORAL's three (B T) x (B T) Gram matrices in fp32
+        acts += 3 * (batch * seq) ** 2 * 4
     deq = max(d * f, d * d) * 4 if "qlora" in mode else 0
     parts = {"tensors": sum(tb.values()), "grads+adam": 12 * trainable, "activations": acts, "dequant": deq}
     return parts, trainable, tb
@@ -201,9 +207,12 @@ def worker(args) -> dict:
         out = model(input_ids=src, labels=src)
         loss = out.loss
         if coral is not None:
-            fs = tap.pooled()
+            # token-level features (B*T rows): CORAL needs >= 2 rows per domain, and this is its costly form
+            fs = tap.features.reshape(-1, tap.features.shape[-1])
             model(input_ids=tgt)
-            loss = loss + coral(fs, tap.pooled())
+            ft = tap.features.reshape(-1, tap.features.shape[-1])
+            loss = loss + coral(fs, ft)
+            del fs, ft
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
