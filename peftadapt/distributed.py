@@ -256,7 +256,8 @@ def config_fingerprint(**parts: Any) -> dict[str, int]:
     return out
 
 
-def check_same_config(fingerprint: Mapping[str, int], device: torch.device | str = "cpu") -> None:
+def check_same_config(fingerprint: Mapping[str, int], device: torch.device | str = "cpu",
+                      hint: str | None = None) -> None:
     """All processes must hold the same fingerprint (:func:`config_fingerprint`).
 
     One all_gather of a vector of int64 hashes. Every process receives every
@@ -288,9 +289,9 @@ def check_same_config(fingerprint: Mapping[str, int], device: torch.device | str
             bad.append(f"{k} (" + " vs ".join(f"ranks {g}" for g in groups.values()) + ")")
     if bad:
         raise ValueError(
-            f"the run is configured differently on different processes: {', '.join(bad)}. Every process "
-            "must run the same script with the same config, data and model (check per-node files, "
-            "environment variables and command-line arguments)"
+            f"the run is configured differently on different processes: {', '.join(bad)}. "
+            + (hint or "Every process must run the same script with the same config, data and model (check "
+                       "per-node files, environment variables and command-line arguments)")
         )
 
 
@@ -358,6 +359,14 @@ def batch_sizes(config: Any, world: int) -> tuple[int, int]:
     g = getattr(config, "global_batch_size", None)
     bs = per_process_batch(g, world) if g else config.batch_size
     return bs, config.target_batch_size or bs
+
+
+def check_same_resume_step(step: int, device: torch.device | str = "cpu") -> None:
+    """After loading a checkpoint (or not): every process must continue from the same step."""
+    check_same_config(config_fingerprint(resumed_from_step=step), device, hint=(
+        "The processes resumed from different checkpoints: output_dir must be on a file system that every "
+        "machine sees (checkpoints are written by the main process and read by all), or pass the same "
+        "checkpoint path to every process"))
 
 
 def check_launch(accelerator_world: int) -> None:

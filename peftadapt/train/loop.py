@@ -369,6 +369,8 @@ class Trainer:
         else:
             stopped_early = False
             self.history = []
+        # every process must resume from the same step (e.g. output_dir not shared between machines)
+        distributed.check_same_resume_step(step, acc.device)
         if acc.is_main_process:  # drop log lines written after the checkpoint by a killed run
             with open(out_dir / "metrics.jsonl", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.history)

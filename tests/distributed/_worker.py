@@ -84,6 +84,10 @@ def scenario_trainer(out: Path, rank: int, world: int, args: dict) -> dict:
     finally:
         ckpt.save_checkpoint = real_save
     save_file(ckpt.trainable_state(tr.accelerator.unwrap_model(tr.model)), str(out / f"weights{rank}.safetensors"))
+    # only rank 0 finds a checkpoint (an output_dir that is not shared between machines)
+    res["errors"]["resume_mismatch"] = _expect_error(
+        lambda: _trainer(tok, out / "resume", rank=rank).train(
+            resume=str(out / "run" / "checkpoint-4") if rank == 0 else False))
     res["saves"] = saves
     res["history"] = tr.history
     res["world"] = tr.accelerator.num_processes

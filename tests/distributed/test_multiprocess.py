@@ -94,6 +94,8 @@ def test_bad_input_fails_on_every_rank_without_hanging(launched):
         assert "e.g. 6 or 8" in e["indivisible"]
         assert "needs at least 2 source samples per process" in e["too_small_local"]
         assert "scope='global'" in e["too_small_local"]
+        assert "resumed_from_step (ranks [0] vs ranks [1]). The processes resumed from different checkpoints" \
+            in e["resume_mismatch"]
     assert errs[0] == errs[1]
 
 
