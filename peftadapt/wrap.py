@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
 import torch.nn as nn
 
 from .methods import _peft
@@ -90,7 +91,26 @@ def wrap(model: nn.Module, method: "str | MethodConfig", *, adapter_name: str = 
             "peftadapt.add_adapter(model, name, method, ...), or wrap the original transformers model"
         )
     config = build_config(method, **options)
-    return config.apply(model, adapter_name)
+    if config.method == "prefix":
+        from .quant.prepare import _check_prefix_compat
+
+        _check_prefix_compat(model)  # peft's prefix cannot run under gradient checkpointing
+    wrapped = config.apply(model, adapter_name)
+    _trainable_in_fp32(wrapped)
+    return wrapped
+
+
+def _trainable_in_fp32(wrapped: nn.Module) -> None:
+    """On a half-precision or quantized base, train adapters and heads in fp32.
+
+    New head copies (peft's modules_to_save, our head slots) are created in the
+    base's dtype; bf16 rounds away updates smaller than 2^-8 of a weight.
+    """
+    frozen_half = any(p.is_floating_point() and p.dtype in (torch.float16, torch.bfloat16) for p in wrapped.parameters())
+    if frozen_half or _is_quantized(wrapped):
+        from .quant.prepare import cast_trainable_to_fp32
+
+        cast_trainable_to_fp32(wrapped)
 
 
 def add_adapter(model: nn.Module, name: str, method: "str | MethodConfig", **options: Any) -> nn.Module:
@@ -110,6 +130,7 @@ def add_adapter(model: nn.Module, name: str, method: "str | MethodConfig", **opt
     if name in adapter_names(model):
         raise ValueError(f"an adapter named {name!r} already exists; existing: {adapter_names(model)}")
     config.add_to(model, name)
+    _trainable_in_fp32(model)
     return model
 
 

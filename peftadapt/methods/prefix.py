@@ -97,11 +97,9 @@ class Prefix(MethodConfig):
     def apply(self, model: nn.Module, adapter_name: str = "default") -> nn.Module:
         from peft import get_peft_model
 
-        if getattr(model, "is_gradient_checkpointing", False):
-            raise ValueError(
-                "prefix tuning does not work with gradient checkpointing in peft (the prefix cache is "
-                "dropped on recomputation); call model.gradient_checkpointing_disable() first, or use 'lora'"
-            )
+        from ..quant.prepare import _check_prefix_compat
+
+        _check_prefix_compat(model)  # turns checkpointing off, with a warning
         return get_peft_model(model, self.peft_config(model), adapter_name=adapter_name)
 
     def add_to(self, wrapped: nn.Module, adapter_name: str) -> None:

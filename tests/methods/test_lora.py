@@ -130,3 +130,17 @@ def test_disabled_gives_base_outputs_and_named_adapters_switch():
         peftadapt.set_adapter(model, "third")
     with pytest.raises(ValueError, match="already exists"):
         peftadapt.add_adapter(model, "second", "lora")
+
+
+@pytest.mark.parametrize("method", ["lora", "houlsby"])
+def test_bf16_base_trains_adapters_and_head_in_fp32(method):
+    base = make_tiny("llama", "seqcls").to(torch.bfloat16)
+    model = peftadapt.wrap(base, method)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any("score" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
+    batch = token_batch()
+    out = model(**batch, labels=torch.tensor([0, 1, 1]))
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable.values())

@@ -59,8 +59,12 @@ def test_prefix_refusals():
         peftadapt.wrap(distil, "prefix")
     gc = make_tiny("llama", "causal")
     gc.gradient_checkpointing_enable()
-    with pytest.raises(ValueError, match="gradient checkpointing"):
-        peftadapt.wrap(gc, "prefix")
+    with pytest.warns(UserWarning, match="gradient checkpointing has been turned OFF"):
+        wrapped = peftadapt.wrap(gc, "prefix")
+    assert not wrapped.get_base_model().is_gradient_checkpointing
+    batch = token_batch()
+    wrapped.train()
+    wrapped(**batch, labels=batch["input_ids"]).loss.backward()  # trains with checkpointing off
     with pytest.raises(ValueError, match="num_virtual_tokens must be a positive integer"):
         peftadapt.wrap(make_tiny(), "prefix", num_virtual_tokens=0)
 
