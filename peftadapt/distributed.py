@@ -242,6 +242,20 @@ def _digest(obj: Any) -> int:
     return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little", signed=True)
 
 
+def _digest_rows(rows: Sequence[Sequence[int]] | None, labels: Sequence[int] | None = None) -> int:
+    """A 64-bit hash of tokenized data, streamed row by row (no JSON of millions of ints)."""
+    import array
+
+    h = hashlib.blake2b(digest_size=8)
+    for row in rows or ():
+        h.update(len(row).to_bytes(4, "little"))
+        h.update(array.array("q", row).tobytes())
+    if labels is not None:
+        h.update(b"labels")
+        h.update(array.array("q", labels).tobytes())
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
 def config_fingerprint(**parts: Any) -> dict[str, int]:
     """{field: 64-bit hash}; dataclasses and mappings are split into one entry per field."""
     out: dict[str, int] = {}
@@ -409,9 +423,9 @@ def preflight(trainer: Any, accelerator: Any, source: Any, target: Any | None) -
             trainable=[(n, list(p.shape), str(p.dtype)) for n, p in trainer.model.named_parameters()
                        if p.requires_grad],
             alignment=list(describe_alignment(alignment)),
-            source_data=[source.ids, source.labels],
-            target_data=None if target is None else target.ids,
         )
+        fp["source_data"] = _digest_rows(source.ids, source.labels)
+        fp["target_data"] = _digest_rows(None if target is None else target.ids)
     check_run(fingerprint=fp, device=accelerator.device, alignment=alignment, source_len=len(source.ids),
               target_len=None if target is None else len(target.ids), batch_size=source.batch_size,
               target_batch_size=target.batch_size if target is not None else source.batch_size, world=world)

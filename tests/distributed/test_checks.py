@@ -114,3 +114,12 @@ def test_trainer_checks_before_the_first_step(minilm_tokenizer, tmp_path):
     assert tr.alignment.terms[0].scope == "local"  # the run-wide scope fills in terms left on "auto"
     # a global batch size needs no processes to divide when there is one
     assert D.batch_sizes(tr.config, 1) == (3, 3)
+
+
+def test_data_digest_sees_tokens_rows_and_labels():
+    base = D._digest_rows([[1, 2, 3], [4]], [0, 1])
+    assert base == D._digest_rows([[1, 2, 3], [4]], [0, 1])
+    assert base != D._digest_rows([[1, 2], [3, 4]], [0, 1])   # same tokens, other row split
+    assert base != D._digest_rows([[1, 2, 3], [5]], [0, 1])
+    assert base != D._digest_rows([[1, 2, 3], [4]], [1, 1])
+    assert base != D._digest_rows([[1, 2, 3], [4]])
