@@ -11,7 +11,7 @@ forked process) and writes, under ``benchmarks/results/``:
   methods.md            the five Markdown tables in one file
 
 ``--quick`` runs a small version of each (minutes); the defaults are sized
-for a shared 2-core CPU (about 15 minutes under load; larger models: pass your own
+for a shared 2-core CPU (about 30 minutes at load 10-15; larger models: pass your own
 ``peftadapt bench memory --models llama-400m,llama-1b ...``).
 """
 
@@ -27,19 +27,18 @@ sys.path.insert(0, os.path.dirname(HERE))
 from peftadapt.bench.cli import main  # noqa: E402
 
 ALL = "full,head,lora,dora,houlsby,pfeiffer,prefix"
+# Sized for a 2-core CPU shared with other jobs (the committed results ran at load 10-15); on an idle machine
+# or a GPU, widen them: e.g. --models llama-20m,llama-60m,llama-150m,llama-400m and --steps 5.
 SWEEPS = {
     "methods_size": ["memory", "--models", "llama-8m,llama-20m,llama-60m", "--methods", ALL, "--seq", "128",
                      "--steps", "2"],
-    "methods_size_150m": ["memory", "--models", "llama-150m", "--methods", "full,lora", "--seq", "128",
-                          "--steps", "2"],
-    "methods_seq": ["speed", "--models", "llama-20m", "--methods", "full,lora", "--seq", "64,128,256,512",
-                    "--steps", "3"],
-    "methods_quant": ["memory", "--models", "llama-60m", "--methods", "lora,houlsby", "--quant",
-                      "none,4bit,8bit", "--seq", "128", "--steps", "2"],
-    "methods_ckpt": ["memory", "--models", "llama-20m", "--methods", "full,lora", "--seq", "512", "--grad-ckpt", "both",
-                     "--steps", "2"],
-    "methods_regularizer": ["memory", "--models", "llama-20m", "--methods", "lora", "--batch", "4", "--seq", "128",
-                            "--regularizer", "none,coral,mmd,dann", "--steps", "2"],
+    "methods_seq": ["speed", "--models", "llama-20m", "--methods", "full,lora", "--seq", "64,512", "--steps", "1"],
+    "methods_quant": ["memory", "--models", "llama-60m", "--methods", "lora", "--quant", "none,4bit,8bit",
+                      "--seq", "128", "--steps", "1"],
+    "methods_ckpt": ["memory", "--models", "llama-20m", "--methods", "lora", "--seq", "512", "--grad-ckpt", "both",
+                     "--steps", "1"],
+    "methods_regularizer": ["memory", "--models", "llama-20m", "--methods", "lora", "--batch", "4", "--seq", "64",
+                            "--regularizer", "none,coral,mmd,dann", "--steps", "1"],
 }
 QUICK = {
     "methods_size": ["memory", "--models", "llama-8m,llama-20m", "--methods", ALL, "--seq", "64", "--steps", "1"],
@@ -53,11 +52,10 @@ QUICK = {
 }
 TITLES = {
     "methods_size": "Peak memory vs model size (batch 1, length 128)",
-    "methods_size_150m": "150M parameters: full fine-tuning vs LoRA (batch 1, length 128)",
-    "methods_seq": "Step time vs sequence length (20M, batch 1)",
-    "methods_quant": "PEFT over a 4-bit / 8-bit base (60M, batch 1, length 128)",
-    "methods_ckpt": "Gradient checkpointing (20M, batch 1, length 512)",
-    "methods_regularizer": "What domain adaptation costs: LoRA + alignment term on a target batch (20M, batch 4 + 4)",
+    "methods_seq": "Step time vs sequence length (20M, batch 1; length 128 is in the size table)",
+    "methods_quant": "LoRA over a 4-bit / 8-bit base (60M, batch 1, length 128)",
+    "methods_ckpt": "Gradient checkpointing (20M, LoRA, batch 1, length 512)",
+    "methods_regularizer": "What domain adaptation costs: LoRA + alignment term on a target batch (20M, batch 4 + 4, length 64)",
 }
 
 
