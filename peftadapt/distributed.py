@@ -414,6 +414,15 @@ def preflight(trainer: Any, accelerator: Any, source: Any, target: Any | None) -
                 t.scope = scope
     world = accelerator.num_processes
     check_launch(world)
+    kind = str(getattr(accelerator, "distributed_type", "")).split(".")[-1]
+    if kind in ("FSDP", "DEEPSPEED") and accelerator.is_main_process:
+        import warnings
+
+        warnings.warn(
+            f"the peftadapt Trainer under {kind} is untested: checkpoints and the final adapter are written "
+            "from the main process's parameters, which are shards under FSDP / ZeRO-3 (see docs/distributed.md, "
+            "'What is verified'); DDP (examples/accelerate/ddp.yaml) is the tested multi-GPU path",
+            stacklevel=3)
     fp = {}
     if world > 1:  # hashing the data costs a little; only worth it with several processes
         fp = config_fingerprint(

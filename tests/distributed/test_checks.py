@@ -123,3 +123,21 @@ def test_data_digest_sees_tokens_rows_and_labels():
     assert base != D._digest_rows([[1, 2, 3], [5]], [0, 1])
     assert base != D._digest_rows([[1, 2, 3], [4]], [1, 1])
     assert base != D._digest_rows([[1, 2, 3], [4]])
+
+
+def test_fsdp_and_deepspeed_runs_warn_that_they_are_untested():
+    from types import SimpleNamespace as NS
+
+    trainer = NS(config=TrainConfig(), alignment=None, task="classification", max_length=8,
+                 feature_layer=None, pooling="mean", model=torch.nn.Linear(2, 2))
+    src = NS(ids=[[1, 2]] * 4, labels=[0, 1, 0, 1], batch_size=2)
+    for kind in ("FSDP", "DEEPSPEED"):
+        acc = NS(num_processes=1, distributed_type=f"DistributedType.{kind}", is_main_process=True, device="cpu")
+        with pytest.warns(UserWarning, match=rf"Trainer under {kind} is untested"):
+            D.preflight(trainer, acc, src, None)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        D.preflight(trainer, NS(num_processes=1, distributed_type="DistributedType.NO", is_main_process=True,
+                                device="cpu"), src, None)
