@@ -19,21 +19,26 @@ _CONFIG = dict(vocab_size=8000, hidden_size=768, intermediate_size=2048, num_hid
 
 _SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys, warnings
+    import json, sys, warnings
     import torch, transformers, bitsandbytes, peft
     from peftadapt.quant import build_quantized, tensor_bytes
 
     warnings.simplefilter("ignore")
 
-    def rss_kb():
+    def status_kb(key):
         for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1])
+
+    # VmHWM is this process's own peak RSS. Not ru_maxrss: Linux carries that
+    # high-water mark across fork + exec, so it would include the parent's
+    # (pytest's) RSS at spawn time.
+    rss_kb = lambda: status_kb("VmRSS")
 
     cfg = transformers.LlamaConfig(**json.loads(sys.argv[1]))
     base = rss_kb()
     model = build_quantized(cfg, bits=4, device="cpu")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak = status_kb("VmHWM")
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     model.train()
     ids = torch.randint(1, cfg.vocab_size, (1, 16))

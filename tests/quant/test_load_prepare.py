@@ -141,14 +141,14 @@ def test_prefix_tuning_turns_checkpointing_off_with_a_warning(saved_tiny):
 
 @pytest.mark.parametrize("method", ["lora", "adapter"])
 def test_prepare_on_a_wrapped_classifier_trains_adapters_and_head_in_fp32(saved_tiny, method):
-    """The head copy a wrapper trains is created in the base's bf16: prepare casts it and lets it run."""
+    """wrap() casts the head copy (created in the base dtype) to fp32; prepare keeps it so and lets it run."""
     folder, _ = saved_tiny("llama", "seqcls")
     model = load_quantized(folder, bits=4, dtype="bf16", task="seqcls", device="cpu", num_labels=2)
     wrapped = peftadapt.wrap(model, method)
     named = {n: p for n, p in wrapped.named_parameters() if p.requires_grad}
     trainable = list(named.values())
     head = [p for n, p in named.items() if "score" in n]
-    assert len(head) == 1 and head[0].dtype == torch.bfloat16  # the head copy, before preparation
+    assert len(head) == 1 and head[0].dtype == torch.float32  # wrap() trains heads in fp32 on a half-precision base
     prepare_for_kbit_training(wrapped)
     assert [p for p in wrapped.parameters() if p.requires_grad] == trainable  # nothing frozen
     assert {p.dtype for p in trainable} == {torch.float32}
