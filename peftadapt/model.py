@@ -56,7 +56,7 @@ class _Slot(nn.Module):
     """
 
     _dict_name = ""
-    _peftadapt_injected = True  # how peftadapt.wrap recognises a model that already carries adapters
+    _peftadapt_injected = True  # marks injected modules (tests check unwrap() leaves none)
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()

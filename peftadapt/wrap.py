@@ -39,25 +39,11 @@ def _is_ours(model: object) -> bool:
     return isinstance(model, AdaptedModel)
 
 
-def _has_injected_layers(model: nn.Module) -> str | None:
-    """Name of a module that carries adapter layers (peft's or ours), or None."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, mod in model.named_modules():
-        if isinstance(mod, BaseTunerLayer):
-            return name
-        if getattr(mod, "_peftadapt_injected", False):
-            return name
-    return None
-
-
 def is_wrapped(model: object) -> bool:
     """True for a model that ``wrap`` (or peft, or transformers' add_adapter) already adapted."""
-    if _is_peft(model) or _is_ours(model):
-        return True
-    if isinstance(model, nn.Module):
-        return bool(getattr(model, "_hf_peft_config_loaded", False)) or _has_injected_layers(model) is not None
-    return False
+    from .model import _is_wrapped
+
+    return isinstance(model, nn.Module) and _is_wrapped(model) is not None
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -85,9 +71,12 @@ def wrap(model: nn.Module, method: "str | MethodConfig", *, adapter_name: str = 
     _load_methods()
     _peft.check_transformers_model(model)
     _check_adapter_name(adapter_name)
-    if is_wrapped(model):
+    from .model import _is_wrapped
+
+    reason = _is_wrapped(model)
+    if reason is not None:
         raise ValueError(
-            f"this {type(model).__name__} is already wrapped; to put a second adapter on it use "
+            f"this {type(model).__name__} is already wrapped ({reason}); to put a second adapter on it use "
             "peftadapt.add_adapter(model, name, method, ...), or wrap the original transformers model"
         )
     config = build_config(method, **options)
@@ -168,11 +157,11 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     if hasattr(model, "get_nb_trainable_parameters"):
         t, n = model.get_nb_trainable_parameters()
         return int(t), int(n)
+    from .model import _count  # counts 4-bit weights as peft does
+
     trainable = total = 0
     for p in model.parameters():
-        k = p.numel()
-        if type(p).__name__ == "Params4bit":
-            k *= 2  # two 4-bit values per stored byte
+        k = _count(p)
         total += k
         if p.requires_grad:
             trainable += k
