@@ -221,6 +221,8 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def _markdown(res: dict) -> str:
+    from peftadapt.bench.report import is_shared
+
     m = res["machine"]
     lora = {r["batch"]: r for r in res["lora_step"]}
     lines = [
@@ -228,8 +230,9 @@ def _markdown(res: dict) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
         f"(torch threads in every measurement: {res['lora_step'][0]['threads'] if res['lora_step'] else m['threads']}), "
-        f"Python {m['python']}. Load average (1/5/15 min) at start {res['load_start']}, at end {res['load_end']}: "
-        "the machine was shared with other jobs, so absolute times are noisy; all rows were measured in one run.",
+        f"Python {m['python']}. Load average (1/5/15 min) at start {res['load_start']}, at end {res['load_end']}"
+        + (": the machine was shared with other jobs, so absolute times are noisy; all rows were measured in one run."
+           if is_shared(float(res["load_start"][0]), m["cores"]) else " (a quiet machine)."),
         f"Run: {res['started']} UTC, {res['wall_s']:.0f} s." + (f" {res['note']}" if res.get("note") else ""),
         "",
         "Reference: one peft LoRA training step of the MiniLM sequence classifier (all-MiniLM-L6-v2, d = 384, "

@@ -213,3 +213,14 @@ def test_cli_memory_end_to_end(tmp_path, capsys):
     md = (out / "t.md").read_text()
     assert "| llama-8m (causal) | full |" in md and "| llama-8m (causal) | lora |" in md
     assert "Machine:" in capsys.readouterr().out
+
+
+def test_shared_machine_note_only_when_load_exceeds_cores():
+    from peftadapt.bench.report import is_shared, machine_lines
+
+    assert not is_shared(1.2, 2)  # the benchmark's own start-up on an idle 2-core machine
+    assert is_shared(2.5, 2) and is_shared(12.0, 16) is False
+    assert is_shared(1.5, 1)
+    quiet = machine_lines({"cores": 2, "loadavg": (1.2, 1.0, 0.9)})
+    busy = machine_lines({"cores": 2, "loadavg": (10.4, 9.0, 8.0)})
+    assert "shared" not in quiet and "shared with other jobs" in busy

@@ -51,6 +51,13 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def is_shared(load1: float, cores: int | None) -> bool:
+    """Whether a 1-minute load average says other jobs competed for the CPU: more
+    runnable tasks than cores. The benchmark's own start-up (imports, the fork
+    server) reads as about 1 on an idle machine, so "load > 1" would flag every run."""
+    return load1 > max(1, cores or 1)
+
+
 def machine_lines(info: dict[str, Any]) -> str:
     load = info.get("loadavg")
     parts = [f"CPU: {info.get('cpu')} ({info.get('cores')} cores, {info.get('mem_total_gib')} GiB)",
@@ -58,7 +65,8 @@ def machine_lines(info: dict[str, Any]) -> str:
              f"transformers {info.get('transformers')}, peft {info.get('peft')}, python {info.get('python')}"]
     if load:
         parts.append(f"load average at start: {load[0]:.2f} (1 min) on {info.get('cores')} cores"
-                     + (" - the machine was shared with other jobs: times are noisy, compare ratios" if load[0] > 1 else ""))
+                     + (" - the machine was shared with other jobs: times are noisy, compare ratios"
+                        if is_shared(load[0], info.get("cores")) else ""))
     if info.get("loadavg_end"):
         parts.append(f"load average at end: {info['loadavg_end'][0]:.2f}")
     return "\n".join(f"- {p}" for p in parts)

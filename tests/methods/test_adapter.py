@@ -345,3 +345,32 @@ def test_adapters_on_a_4bit_base_train_in_float32():
     wrapped.train()
     wrapped(**batch, labels=batch["input_ids"]).loss.backward()
     assert ad.down.weight.grad is not None and ad.down.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("x_dtype,scaling", [(torch.float64, 1.0), (torch.float64, 0.5), (torch.float32, 2.0)])
+def test_bottleneck_forward_and_grads_match_the_formula(x_dtype, scaling):
+    """The fused forward (residual as the GEMM addend) is x + s * (up(act(down(x)))) with the
+    same gradients, for any scaling."""
+    torch.manual_seed(0)
+    a = BottleneckAdapter(16, 4, activation="gelu", scaling=scaling, dtype=x_dtype)
+    torch.nn.init.normal_(a.up.weight)
+    torch.nn.init.normal_(a.up.bias)
+    x = torch.randn(2, 3, 16, dtype=x_dtype, requires_grad=True)
+    y = a(x)
+    ref = x + scaling * a.up(a.act(a.down(x)))
+    assert y.shape == x.shape and y.dtype == x.dtype
+    tol = 1e-12 if x_dtype == torch.float64 else 1e-5
+    assert torch.allclose(y, ref, atol=tol, rtol=0)
+    w = torch.randn_like(y)
+    params = [x, a.up.weight, a.up.bias, a.down.weight, a.down.bias]
+    for g, r in zip(torch.autograd.grad((y * w).sum(), params), torch.autograd.grad((ref * w).sum(), params)):
+        assert torch.allclose(g, r, atol=tol * 10, rtol=0)
+
+
+def test_bottleneck_fp32_adapter_on_bf16_input_returns_bf16():
+    a = BottleneckAdapter(8, 2, dtype=torch.float32)
+    torch.nn.init.normal_(a.up.weight)
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    y = a(x)
+    ref = (x.float() + a.up(a.act(a.down(x.float())))).to(torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, ref)
