@@ -93,8 +93,10 @@ def _train(args) -> int:
     trainer = build_trainer(cfg)
     metrics = trainer.train(resume=args.resume)
     out = cfg["training"].output_dir
-    print(json.dumps({"output_dir": out, "final_metrics": metrics, **{k: v for k, v in trainer.summary.items()
-                                                                     if k != "final_metrics"}}, indent=2))
+    acc = getattr(trainer, "accelerator", None)
+    if acc is None or acc.is_main_process:  # under `accelerate launch`: one summary, not one per process
+        print(json.dumps({"output_dir": out, "final_metrics": metrics, **{k: v for k, v in trainer.summary.items()
+                                                                         if k != "final_metrics"}}, indent=2))
     return 0
 
 

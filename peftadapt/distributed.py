@@ -71,6 +71,9 @@ __all__ = [
     "check_same_config",
     "check_min_batch",
     "check_run",
+    "broadcast_parameters",
+    "average_gradients",
+    "check_backend",
 ]
 
 SCOPES = ("auto", "local", "global")
@@ -146,6 +149,77 @@ def gather(x: torch.Tensor, *, grad_factor: float | None = None) -> torch.Tensor
     factor = float(n if grad_factor is None else grad_factor)
     parts[r] = _ScaleGrad.apply(x, factor) if x.requires_grad else x
     return torch.cat(parts, 0)
+
+
+# ---------------------------------------------------------------------------
+# The alignment module's parameters (discriminators): replicated, averaged by hand
+# ---------------------------------------------------------------------------
+def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy ``module``'s parameters and buffers from process ``src`` to all (what DDP does
+    when it wraps a module), so every process starts from the same discriminator."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            torch.distributed.broadcast(t.data, src)
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Replace each parameter's gradient by its mean over the processes (DDP's average).
+
+    Used for the alignment module (DANN / CDAN discriminators) instead of wrapping
+    it in DDP: a parameter without a gradient on a process (a term that is still
+    off, ``Term(start=...)``) counts as a zero gradient there, where DDP without
+    ``find_unused_parameters`` would stop with an error; a parameter without a
+    gradient on every process keeps ``grad=None`` (the optimizer skips it, as in
+    one process). One all_reduce per dtype: the gradients and a has-gradient flag
+    per parameter travel in one flat buffer. Every process must call it with the
+    same parameters in the same order.
+    """
+    if not is_distributed():
+        return
+    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+    for p in params:
+        by_dtype.setdefault(p.dtype, []).append(p)
+    n = world_size()
+    for dtype in sorted(by_dtype, key=str):  # the same order on every process
+        ps = by_dtype[dtype]
+        device = ps[0].device
+        parts = [(p.grad.detach().reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=dtype,
+                                                                                     device=device)) for p in ps]
+        flags = torch.tensor([float(p.grad is not None) for p in ps], dtype=dtype, device=device)
+        buf = torch.cat(parts + [flags])
+        torch.distributed.all_reduce(buf)
+        buf /= n
+        offset = 0
+        for i, p in enumerate(ps):
+            g = buf[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+            if float(buf[-len(ps) + i]) == 0:  # no process had a gradient
+                p.grad = None
+            elif p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+
+
+def check_backend(distributed_type: Any, alignment: Any) -> None:
+    """Stop early where the backend cannot train the alignment module.
+
+    DeepSpeed builds one engine around one model (and owns its optimizer); a
+    DANN / CDAN discriminator is a second trainable module that it cannot take.
+    """
+    kind = str(distributed_type or "").split(".")[-1]
+    if kind != "DEEPSPEED" or alignment is None:
+        return
+    trainable = [t.name for t in alignment.terms if any(p.requires_grad for p in t.parameters())]
+    if trainable:
+        raise ValueError(
+            f"alignment term(s) {trainable} have a trainable discriminator, which DeepSpeed cannot train: "
+            "it prepares one model (one engine, its own optimizer) and the discriminator is a second "
+            "trainable module. Launch with DDP or FSDP instead (examples/accelerate/ddp.yaml, fsdp_lora.yaml), "
+            "or use discriminator-free regularizers under DeepSpeed: mmd, coral, entropy"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -414,15 +488,16 @@ def preflight(trainer: Any, accelerator: Any, source: Any, target: Any | None) -
                 t.scope = scope
     world = accelerator.num_processes
     check_launch(world)
+    check_backend(getattr(accelerator, "distributed_type", None), alignment)
     kind = str(getattr(accelerator, "distributed_type", "")).split(".")[-1]
     if kind in ("FSDP", "DEEPSPEED") and accelerator.is_main_process:
         import warnings
 
         warnings.warn(
-            f"the peftadapt Trainer under {kind} is untested: checkpoints and the final adapter are written "
-            "from the main process's parameters, which are shards under FSDP / ZeRO-3 (see docs/distributed.md, "
-            "'What is verified'); DDP (examples/accelerate/ddp.yaml) is the tested multi-GPU path",
-            stacklevel=3)
+            f"the peftadapt Trainer under {kind} has not been run on GPUs: its sharded checkpointing is tested "
+            "with torch FSDP2 on CPU processes only, and DeepSpeed ZeRO-3 checkpoints are not gathered (see "
+            "docs/distributed.md, 'What is verified'); DDP (examples/accelerate/ddp.yaml) is the tested "
+            "multi-process path", stacklevel=3)
     fp = {}
     if world > 1:  # hashing the data costs a little; only worth it with several processes
         fp = config_fingerprint(

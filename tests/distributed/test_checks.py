@@ -133,7 +133,7 @@ def test_fsdp_and_deepspeed_runs_warn_that_they_are_untested():
     src = NS(ids=[[1, 2]] * 4, labels=[0, 1, 0, 1], batch_size=2)
     for kind in ("FSDP", "DEEPSPEED"):
         acc = NS(num_processes=1, distributed_type=f"DistributedType.{kind}", is_main_process=True, device="cpu")
-        with pytest.warns(UserWarning, match=rf"Trainer under {kind} is untested"):
+        with pytest.warns(UserWarning, match=rf"Trainer under {kind} has not been run on GPUs"):
             D.preflight(trainer, acc, src, None)
     import warnings
 
@@ -141,3 +141,34 @@ def test_fsdp_and_deepspeed_runs_warn_that_they_are_untested():
         warnings.simplefilter("error")
         D.preflight(trainer, NS(num_processes=1, distributed_type="DistributedType.NO", is_main_process=True,
                                 device="cpu"), src, None)
+
+
+def test_deepspeed_with_a_discriminator_fails_early_naming_the_term_and_the_alternatives():
+    from types import SimpleNamespace as NS
+
+    from peftadapt.align import Alignment
+
+    align = Alignment([Term(MMD(), name="mmd"), Term(DANN(4), name="dann")])
+    with pytest.raises(ValueError, match=r"alignment term\(s\) \['dann'\] have a trainable discriminator, which "
+                                         r"DeepSpeed cannot train.*DDP or FSDP.*mmd, coral, entropy"):
+        D.check_backend("DistributedType.DEEPSPEED", align)
+    # through the Trainer's pre-flight (what a DeepSpeed launch reaches before the first step)
+    trainer = NS(config=TrainConfig(), alignment=align, task="classification", max_length=8,
+                 feature_layer=None, pooling="mean", model=torch.nn.Linear(2, 2))
+    src = NS(ids=[[1, 2]] * 4, labels=[0, 1, 0, 1], batch_size=2)
+    acc = NS(num_processes=1, distributed_type="DistributedType.DEEPSPEED", is_main_process=True, device="cpu")
+    with pytest.raises(ValueError, match=r"\['dann'\] have a trainable discriminator"):
+        D.preflight(trainer, acc, src, src)
+    # discriminator-free terms, or DDP / FSDP with a discriminator: no error
+    D.check_backend("DistributedType.DEEPSPEED", Alignment([Term(MMD()), Term(Entropy())]))
+    D.check_backend("DistributedType.FSDP", align)
+    D.check_backend("DistributedType.MULTI_GPU", align)
+    D.check_backend("DistributedType.DEEPSPEED", None)
+
+
+def test_average_gradients_is_a_no_op_in_one_process():
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    q = torch.nn.Parameter(torch.ones(2))
+    D.average_gradients([p, q])
+    assert torch.equal(p.grad, torch.full((3,), 2.0)) and q.grad is None
