@@ -29,19 +29,45 @@ def _auto_class(task):
     return classes[task]
 
 
+QUANT_STORAGES = ("uint8", "bf16", "fp16", "fp32")
+
+
+def resolve_quant_storage(quant_storage: Any, bits: int) -> torch.dtype | None:
+    """``None`` (bitsandbytes' default, uint8) or the dtype the packed 4-bit weights are stored in.
+
+    A float storage dtype holds the same packed 4-bit codes, only viewed as
+    bf16 / fp16 / fp32 elements; FSDP needs it (it flattens and shards tensors
+    of one float dtype), everything else is indifferent to it.
+    """
+    if quant_storage is None:
+        return None
+    if bits != 4:
+        raise ValueError(f"quant_storage applies to 4-bit only (bits=4); got bits={bits} with "
+                         f"quant_storage={quant_storage!r}")
+    if quant_storage in ("uint8", torch.uint8):
+        return torch.uint8
+    try:
+        return resolve_dtype(quant_storage, "quant_storage")
+    except ValueError:
+        raise ValueError(f"unknown quant_storage {quant_storage!r}; valid: {list(QUANT_STORAGES)} (or the torch "
+                         "dtype); use bf16 with FSDP (and the same dtype=)") from None
+
+
 def bnb_config(bits: int = 4, quant_type: str | None = None, double_quant: bool | None = None,
                compute_dtype=torch.float32, skip_modules: list[str] | None = None,
-               llm_int8_threshold: float = 6.0):
+               llm_int8_threshold: float = 6.0, quant_storage: Any = None):
     """The ``transformers.BitsAndBytesConfig`` for these options (validated)."""
     from transformers import BitsAndBytesConfig
 
     quant_type, double_quant = check_bits(bits, quant_type, double_quant)
+    storage = resolve_quant_storage(quant_storage, bits)
     if bits == 4:
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=quant_type,
             bnb_4bit_use_double_quant=double_quant,
             bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=storage if storage is not None else torch.uint8,
             llm_int8_skip_modules=skip_modules,
         )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=llm_int8_threshold,
@@ -69,6 +95,7 @@ def load_quantized(
     device: str | torch.device | None = None,
     device_map: Any = None,
     skip_modules: list[str] | None = None,
+    quant_storage: Any = None,
     prepare: bool = True,
     gradient_checkpointing: bool = True,
     **from_pretrained_kwargs: Any,
@@ -85,7 +112,8 @@ def load_quantized(
         compute_dtype: dtype the dequantized weights are multiplied in;
             default bf16 on CUDA, fp32 on CPU (CPU bf16 matmul is slow).
         dtype: dtype of the parameters that stay unquantized (embeddings,
-            norms, lm_head / task head); default ``compute_dtype``.
+            norms, lm_head / task head); default ``quant_storage`` when that is
+            a float dtype, else ``compute_dtype``.
         task: ``"causal"`` (default), ``"seqcls"``, ``"tokcls"``, ``"base"`` or
             a transformers model class.
         device / device_map: where to put it; default the GPU if there is one,
@@ -93,6 +121,13 @@ def load_quantized(
             (e.g. ``"auto"``, ``{"": 0}``) and wins over ``device``.
         skip_modules: module names to keep unquantized (transformers' default
             keeps the output head).
+        quant_storage: 4-bit only, the dtype the packed 4-bit weights are stored
+            in (``bnb_4bit_quant_storage``): ``None`` / ``"uint8"`` (default, two
+            4-bit codes per byte), or ``"bf16"`` / ``"fp16"`` / ``"fp32"`` (the same
+            codes, viewed as 2 / 2 / 4-byte elements: same memory). FSDP + QLoRA
+            needs ``"bf16"`` with ``dtype="bf16"``: FSDP shards flat tensors of one
+            float dtype (peft's "Use PEFT QLoRA and FSDP" recipe). A float
+            ``quant_storage`` different from ``dtype`` is allowed but warned about.
         prepare: run :func:`prepare_for_kbit_training` (freeze, keep frozen
             params in their dtype, gradient checkpointing). Default True, so
             ``wrap(load_quantized(path), "lora")`` is ready to train.
@@ -109,7 +144,17 @@ def load_quantized(
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device={device!r} is not a torch device; valid: 'cpu', 'cuda', 'cuda:0', ...") from e
     compute_dtype = default_compute_dtype(dev) if compute_dtype is None else resolve_dtype(compute_dtype, "compute_dtype")
-    dtype = compute_dtype if dtype is None else resolve_dtype(dtype, "dtype")
+    storage = resolve_quant_storage(quant_storage, bits)
+    float_storage = storage if storage is not None and storage.is_floating_point else None
+    if dtype is None:
+        dtype = float_storage or compute_dtype
+    else:
+        dtype = resolve_dtype(dtype, "dtype")
+        if float_storage is not None and float_storage != dtype:
+            import warnings
+
+            warnings.warn(f"quant_storage={float_storage} differs from dtype={dtype}: FSDP needs one float dtype "
+                          "for all the parameters it shards (use the same for both)", stacklevel=2)
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a folder path (str or PathLike), got {type(path).__name__}")
     looks_local = isinstance(path, os.PathLike) or str(path).startswith(("/", ".", "~"))
@@ -119,7 +164,8 @@ def load_quantized(
     for k in ("quantization_config", "torch_dtype", "load_in_4bit", "load_in_8bit"):
         if k in from_pretrained_kwargs:
             raise ValueError(f"do not pass {k!r}: load_quantized sets it from bits/quant_type/double_quant/dtype")
-    qconfig = bnb_config(bits, quant_type, double_quant, compute_dtype, skip_modules)
+    qconfig = bnb_config(bits, quant_type, double_quant, compute_dtype, skip_modules,
+                         quant_storage=storage)
     model = cls.from_pretrained(
         path,
         quantization_config=qconfig,
