@@ -172,3 +172,29 @@ def test_average_gradients_is_a_no_op_in_one_process():
     q = torch.nn.Parameter(torch.ones(2))
     D.average_gradients([p, q])
     assert torch.equal(p.grad, torch.full((3,), 2.0)) and q.grad is None
+
+
+@pytest.mark.parametrize("main", [True, False])
+def test_cli_train_prints_its_summary_on_the_main_process_only(monkeypatch, capsys, main):
+    """Under `accelerate launch` every process runs `peftadapt train`: one JSON summary, not N."""
+    import json
+    from types import SimpleNamespace as NS
+
+    from peftadapt import cli
+    from peftadapt.train import runner
+
+    class FakeTrainer:
+        accelerator = NS(is_main_process=main)
+        summary = {"step": 3, "final_metrics": {}}
+
+        def train(self, resume=False):
+            return {"eval/accuracy": 0.5}
+
+    monkeypatch.setattr(cli, "_load_config", lambda *a: {"training": NS(output_dir="out")})
+    monkeypatch.setattr(runner, "build_trainer", lambda cfg: FakeTrainer())
+    assert cli._train(NS(config="run.yaml", set=[], output_dir=None, resume=False)) == 0
+    out = capsys.readouterr().out
+    if main:
+        assert json.loads(out) == {"output_dir": "out", "final_metrics": {"eval/accuracy": 0.5}, "step": 3}
+    else:
+        assert out == ""
