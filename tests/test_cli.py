@@ -80,10 +80,24 @@ def test_demo_data_split():
     from peftadapt.demo import load_drugreview
 
     d = load_drugreview()
-    # Birth Control train rows minus neutral: 117 - 15 = 102; other conditions: 483 - 39 = 444
-    assert (len(d["source_train"]), len(d["target_train"])) == (102, 444)
+    # other conditions, train rows minus neutral: 483 - 39 = 444; Birth Control train + test minus
+    # neutral: 102 + 60 = 162 texts (unlabeled for training), scored with their labels
+    assert (len(d["source_train"]), len(d["source_test"]), len(d["target_train"])) == (444, 283, 162)
     assert d["target_train"].labels is None
-    assert set(d["target_test"].labels) == {0, 1}
+    assert d["target_test"].texts == d["target_train"].texts and set(d["target_test"].labels) == {0, 1}
+    assert not set(d["source_train"].texts) & set(d["target_test"].texts)
+
+
+def test_balance_classes_oversamples_the_minority_deterministically():
+    from peftadapt.train.data import balance_classes
+    from peftadapt.train.data import TextData
+
+    d = TextData(["p1", "p2", "p3", "p4", "p5", "n1", "n2"], [1, 1, 1, 1, 1, 0, 0], name="s")
+    b = balance_classes(d)
+    assert b.labels.count(0) == b.labels.count(1) == 5
+    assert sorted(t for t, y in zip(b.texts, b.labels) if y == 0) == ["n1", "n1", "n1", "n2", "n2"]
+    assert all(t[0] == ("p" if y else "n") for t, y in zip(b.texts, b.labels))  # pairs stay aligned
+    assert balance_classes(d).texts == b.texts
 
 
 def test_train_causal_lm_qlora_4bit(tmp_path, minilm_tokenizer):

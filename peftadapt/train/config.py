@@ -124,7 +124,9 @@ class TrainConfig:
 SECTIONS = {"model", "method", "regularizers", "features", "data", "training"}
 MODEL_KEYS = {"path", "task", "tokenizer", "num_labels", "quantize", "dtype", "pad_token"}
 DTYPES = ("float32", "bfloat16", "float16")
-DATA_KEYS = {"source", "target", "eval", "labels", "max_length"}
+DATA_KEYS = {"source", "target", "eval", "labels", "max_length", "truncation", "balance"}
+TRUNCATIONS = ("right", "left")  # which end of a long text is cut off
+BALANCES = ("none", "oversample")
 SPEC_KEYS = {"path", "text", "label", "format", "split", "where", "where_not"}
 TERM_KEYS = {"name", "weight", "schedule", "warmup", "start"}  # other keys are the regularizer's options
 FEATURE_KEYS = {"layer", "pooling"}
@@ -254,6 +256,12 @@ def validate_run_config(cfg: Any, base_dir: str | Path | None = None) -> dict[st
         raise ValueError(f"data.max_length: must be an integer >= 2, got {ml!r}")
     if out_regs and data.get("target") is None:
         raise ValueError("regularizers need unlabeled target data: add data.target (or remove the regularizers)")
+    data.setdefault("truncation", "right")
+    _choice(data["truncation"], TRUNCATIONS, "data.truncation")
+    data.setdefault("balance", "none")
+    _choice(data["balance"], BALANCES, "data.balance")
+    if data["balance"] != "none" and task != "classification":
+        raise ValueError("data.balance: oversample balances class labels; it needs model.task: classification")
 
     training = TrainConfig.from_dict(dict(cfg.get("training") or {}))
 

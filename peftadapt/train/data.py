@@ -213,6 +213,24 @@ def as_text_data(obj: Any, name: str) -> TextData:
 
 # -- tokenization and batching ---------------------------------------------------
 
+def balance_classes(data: TextData) -> TextData:
+    """Oversample every class to the largest class's count: each minority class is repeated
+    whole as often as it fits, then topped up with its first rows. Deterministic; the
+    batch streams shuffle the rows. Use it when the labels are skewed and the classifier
+    would otherwise settle on the prior (YAML: ``data.balance: oversample``)."""
+    if data.labels is None:
+        raise ValueError(f"{data.name}: balancing classes needs labels")
+    by: dict[int, list[int]] = {}
+    for i, y in enumerate(data.labels):
+        by.setdefault(y, []).append(i)
+    n = max(len(v) for v in by.values())
+    order: list[int] = []
+    for c in sorted(by):
+        idx = by[c]
+        order += idx * (n // len(idx)) + idx[: n % len(idx)]
+    return TextData([data.texts[i] for i in order], [data.labels[i] for i in order], name=data.name)
+
+
 def check_tokenizer(tokenizer) -> None:
     if getattr(tokenizer, "pad_token_id", None) is None:
         raise ValueError(

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .config import TERM_KEYS, TrainConfig
-from .data import TextData, check_tokenizer, collate, load_text_data, tokenize
+from .data import TextData, balance_classes, check_tokenizer, collate, load_text_data, tokenize
 
 
 def load_data(cfg: dict[str, Any], num_labels: int | None) -> tuple[TextData, TextData | None, dict[str, TextData]]:
@@ -146,7 +146,10 @@ def build_trainer(cfg: dict[str, Any], training_overrides: dict[str, Any] | None
     task = cfg["model"]["task"]
     if task == "classification" and nl is None:
         nl = max(2, max(source.labels) + 1)  # integer labels without a list: 0..max
+    if cfg["data"].get("balance", "none") == "oversample":
+        source = balance_classes(source)
     tokenizer = load_tokenizer(cfg["model"])
+    tokenizer.truncation_side = cfg["data"].get("truncation", "right")
     set_seed(training.seed)  # head init, adapter init and discriminators are seeded too
     base = load_base_model(cfg["model"], nl, training.gradient_checkpointing)
     model = wrap_model(base, cfg)
@@ -181,6 +184,7 @@ def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str | Path) -> dict[str
     if cfg["model"]["task"] == "classification" and nl is None:
         nl = max(2, max(max(d.labels) for d in evals.values()) + 1)
     tokenizer = load_tokenizer(cfg["model"])
+    tokenizer.truncation_side = cfg["data"].get("truncation", "right")  # as in training
     base = load_base_model(cfg["model"], nl)
     model = peftadapt.load(base, str(adapter))
     training: TrainConfig = cfg["training"]

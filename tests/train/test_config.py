@@ -25,6 +25,7 @@ def test_defaults_filled_in():
     assert out["regularizers"] == []
     assert out["data"]["source"]["text"] == "text"
     assert out["data"]["max_length"] == 128
+    assert (out["data"]["truncation"], out["data"]["balance"]) == ("right", "none")
     assert isinstance(out["training"], TrainConfig) and out["training"].lr == 1e-3
 
 
@@ -47,6 +48,10 @@ def test_defaults_filled_in():
     (cfg(data={"source": {"path": "s", "label": "y"}, "labels": ["a", "b", "c"]},
          model={"path": "m", "num_labels": 2}), ["data.labels", "num_labels"]),
     (cfg(features={"pooling": "max"}), ["features.pooling", "mean", "cls"]),
+    (cfg(data={"source": {"path": "s", "label": "y"}, "truncation": "middle"}), ["data.truncation", "left", "right"]),
+    (cfg(data={"source": {"path": "s", "label": "y"}, "balance": "undersample"}), ["data.balance", "oversample"]),
+    (cfg(model={"path": "m", "task": "causal_lm"}, data={"source": "s.jsonl", "balance": "oversample"}),
+     ["data.balance", "classification"]),
 ])
 def test_validation_names_key_and_allowed_values(bad, words):
     with pytest.raises(ValueError) as e:
@@ -87,3 +92,28 @@ def test_example_configs_are_valid():
     for p in examples:
         out = validate_run_config(yaml.safe_load(p.read_text()), base_dir=p.parent)
         assert out["training"].output_dir.startswith("runs/"), p
+
+
+def test_truncation_and_balance_reach_the_trainer(tmp_path, minilm_tokenizer):
+    """data.truncation: left keeps each text's end; data.balance: oversample equalizes the
+    source classes; eval sets are not resampled."""
+    from peftadapt.train.runner import build_trainer
+
+    from .conftest import VOCAB, make_tiny, write_csv
+
+    model_dir = tmp_path / "tiny"
+    make_tiny("bert", "seqcls", vocab_size=VOCAB).save_pretrained(model_dir)
+    minilm_tokenizer.save_pretrained(model_dir)
+    texts = ["start " + "filler " * 30 + "verdict good"] * 6 + ["bad ending"] * 2
+    labels = ["pos"] * 6 + ["neg"] * 2
+    write_csv(tmp_path / "s.csv", texts, labels)
+    raw = {"model": {"path": str(model_dir)}, "method": {"name": "head"},
+           "data": {"labels": ["neg", "pos"], "max_length": 8, "truncation": "left", "balance": "oversample",
+                    "source": {"path": str(tmp_path / "s.csv"), "label": "label"},
+                    "eval": {"src": {"path": str(tmp_path / "s.csv"), "label": "label"}}},
+           "training": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "progress": False, "plot": False}}
+    trainer = build_trainer(validate_run_config(raw))
+    assert trainer.train_data.labels.count(0) == trainer.train_data.labels.count(1) == 6
+    assert len(trainer.eval_data["src"]) == 8
+    ids = trainer.tokenizer(texts[0], truncation=True, max_length=8)["input_ids"]
+    assert trainer.tokenizer.decode(ids, skip_special_tokens=True).endswith("verdict good")
