@@ -24,8 +24,10 @@ files are the same as without sharding, so a checkpoint written by N sharded
 processes loads in one process and the other way round: loading cuts each
 full tensor back into this process's shard (``distribute_tensor`` with the
 parameter's mesh and placements, no communication: every process reads the
-file). FSDP1 (``FullyShardedDataParallel``, flat parameters) is gathered with
-``summon_full_params``; DeepSpeed ZeRO-3 is not supported here.
+file). FSDP1 (``FullyShardedDataParallel``, ``use_orig_params=True``): the
+trainable parameters are gathered with ``summon_full_params``; its optimizer
+state is not (no ``optimizer.pt``; a resume restarts the moments, with a
+warning). DeepSpeed ZeRO-3 is not supported here.
 """
 
 from __future__ import annotations
@@ -259,7 +261,9 @@ def save_checkpoint(folder: str | Path, *, model, alignment, optimizer, schedule
     """
     folder = Path(folder)
     weights = trainable_state(model)          # collectives first, on every process
-    optim = optimizer_state(optimizer)
+    # FSDP1 keeps each process's optimizer state as flat local shards, which this module does
+    # not gather: such a checkpoint holds no optimizer state (resume restarts the moments)
+    optim = None if _fsdp1_roots(model) else optimizer_state(optimizer)
     if not write:
         if save_adapter:
             write_adapter(model, folder, weights, write=False)  # FSDP1: its collective
@@ -274,7 +278,8 @@ def save_checkpoint(folder: str | Path, *, model, alignment, optimizer, schedule
     if alignment is not None:
         reg = {k: v.detach().cpu().contiguous() for k, v in alignment.state_dict().items()}
         save_file(reg, str(tmp / "regularizers.safetensors"))
-    torch.save(optim, tmp / "optimizer.pt")
+    if optim is not None:
+        torch.save(optim, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     tensors, py = rng_state()
     save_file(tensors, str(tmp / "rng.safetensors"))
@@ -295,7 +300,13 @@ def load_checkpoint(folder: str | Path, *, model, alignment, optimizer, schedule
     load_trainable_state(model, load_file(str(folder / "trainable.safetensors")))
     if alignment is not None and (folder / "regularizers.safetensors").exists():
         alignment.load_state_dict(load_file(str(folder / "regularizers.safetensors")))
-    load_optimizer_state(optimizer, torch.load(folder / "optimizer.pt", weights_only=True))
+    if (folder / "optimizer.pt").exists():
+        load_optimizer_state(optimizer, torch.load(folder / "optimizer.pt", weights_only=True))
+    else:
+        import warnings
+
+        warnings.warn(f"{folder} holds no optimizer state (written under FSDP1): the optimizer's moments "
+                      "restart from zero", stacklevel=2)
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     set_rng_state(load_file(str(folder / "rng.safetensors")), state.pop("rng"))
     return state

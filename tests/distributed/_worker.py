@@ -167,6 +167,47 @@ def scenario_ckpt(out: Path, rank: int, world: int, args: dict) -> dict:
     res["files"] = sorted(p.name for p in (out / "sharded").iterdir())
     save_file(after2, str(out / f"sharded_after2_rank{rank}.safetensors"))
     save_file(after3, str(out / f"sharded_after3_rank{rank}.safetensors"))
+    res["fsdp1"] = _fsdp1(out, rank, after2)
+    return res
+
+
+def _fsdp1(out: Path, rank: int, after2: dict) -> dict:
+    """FSDP1 (FullyShardedDataParallel, use_orig_params=True) on the CPU: the same 2 steps,
+    gathered with summon_full_params; loading restores; the checkpoint has no optimizer.pt."""
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from peftadapt.train import checkpoint as ckpt
+    from tests.distributed import _ckpt_cases as C
+
+    model, _, _ = C.build()
+    init = ckpt.trainable_state(model)
+    wrapped = FSDP(model, device_id=torch.device("cpu"), use_orig_params=True)
+    opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=0.05, weight_decay=0.01)
+    sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    local = next(p for n, p in wrapped.named_parameters() if "lora_A" in n)
+    res = {"local_numel": local.numel()}
+    C.train(wrapped, opt, sch, C.STEPS)
+    got = ckpt.trainable_state(wrapped)
+    res["keys_match"] = sorted(got) == sorted(after2)
+    res["max_diff_vs_fsdp2"] = max(float((got[k] - after2[k]).abs().max()) for k in after2)
+    folder = out / "fsdp1" / "checkpoint-2"
+    ckpt.save_checkpoint(folder, model=wrapped, alignment=None, optimizer=opt, scheduler=sch,
+                         state={"step": 2}, write=rank == 0)
+    dist.barrier()
+    res["files"] = sorted(p.name for p in folder.iterdir())
+    ckpt.load_trainable_state(wrapped, init)
+    back = ckpt.trainable_state(wrapped)
+    res["restored_init"] = all(torch.equal(back[k], init[k]) for k in init)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        ckpt.load_checkpoint(folder, model=wrapped, alignment=None, optimizer=opt, scheduler=sch)
+    res["load_warning"] = [str(x.message) for x in w if "no optimizer state" in str(x.message)]
+    again = ckpt.trainable_state(wrapped)
+    res["reloaded_max_diff"] = max(float((again[k] - got[k]).abs().max()) for k in got)
     return res
 
 
