@@ -122,7 +122,8 @@ class TrainConfig:
 # -- the YAML run file --------------------------------------------------------------
 
 SECTIONS = {"model", "method", "regularizers", "features", "data", "training"}
-MODEL_KEYS = {"path", "task", "tokenizer", "num_labels", "quantize", "dtype", "pad_token"}
+MODEL_KEYS = {"path", "task", "tokenizer", "num_labels", "quantize", "dtype", "pad_token", "quant_storage"}
+QUANT_STORAGES = ("uint8", "bf16", "fp16", "fp32")  # model.quant_storage (4-bit; FSDP + QLoRA wants bf16)
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_KEYS = {"source", "target", "eval", "labels", "max_length", "truncation", "balance"}
 TRUNCATIONS = ("right", "left")  # which end of a long text is cut off
@@ -188,6 +189,10 @@ def validate_run_config(cfg: Any, base_dir: str | Path | None = None) -> dict[st
     _choice(model["task"], TASKS, "model.task")
     _choice(model.get("quantize"), (None, 4, 8), "model.quantize")
     _choice(model.get("dtype"), (None,) + DTYPES, "model.dtype")
+    if model.get("quant_storage") is not None:
+        _choice(model["quant_storage"], QUANT_STORAGES, "model.quant_storage")
+        if model.get("quantize") != 4:
+            raise ValueError("model.quant_storage: the storage dtype of packed 4-bit weights; it needs model.quantize: 4")
     nl = model.get("num_labels")
     if nl is not None and (not isinstance(nl, int) or isinstance(nl, bool) or nl < 1):
         raise ValueError(f"model.num_labels: must be a positive integer, got {nl!r}")

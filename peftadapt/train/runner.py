@@ -75,6 +75,8 @@ def load_base_model(mcfg: dict[str, Any], num_labels: int | None, gradient_check
     if mcfg.get("quantize"):
         from ..quant import load_quantized  # lazy: bitsandbytes is optional
 
+        if mcfg.get("quant_storage"):
+            kwargs["quant_storage"] = mcfg["quant_storage"]
         return load_quantized(path, bits=mcfg["quantize"], task="seqcls" if task == "classification" else "causal",
                               gradient_checkpointing=gradient_checkpointing, **kwargs)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification

@@ -48,6 +48,8 @@ def test_defaults_filled_in():
     (cfg(data={"source": {"path": "s", "label": "y"}, "labels": ["a", "b", "c"]},
          model={"path": "m", "num_labels": 2}), ["data.labels", "num_labels"]),
     (cfg(features={"pooling": "max"}), ["features.pooling", "mean", "cls"]),
+    (cfg(model={"path": "m", "quantize": 4, "quant_storage": "int4"}), ["model.quant_storage", "bf16", "uint8"]),
+    (cfg(model={"path": "m", "quant_storage": "bf16"}), ["model.quant_storage", "quantize: 4"]),
     (cfg(data={"source": {"path": "s", "label": "y"}, "truncation": "middle"}), ["data.truncation", "left", "right"]),
     (cfg(data={"source": {"path": "s", "label": "y"}, "balance": "undersample"}), ["data.balance", "oversample"]),
     (cfg(model={"path": "m", "task": "causal_lm"}, data={"source": "s.jsonl", "balance": "oversample"}),
@@ -117,3 +119,16 @@ def test_truncation_and_balance_reach_the_trainer(tmp_path, minilm_tokenizer):
     assert len(trainer.eval_data["src"]) == 8
     ids = trainer.tokenizer(texts[0], truncation=True, max_length=8)["input_ids"]
     assert trainer.tokenizer.decode(ids, skip_special_tokens=True).endswith("verdict good")
+
+
+def test_quant_storage_is_passed_to_load_quantized(monkeypatch, tmp_path):
+    import peftadapt.quant as quant
+    from peftadapt.train.runner import load_base_model
+
+    seen = {}
+    monkeypatch.setattr(quant, "load_quantized", lambda path, **kw: seen.update(kw) or "model")
+    mcfg = validate_run_config(cfg(model={"path": str(tmp_path), "task": "causal_lm", "quantize": 4,
+                                          "quant_storage": "bf16", "dtype": "bfloat16"},
+                                   data={"source": "s.jsonl"}))["model"]
+    assert load_base_model(mcfg, None) == "model"
+    assert seen["bits"] == 4 and seen["quant_storage"] == "bf16" and str(seen["dtype"]) == "torch.bfloat16"
