@@ -224,3 +224,19 @@ def test_shared_machine_note_only_when_load_exceeds_cores():
     quiet = machine_lines({"cores": 2, "loadavg": (1.2, 1.0, 0.9)})
     busy = machine_lines({"cores": 2, "loadavg": (10.4, 9.0, 8.0)})
     assert "shared" not in quiet and "shared with other jobs" in busy
+
+
+def test_peer_ratios_report_the_noise_and_the_fastest_steps():
+    res = [_fake("peftadapt", 0, 1.1, 100), _fake("peft", 0, 1.0, 100),
+           _fake("peftadapt", 1, 0.9, 100), _fake("peft", 1, 1.0, 100),
+           _fake("peftadapt", 2, 1.2, 100), _fake("peft", 2, 1.0, 100)]
+    res[0]["step_times_s"], res[1]["step_times_s"] = [1.1, 0.8], [1.0, 1.0]
+    (r,) = R.peer_ratios(res)
+    assert r["time_ratio"] == pytest.approx(1.1)
+    assert r["time_ratio_range"] == pytest.approx([0.9, 1.2])
+    assert r["time_ratio_fastest"] == pytest.approx(0.8 / 1.0)  # fastest step of each side over all pairs
+    row = R.peers_table([r])
+    assert "1.100 (0.90 to 1.20)" in row and "time within noise" in row
+    r2 = dict(r, time_ratio_range=[1.05, 1.2])
+    assert "no (time <= 1.02" in R.peers_table([r2])
+    assert "| yes |" in R.peers_table([dict(r, time_ratio=1.0)])
