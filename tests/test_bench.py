@@ -240,3 +240,32 @@ def test_peer_ratios_report_the_noise_and_the_fastest_steps():
     r2 = dict(r, time_ratio_range=[1.05, 1.2])
     assert "no (time <= 1.02" in R.peers_table([r2])
     assert "| yes |" in R.peers_table([dict(r, time_ratio=1.0)])
+
+
+def test_cpu_sdpa_with_dropout_keeps_three_probability_matrices():
+    """The memory model's "math" attention: torch's CPU SDPA falls back to the math kernel when
+    attention dropout is on, and keeps three B x a x s x s matrices more than the flash kernel
+    (which keeps its output and logsumexp instead)."""
+    import torch.nn.functional as F
+
+    from peftadapt.bench import memory_model as mm
+
+    B, a, s, d = 2, 3, 16, 8
+    q, k, v = (torch.randn(B, a, s, d, requires_grad=True) for _ in range(3))
+
+    def saved(p):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        return sum(sizes)
+
+    extra = saved(0.1) - saved(0.0)
+    assert abs(extra - 3 * B * a * s * s * 4) <= B * a * s * (d + 1) * 4
+    arch = mm.Arch(family="bert", hidden=a * d, layers=2, intermediate=4 * a * d, heads=a, kv_heads=a, vocab=100,
+                   head="seqcls", attn_dropout=0.1)
+    assert arch.sdpa_kernel("cpu") == "math" and arch.sdpa_kernel("cuda") == "sdpa"
+    assert arch.sdpa_kernel("cpu", training=False) == "sdpa"
+    m = mm.activation_bytes(arch, "lora", B, s, attention="math")["layers"]
+    f = mm.activation_bytes(arch, "lora", B, s, attention="sdpa")["layers"]
+    assert m - f == 2 * 3 * a * s * B * s * 4  # layers x 3 matrices x (a x s per token) x tokens x 4 bytes

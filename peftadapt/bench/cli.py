@@ -191,7 +191,7 @@ def analytic_table(specs: list[dict[str, Any]]) -> str:
         arch = mm.Arch.from_config(cfg, s["head"])
         a = mm.analytic_memory(arch, s["method"], s["batch"], s["seq"], dtype=s["dtype"], quant=s["quant"],
                                grad_ckpt=s["grad_ckpt"], regularizer=bool(s["regularizer"]),
-                               attention="eager" if s["attn"] == "eager" else "sdpa",
+                               attention="eager" if s["attn"] == "eager" else arch.sdpa_kernel(s["device"]),
                                r=M.DEFAULTS["r"], reduction_factor=M.DEFAULTS["reduction_factor"],
                                prefix_tokens=M.DEFAULTS["prefix_tokens"])
         rows.append(f"| {model_label(s['model'])} ({_params(arch.total_params())}) | {method_label(s)} | "

@@ -310,7 +310,7 @@ def _measure(spec: dict[str, Any], prime: bool, measure: bool) -> dict[str, Any]
         res["state_bytes"] = _state_bytes(model, opt)
         res["saved_bytes"], res["saved_is_estimate"] = M.saved_size_bytes(model, s["impl"], s["method"], tmp)
 
-    attention = "eager" if s["attn"] == "eager" else "sdpa"
+    attention = "eager" if s["attn"] == "eager" else arch.sdpa_kernel(dev)
     res["analytic"] = mm.analytic_memory(
         arch, s["method"], s["batch"], s["seq"], dtype=s["dtype"], quant=s["quant"], grad_ckpt=s["grad_ckpt"],
         attention=attention, trainable=trainable, regularizer=bool(s["regularizer"]),

@@ -33,7 +33,11 @@ bottleneck, r = LoRA rank, a = heads, s = sequence length):
       + i (GELU input) + 2h/4 (two dropout masks, 1 byte each, when training)
       + the same trainable-linear terms (h q/k/v, h o, h intermediate, i output).
   Eager attention adds the softmax output, a*s per token (and a byte mask for
-  BERT's attention dropout).
+  BERT's attention dropout). SDPA's "math" fallback, which torch takes on the
+  CPU whenever attention dropout is on in training (the CPU flash kernel has
+  no dropout), keeps three a*s matrices per token at the compute dtype: the
+  softmax output, the dropout scale mask and the dropped probabilities
+  (checked by hooking autograd's saved tensors in tests/test_bench.py).
   LoRA adds the adapted layer's input (if not already saved) + r per module;
   DoRA additionally saves the weight-shaped ``W + BA`` (out*in elements, per
   module, independent of tokens). A bottleneck adapter adds h + 2m per
@@ -84,6 +88,7 @@ class Arch:
     type_vocab: int = 2
     tied_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 has biases on q, k, v
+    attn_dropout: float = 0.0  # attention-probability dropout (BERT: 0.1); decides SDPA's CPU kernel
 
     @classmethod
     def from_config(cls, config: Any, head: str = "causal") -> "Arch":
@@ -107,7 +112,14 @@ class Arch:
             type_vocab=getattr(config, "type_vocab_size", 2),
             tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             qkv_bias=mt == "qwen2" or bool(getattr(config, "attention_bias", False)),
+            attn_dropout=float(getattr(config, "attention_probs_dropout_prob", None)
+                               or getattr(config, "attention_dropout", None) or 0.0),
         )
+
+    def sdpa_kernel(self, device: str, training: bool = True) -> str:
+        """The attention variant the memory model should count for SDPA on ``device``:
+        "math" on the CPU when attention dropout is on in training, else "sdpa"."""
+        return "math" if device == "cpu" and training and self.attn_dropout > 0 else "sdpa"
 
     # -- parameter counts ---------------------------------------------------
     @property
@@ -227,7 +239,7 @@ def activation_bytes(arch: Arch, method: str, batch: int, seq: int, *, dtype: st
     See the module docstring for the per-token formulas.
     """
     _check("method", method, METHODS)
-    _check("attention", attention, ("sdpa", "eager"))
+    _check("attention", attention, ("sdpa", "eager", "math"))
     b = DTYPE_BYTES[dtype]
     h, i, a, kv = arch.hidden, arch.intermediate, arch.heads, arch.kv_dim
     tokens = batch * seq
@@ -249,9 +261,11 @@ def activation_bytes(arch: Arch, method: str, batch: int, seq: int, *, dtype: st
             groups = [("query", "key", "value"), ("attention.output.dense",), ("intermediate.dense",),
                       ("output.dense",)]
         kv_extra = 0
+        width = seq + (prefix_tokens if method == "prefix" else 0)
         if attention == "eager":
-            width = seq + (prefix_tokens if method == "prefix" else 0)
             layer += a * width * (1 + (1 / b if arch.family == "bert" and training else 0))
+        elif attention == "math":  # softmax output, dropout scale mask, dropped probabilities
+            layer += 3 * a * width
         if full:
             layer += sum(trainable_inputs[g[0]] for g in groups)
         elif method in ("lora", "dora"):
