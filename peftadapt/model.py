@@ -117,10 +117,14 @@ def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def _validate_adapter_name(name: Any) -> None:
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
-    if "." in name:
-        raise ValueError(f"adapter name {name!r} may not contain '.' (it prefixes the saved weight keys)")
+    """The one rule for adapter names (wrap, add_adapter, AdaptedModel.add_adapter): a
+    non-empty string of letters, digits, '_' or '-'. A name prefixes module paths and saved
+    weight keys, so '.' (a path separator), '/' or spaces would break them."""
+    if isinstance(name, str) and "." in name:
+        raise ValueError(f"adapter name {name!r} may not contain '.' (it prefixes the saved weight keys); "
+                         "use letters, digits, '_' or '-'")
+    if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"adapter name must be a non-empty string of letters, digits, '_' or '-'; got {name!r}")
 
 
 def _is_wrapped(model: nn.Module) -> str | None:

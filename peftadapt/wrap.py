@@ -140,8 +140,9 @@ def set_adapter(model: nn.Module, name: str) -> None:
 
 
 def _check_adapter_name(name: object) -> None:
-    if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
-        raise ValueError(f"adapter name must be a non-empty string of letters, digits, '_' or '-'; got {name!r}")
+    from .model import _validate_adapter_name
+
+    _validate_adapter_name(name)
 
 
 def _load_methods() -> None:

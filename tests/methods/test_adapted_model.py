@@ -326,3 +326,18 @@ def test_save_is_atomic_and_keeps_old_files_on_failure(tmp_path, monkeypatch):
         wrapped.save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME, WEIGHTS_NAME]  # temp file cleaned up
     assert (tmp_path / WEIGHTS_NAME).read_bytes() == old
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "x/y", "x.y", 3, None])
+def test_one_adapter_name_rule_for_wrap_and_add_adapter(bad):
+    import peftadapt
+
+    from ..conftest import make_tiny
+
+    with pytest.raises(ValueError, match="adapter name"):
+        peftadapt.wrap(make_tiny("bert", "seqcls"), "houlsby", adapter_name=bad)
+    wrapped = peftadapt.wrap(make_tiny("bert", "seqcls"), "houlsby")
+    with pytest.raises(ValueError, match="adapter name"):
+        wrapped.add_adapter(bad, Adapter())
+    with pytest.raises(ValueError, match="adapter name"):
+        peftadapt.add_adapter(wrapped, bad, "houlsby")
