@@ -64,6 +64,8 @@ class LoRA(MethodConfig):
         elif isinstance(targets, (tuple, set)):
             targets = list(targets)
         _peft.check_targets_exist(model, targets)
+        if self.use_dora:
+            _check_dora_base(model)
         if self.exclude_modules is not None:
             _peft.check_targets_exist(model, self.exclude_modules, "exclude_modules")
         task = _peft.task_type_of(model)
@@ -97,3 +99,20 @@ class LoRA(MethodConfig):
 
     def add_to(self, wrapped: nn.Module, adapter_name: str) -> None:
         wrapped.add_adapter(adapter_name, self.peft_config(wrapped.get_base_model()))
+
+
+def _check_dora_base(model: nn.Module) -> None:
+    """DoRA on an 8-bit bitsandbytes base on the CPU: peft 0.21 + bitsandbytes 0.50 train one
+    step, then fail inside bitsandbytes' 8-bit matmul (``state.SCB`` is None) at the second
+    forward. Plain peft does the same (``get_peft_model(..., LoraConfig(use_dora=True))``;
+    checked on a tiny Llama), so refuse up front with the ways out. Not checked on a GPU."""
+    for name, mod in model.named_modules():
+        if type(mod).__name__ == "Linear8bitLt" and getattr(mod.weight, "device", None) is not None \
+                and mod.weight.device.type == "cpu":
+            raise ValueError(
+                f"DoRA on an 8-bit base on the CPU fails at the second training step ({name!r} is a CPU "
+                "bitsandbytes Linear8bitLt; peft 0.21 / bitsandbytes 0.50 lose the 8-bit scales, state.SCB, "
+                "after the first step). Use a 4-bit base (load_quantized(..., bits=4): DoRA works there), "
+                "or plain LoRA on the 8-bit base."
+            )
+

@@ -133,3 +133,26 @@ def test_merge_refuses_what_cannot_be_merged(saved_tiny):
         merge_quantized(adapter)
     with pytest.raises(ValueError, match="unknown dtype 'int8'"):
         merge_quantized(adapter, dtype="int8")
+
+
+def test_dora_on_a_cpu_8bit_base_is_refused_with_the_ways_out(saved_tiny):
+    """peft + bitsandbytes fail at the second DoRA training step on a CPU 8-bit base (the 8-bit
+    scales are gone); wrap refuses up front. The failure itself is checked, so this test notices
+    when a new peft / bitsandbytes fixes it and the refusal can go."""
+    import peftadapt
+    from peft import LoraConfig, get_peft_model
+
+    folder, _ = saved_tiny("llama")
+    batch = token_batch()
+    with pytest.raises(ValueError, match=r"DoRA on an 8-bit base.*4-bit base.*plain LoRA"):
+        peftadapt.wrap(load_quantized(folder, bits=8, device="cpu"), "dora", r=4)
+    plain = get_peft_model(load_quantized(folder, bits=8, device="cpu", prepare=False),
+                           LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "v_proj"]))
+    plain.train()
+    plain(**batch, labels=batch["input_ids"]).loss.backward()  # the first step works
+    with pytest.raises(AttributeError):
+        plain(**batch, labels=batch["input_ids"]).loss.backward()
+    # LoRA on the same 8-bit base trains step after step
+    lora = peftadapt.wrap(load_quantized(folder, bits=8, device="cpu"), "lora", r=4)
+    for _ in range(2):
+        lora(**batch, labels=batch["input_ids"]).loss.backward()
