@@ -269,3 +269,35 @@ def test_cpu_sdpa_with_dropout_keeps_three_probability_matrices():
     m = mm.activation_bytes(arch, "lora", B, s, attention="math")["layers"]
     f = mm.activation_bytes(arch, "lora", B, s, attention="sdpa")["layers"]
     assert m - f == 2 * 3 * a * s * B * s * 4  # layers x 3 matrices x (a x s per token) x tokens x 4 bytes
+
+
+def test_trim_heap_returns_freed_memory_to_the_kernel():
+    """glibc keeps freed heap chunks resident; trim_heap hands them back, which is why the
+    harness trims before it resets the peak (else the build's garbage counts as the step's).
+    Run in a child process: the test fills and frees 100 MiB of heap."""
+    import subprocess
+    import sys
+
+    code = """
+import ctypes, sys
+from peftadapt.bench import harness as H
+try:
+    libc = ctypes.CDLL("libc.so.6")
+except OSError:
+    sys.exit(3)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+blocks = [libc.malloc(64 * 1024) for _ in range(1600)]  # 100 MiB in 64 KiB heap chunks
+for b in blocks:
+    ctypes.memset(b, 1, 64 * 1024)
+for b in blocks[:-1]:  # the last one pins the heap top: only a trim can give the rest back
+    libc.free(b)
+before = H.rss_bytes()
+assert H.trim_heap()
+print((before - H.rss_bytes()) / 2**20)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode == 3:
+        pytest.skip("no glibc")
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.strip()) > 50  # MiB handed back
