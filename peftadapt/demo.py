@@ -20,7 +20,8 @@ the verdict is usually at the end of a review. While choosing the setting, a
 class-balanced logistic-regression probe on frozen, mean-pooled MiniLM features,
 fit on the source and scored on the 60 Birth Control test reviews, reached
 AUC 0.91 with the last 64 tokens against 0.78 with the first 256 (0.78 on all
-162 Birth Control reviews with the last 64).
+162 Birth Control reviews with the last 64): ``python benchmarks/demo_probe.py``,
+results in ``benchmarks/results/demo/probe.md``.
 
 Why this direction: the other direction (Birth Control as the labeled source)
 was the first version of this demo. Its 102 labeled reviews do not carry a
