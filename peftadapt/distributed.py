@@ -106,19 +106,6 @@ def _all_gather_fixed(x: torch.Tensor) -> list[torch.Tensor]:
 # ---------------------------------------------------------------------------
 # Gather with gradient
 # ---------------------------------------------------------------------------
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; multiplies the gradient by ``factor`` in backward."""
-
-    @staticmethod
-    def forward(ctx, x, factor):
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.factor, None
-
-
 def gather(x: torch.Tensor, *, grad_factor: float | None = None) -> torch.Tensor:
     """Concatenate ``x`` (shape ``(b_r, ...)``) of every process along dim 0, in rank order.
 
@@ -147,7 +134,9 @@ def gather(x: torch.Tensor, *, grad_factor: float | None = None) -> torch.Tensor
         send = torch.cat([send, send.new_zeros((top - send.shape[0],) + tuple(send.shape[1:]))], 0)
     parts = [p[:s] for p, s in zip(_all_gather_fixed(send), sizes)]
     factor = float(n if grad_factor is None else grad_factor)
-    parts[r] = _ScaleGrad.apply(x, factor) if x.requires_grad else x
+    from .align.base import scale_grad
+
+    parts[r] = scale_grad(x, factor) if x.requires_grad else x
     return torch.cat(parts, 0)
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Regularizer, _check_progress, _full_precision, _stat_dtype, dann_ramp, register
+from .base import Regularizer, _check_progress, _full_precision, _stat_dtype, dann_ramp, register, scale_grad
 
 _GRL_SCHEDULES = ("dann", "constant")
 
@@ -16,20 +16,9 @@ _GRL_SCHEDULES = ("dann", "constant")
 # ---------------------------------------------------------------------------
 # Gradient reversal
 # ---------------------------------------------------------------------------
-class _GradReverse(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, coeff):
-        ctx.coeff = coeff
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return -ctx.coeff * grad, None
-
-
 def grad_reverse(x: torch.Tensor, coeff: float = 1.0) -> torch.Tensor:
     """Identity in the forward pass; multiplies the gradient by ``-coeff`` in the backward pass."""
-    return _GradReverse.apply(x, float(coeff))
+    return scale_grad(x, -float(coeff))
 
 
 class GradientReversal(nn.Module):

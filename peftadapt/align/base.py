@@ -81,6 +81,25 @@ def _full_precision(*tensors: torch.Tensor):
         yield
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``factor`` in backward."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity in the forward pass; multiplies the gradient by ``factor`` in the backward pass
+    (gradient reversal: a negative factor; the global-batch gather: the world size)."""
+    return _ScaleGrad.apply(x, float(factor))
+
+
 def dann_ramp(progress: float, gamma: float = 10.0) -> float:
     """The DANN schedule ``2 / (1 + exp(-gamma * p)) - 1`` (Ganin et al. 2016, Sec. 5.2.2; gamma = 10).
 
