@@ -70,8 +70,9 @@ def wrap(model: nn.Module, method: "str | MethodConfig", *, adapter_name: str = 
     """
     _load_methods()
     _peft.check_transformers_model(model)
-    _check_adapter_name(adapter_name)
-    from .model import _is_wrapped
+    from .model import _is_wrapped, _validate_adapter_name
+
+    _validate_adapter_name(adapter_name)
 
     reason = _is_wrapped(model)
     if reason is not None:
@@ -105,7 +106,9 @@ def _trainable_in_fp32(wrapped: nn.Module) -> None:
 def add_adapter(model: nn.Module, name: str, method: "str | MethodConfig", **options: Any) -> nn.Module:
     """Add another named adapter to a wrapped model (it becomes trainable only once active)."""
     _load_methods()
-    _check_adapter_name(name)
+    from .model import _validate_adapter_name
+
+    _validate_adapter_name(name)
     if not (_is_peft(model) or _is_ours(model)):
         raise TypeError("add_adapter() needs a model returned by peftadapt.wrap(); call wrap() first")
     config = build_config(method, **options)
@@ -137,12 +140,6 @@ def set_adapter(model: nn.Module, name: str) -> None:
     if name not in names:
         raise ValueError(f"no adapter named {name!r}; this model has {names}")
     model.set_adapter(name)
-
-
-def _check_adapter_name(name: object) -> None:
-    from .model import _validate_adapter_name
-
-    _validate_adapter_name(name)
 
 
 def _load_methods() -> None:

@@ -169,8 +169,8 @@ def peer_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             m_ratio = statistics.median(a["peak_bytes"] / b["peak_bytes"] for a, b in pairs)
             # the fastest step each side managed over all its repetitions: noise on a shared
             # CPU only ever adds time, so the minimum is the least disturbed estimate of the cost
-            fastest = [min(r.get("step_times_s") or [r["median_step_s"]]) for r in (a for a, _ in pairs)]
-            fastest_peer = [min(r.get("step_times_s") or [r["median_step_s"]]) for r in (b for _, b in pairs)]
+            fastest = [min(a.get("step_times_s") or [a["median_step_s"]]) for a, _ in pairs]
+            fastest_peer = [min(b.get("step_times_s") or [b["median_step_s"]]) for _, b in pairs]
             out.append({
                 "method": cfg[0], "model": cfg[1], "head": cfg[2], "batch": cfg[3], "seq": cfg[4], "quant": cfg[5],
                 "grad_ckpt": cfg[6], "env": cfg[7], "peer": peer, "pairs": len(pairs),

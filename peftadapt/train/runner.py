@@ -47,7 +47,7 @@ def num_labels_of(cfg: dict[str, Any]) -> int | None:
     return None
 
 
-def load_tokenizer(mcfg: dict[str, Any]):
+def load_tokenizer(mcfg: dict[str, Any], truncation: str = "right"):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(mcfg.get("tokenizer") or mcfg["path"])
@@ -59,6 +59,7 @@ def load_tokenizer(mcfg: dict[str, Any]):
     elif pad is not None:
         tok.pad_token = pad
     check_tokenizer(tok)
+    tok.truncation_side = truncation  # data.truncation: which end of a long text is cut
     return tok
 
 
@@ -150,8 +151,7 @@ def build_trainer(cfg: dict[str, Any], training_overrides: dict[str, Any] | None
         nl = max(2, max(source.labels) + 1)  # integer labels without a list: 0..max
     if cfg["data"].get("balance", "none") == "oversample":
         source = balance_classes(source)
-    tokenizer = load_tokenizer(cfg["model"])
-    tokenizer.truncation_side = cfg["data"].get("truncation", "right")
+    tokenizer = load_tokenizer(cfg["model"], cfg["data"].get("truncation", "right"))
     set_seed(training.seed)  # head init, adapter init and discriminators are seeded too
     base = load_base_model(cfg["model"], nl, training.gradient_checkpointing)
     model = wrap_model(base, cfg)
@@ -185,8 +185,7 @@ def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str | Path) -> dict[str
         raise ValueError("eval needs data.eval in the config: {name: {path: ..., text: ..., label: ...}}")
     if cfg["model"]["task"] == "classification" and nl is None:
         nl = max(2, max(max(d.labels) for d in evals.values()) + 1)
-    tokenizer = load_tokenizer(cfg["model"])
-    tokenizer.truncation_side = cfg["data"].get("truncation", "right")  # as in training
+    tokenizer = load_tokenizer(cfg["model"], cfg["data"].get("truncation", "right"))  # as in training
     base = load_base_model(cfg["model"], nl)
     model = peftadapt.load(base, str(adapter))
     training: TrainConfig = cfg["training"]
