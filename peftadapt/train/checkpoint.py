@@ -260,6 +260,8 @@ def save_checkpoint(folder: str | Path, *, model, alignment, optimizer, schedule
     return after the gathers).
     """
     folder = Path(folder)
+    if not write and not is_sharded(model):
+        return folder  # nothing to gather: the writing process holds whole tensors itself
     weights = trainable_state(model)          # collectives first, on every process
     # FSDP1 keeps each process's optimizer state as flat local shards, which this module does
     # not gather: such a checkpoint holds no optimizer state (resume restarts the moments)

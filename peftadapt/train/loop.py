@@ -509,7 +509,9 @@ class Trainer:
                      "train/loss": final.get("train/loss", train_losses[-1] if train_losses else float("nan"))}
         acc.wait_for_everyone()
         unwrapped = acc.unwrap_model(model)
-        weights = ckpt.trainable_state(unwrapped)  # every process: a gather with sharded parameters
+        # with sharded parameters every process takes part in the gather; otherwise only the writer
+        weights = (ckpt.trainable_state(unwrapped)
+                   if acc.is_main_process or ckpt.is_sharded(unwrapped) else None)
         if not acc.is_main_process:
             ckpt.write_adapter(unwrapped, out_dir / ".tmp-final" / "adapter", weights, write=False)
         else:
