@@ -3,21 +3,36 @@
 The public API, re-exported; nothing else lives here.
 """
 
-__version__ = "0.1.0"
-
-from .methods.base import MethodConfig, METHODS, register_method  # noqa: F401
-from . import align  # noqa: F401
-from .align import MMD, CORAL, DANN, CDAN, Entropy, Alignment, Term, register as register_regularizer  # noqa: F401
-from .features import FeatureTap  # noqa: F401
-from .model import AdaptedModel  # noqa: F401
-from .methods.adapter import Adapter  # noqa: F401
-from .methods.head import Head, find_task_head  # noqa: F401
-from .methods.lora import LoRA  # noqa: F401
-from .methods.prefix import Prefix  # noqa: F401
-from .wrap import (  # noqa: F401
-    wrap, add_adapter, set_adapter, adapter_names, load, save, merge, unmerge, disabled,
-    trainable_parameters, print_trainable_parameters, base_model, is_wrapped,
+from . import align, bench
+from .align import CDAN, CORAL, DANN, MMD, Alignment, Entropy, Term
+from .align import register as register_regularizer
+from .core.hf import find_task_head
+from .core.version import __version__
+from .features import FeatureTap
+from .methods import METHODS, AdaptedModel, Adapter, Head, LoRA, MethodConfig, Prefix, register_method
+from .quant import build_quantized, load_quantized, merge_quantized, prepare_for_kbit_training
+from .train import TextData, TrainConfig, Trainer
+from .wrap import (
+    adapter_names,
+    add_adapter,
+    base_model,
+    disabled,
+    is_wrapped,
+    load,
+    merge,
+    print_trainable_parameters,
+    save,
+    set_adapter,
+    trainable_parameters,
+    unmerge,
+    wrap,
 )
-from .train import Trainer, TrainConfig, TextData  # noqa: F401
-from .quant import load_quantized, build_quantized, prepare_for_kbit_training, merge_quantized  # noqa: F401
-from . import bench  # noqa: F401  (memory model + `peftadapt bench`; light: no heavy imports)
+
+__all__ = [
+    "__version__", "wrap", "add_adapter", "set_adapter", "adapter_names", "load", "save", "merge", "unmerge",
+    "disabled", "trainable_parameters", "print_trainable_parameters", "base_model", "is_wrapped",
+    "LoRA", "Adapter", "Prefix", "Head", "MethodConfig", "METHODS", "register_method", "AdaptedModel",
+    "find_task_head", "FeatureTap", "align", "Term", "Alignment", "MMD", "CORAL", "DANN", "CDAN", "Entropy",
+    "register_regularizer", "Trainer", "TrainConfig", "TextData", "load_quantized", "build_quantized",
+    "prepare_for_kbit_training", "merge_quantized", "bench",
+]

@@ -19,13 +19,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["FeatureTap", "POOLINGS", "HEAD_NAMES", "FINAL_NORM_NAMES", "pool"]
+from .core.hf import FINAL_NORM_NAMES, OUTPUT_HEADS
+
+__all__ = ["FeatureTap", "POOLINGS", "pool"]
 
 POOLINGS = ("mean", "cls", "last")
-# Task heads whose *input* is the feature the classifier reads (first match wins, shallowest module).
-HEAD_NAMES = ("classifier", "score", "qa_outputs", "lm_head")
-# Final norms that produce the last hidden state in decoder stacks.
-FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
 _WRAPPER_PREFIXES = ("base_model.model.", "base_model.", "model.")
 
 
@@ -138,7 +136,7 @@ class FeatureTap:
                     return n, m, "output"
             raise ValueError("the given layer module is not a submodule of the model")
         if layer is None:
-            for head in HEAD_NAMES:
+            for head in OUTPUT_HEADS:  # first match wins, shallowest module
                 hits = [n for n in named if n.split(".")[-1] == head]
                 if hits:
                     n = min(hits, key=lambda s: s.count("."))
@@ -175,7 +173,7 @@ class FeatureTap:
                 if prefix + norm in named:
                     return prefix + norm
             return f"{stack_name}.{len(stack) - 1}"
-        raise ValueError(f"{type(model).__name__} has no task head ({list(HEAD_NAMES)}) and no layer stack; "
+        raise ValueError(f"{type(model).__name__} has no task head ({list(OUTPUT_HEADS)}) and no layer stack; "
                          f"pass layer='<module name>'")
 
     # -- hooks -------------------------------------------------------------------

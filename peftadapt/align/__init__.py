@@ -3,28 +3,25 @@
 ``build(name, **options)`` makes one from the registry ("mmd", "coral", "dann",
 "cdan", "cdan+e", "entropy", or your own via ``register``); ``Alignment`` holds a
 scheduled, weighted sum of several. See docs/regularizers.md.
+
+Modules: :mod:`.regularizer` (the interface), :mod:`.registry`, :mod:`.schedule`,
+:mod:`.scope` (several processes), :mod:`.terms` (``Term``, ``Alignment``), one
+module per method (:mod:`.mmd`, :mod:`.coral`, :mod:`.adversarial`, :mod:`.entropy`).
 """
 
-from .base import (  # noqa: F401
-    REGULARIZERS,
-    SCHEDULES,
-    Alignment,
-    Regularizer,
-    Term,
-    build,
-    dann_ramp,
-    register,
-    regularizer_names,
-    schedule_weight,
-)
-from .mmd import MMD  # noqa: F401
-from .coral import CORAL  # noqa: F401
-from .adversarial import CDAN, DANN, DomainDiscriminator, GradientReversal, grad_reverse  # noqa: F401
-from .entropy import Entropy  # noqa: F401
+from .adversarial import CDAN, DANN, DomainDiscriminator, GradientReversal, grad_reverse
+from .coral import CORAL
+from .entropy import Entropy
+from .mmd import MMD
+from .registry import REGULARIZERS, build, register, regularizer_names
+from .regularizer import Regularizer
+from .schedule import SCHEDULES, dann_ramp, schedule_weight
+from .scope import SCOPES
+from .terms import Alignment, Term
 
 __all__ = [
     "Regularizer", "register", "build", "regularizer_names", "REGULARIZERS",
-    "Term", "Alignment", "schedule_weight", "dann_ramp", "SCHEDULES",
+    "Term", "Alignment", "schedule_weight", "dann_ramp", "SCHEDULES", "SCOPES",
     "MMD", "CORAL", "DANN", "CDAN", "Entropy",
     "GradientReversal", "grad_reverse", "DomainDiscriminator",
 ]

@@ -8,7 +8,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Regularizer, _check_progress, _full_precision, _stat_dtype, dann_ramp, register, scale_grad
+from ..core.autograd import scale_grad
+from .numerics import check_progress, full_precision, stat_dtype
+from .registry import register
+from .regularizer import Regularizer
+from .schedule import dann_ramp
 
 _GRL_SCHEDULES = ("dann", "constant")
 
@@ -45,7 +49,7 @@ class GradientReversal(nn.Module):
         self.progress = 0.0
 
     def set_progress(self, p: float) -> None:
-        self.progress = _check_progress(p)
+        self.progress = check_progress(p)
 
     @property
     def lambda_(self) -> float:
@@ -106,6 +110,7 @@ class _Adversarial(Regularizer):
     """Shared by DANN and CDAN: a GRL followed by a domain discriminator."""
 
     min_batch = 1
+    batch_statistic = False  # a mean of per-sample BCE losses (CDAN+E overrides)
 
     def _init_adv(self, disc_in: int, hidden_size, depth, dropout, grl, coeff, gamma) -> None:
         self.grl = GradientReversal(grl, coeff, gamma)
@@ -130,7 +135,7 @@ class _Adversarial(Regularizer):
             raise ValueError(f"{self._label()}: features are on {z.device} but the discriminator is on {w.device}; "
                              f"move the regularizer with .to({str(z.device)!r})")
         dt = w.dtype
-        return self.discriminator(self.grl(z).to(dt)).squeeze(1).to(_stat_dtype(z))
+        return self.discriminator(self.grl(z).to(dt)).squeeze(1).to(stat_dtype(z))
 
 
 @register("dann")
@@ -174,7 +179,7 @@ class DANN(_Adversarial):
     def forward(self, source_features, target_features, source_logits=None, target_logits=None):
         fs, ft = self.check_features(source_features, target_features)
         self._check_width(fs)
-        with _full_precision(fs):
+        with full_precision(fs):
             ds = self._discriminate(fs)
             dt = self._discriminate(ft)
             return _domain_bce(ds, dt)
@@ -225,6 +230,11 @@ class CDAN(_Adversarial):
 
     needs_logits = True
 
+    @property  # type: ignore[override]
+    def batch_statistic(self) -> bool:
+        """CDAN+E normalises its per-sample weights over the batch: a batch statistic; plain CDAN is not."""
+        return bool(self.entropy)
+
     def __init__(self, in_features: int, num_classes: int, entropy: bool = False, randomized: bool | None = None,
                  randomized_dim: int = 1024, max_multilinear: int = 4096, seed: int | None = None,
                  hidden_size: int = 1024, depth: int = 2, dropout: float = 0.5, grl: str = "dann",
@@ -266,8 +276,8 @@ class CDAN(_Adversarial):
         self._check_width(fs)
         ls = self.check_logits(source_logits, "source_logits", fs.shape[0], self.num_classes)
         lt = self.check_logits(target_logits, "target_logits", ft.shape[0], self.num_classes)
-        dt = _stat_dtype(fs)
-        with _full_precision(fs):
+        dt = stat_dtype(fs)
+        with full_precision(fs):
             fs32, ft32 = fs.to(dt), ft.to(dt)
             gs = torch.softmax(ls.detach().to(dt), dim=1)
             gt = torch.softmax(lt.detach().to(dt), dim=1)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import Regularizer, _full_precision, _stat_dtype, register
+from .numerics import full_precision, stat_dtype
+from .registry import register
+from .regularizer import Regularizer
 
 
 @register("coral")
@@ -42,6 +44,7 @@ class CORAL(Regularizer):
     """
 
     min_batch = 2
+    batch_statistic = True  # covariances of the batch
 
     def __init__(self, scale: float | None = None) -> None:
         super().__init__()
@@ -54,9 +57,9 @@ class CORAL(Regularizer):
 
     def forward(self, source_features, target_features, source_logits=None, target_logits=None):
         fs, ft = self.check_features(source_features, target_features)
-        dt = _stat_dtype(fs)
+        dt = stat_dtype(fs)
         d = fs.shape[1]
-        with _full_precision(fs):
+        with full_precision(fs):
             xs = fs.to(dt)
             xt = ft.to(dt)
             xs = xs - xs.mean(0, keepdim=True)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import Regularizer, _full_precision, _stat_dtype, register
+from .numerics import full_precision, stat_dtype
+from .registry import register
+from .regularizer import Regularizer
 
 
 @register("entropy")
@@ -39,6 +41,12 @@ class Entropy(Regularizer):
 
     needs_logits = True
 
+    @property  # type: ignore[override]
+    def batch_statistic(self) -> bool:
+        """The diversity term (entropy of the mean prediction) is a batch statistic; the mean
+        per-sample entropy alone is not."""
+        return bool(self.diversity)
+
     def __init__(self, diversity: bool = False, diversity_weight: float = 1.0, num_classes: int | None = None) -> None:
         super().__init__()
         if not isinstance(diversity, bool):
@@ -58,8 +66,8 @@ class Entropy(Regularizer):
             _, ft = self.check_features(source_features, target_features)
             batch = ft.shape[0]
         lt = self.check_logits(target_logits, "target_logits", batch, self.num_classes)
-        with _full_precision(lt):
-            logp = torch.log_softmax(lt.to(_stat_dtype(lt)), dim=1)
+        with full_precision(lt):
+            logp = torch.log_softmax(lt.to(stat_dtype(lt)), dim=1)
             p = logp.exp()
             loss = -(p * logp).sum(1).mean()
             if self.diversity:

@@ -6,7 +6,9 @@ from typing import Sequence
 
 import torch
 
-from .base import Regularizer, _full_precision, _stat_dtype, register
+from .numerics import full_precision, stat_dtype
+from .registry import register
+from .regularizer import Regularizer
 
 _ESTIMATORS = ("unbiased", "linear")
 _BANDWIDTHS = ("mean", "median")
@@ -58,6 +60,7 @@ class MMD(Regularizer):
     """
 
     min_batch = 2
+    batch_statistic = True  # kernel means over all pairs of the batch
 
     def __init__(self, kernel_multipliers: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0),
                  bandwidth: str | float = "mean", estimator: str = "unbiased") -> None:
@@ -106,8 +109,8 @@ class MMD(Regularizer):
                 f"MMD(estimator='linear') needs equal batch sizes, got source {fs.shape[0]} and target "
                 f"{ft.shape[0]}; use estimator='unbiased' for unequal batches"
             )
-        dt = _stat_dtype(fs)
-        with _full_precision(fs):
+        dt = stat_dtype(fs)
+        with full_precision(fs):
             x, y = fs.to(dt), ft.to(dt)
             # Distances are translation invariant: shift by the pooled mean (a constant, so the
             # gradient is unchanged) so the Gram-expansion distances do not cancel in fp32 when

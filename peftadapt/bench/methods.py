@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from ..core.hf import classifier_heads
+
 IMPLS = ("peftadapt", "peft", "adapters")
 METHODS = ("full", "head", "lora", "dora", "houlsby", "pfeiffer", "prefix")
 PEER_METHODS = {"peftadapt": METHODS, "peft": ("lora", "dora", "prefix"), "adapters": ("houlsby", "pfeiffer")}
@@ -33,11 +35,6 @@ def targets_for(model) -> list[str]:
     """The attention query and value projections: LoRA's paper default, used by every impl."""
     mt = getattr(model.config, "model_type", "")
     return ["query", "value"] if mt in ("bert", "roberta") else ["q_proj", "v_proj"]
-
-
-def head_names(model) -> list[str]:
-    """Names of the task-head modules present on ``model`` (trained along with a PEFT method on a classifier)."""
-    return [n for n in ("classifier", "score") if hasattr(model, n)]
 
 
 def check(impl: str, method: str) -> None:
@@ -147,7 +144,7 @@ def _apply_adapters(model, method: str, head: str):
     model.add_adapter("bench", config=cfg)
     model.train_adapter("bench")
     # peftadapt and peft train the task head of a classifier with the adapter: do the same here
-    for name in head_names(model):
+    for name in classifier_heads(model):
         for p in getattr(model, name).parameters():
             p.requires_grad_(True)
     return model

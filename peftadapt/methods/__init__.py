@@ -1,1 +1,19 @@
-"""Adaptation methods, one module each; importing one registers it."""
+"""The adaptation methods: one module per method (config dataclass, modules, injection).
+
+``lora`` and ``prefix`` sit on peft (``backend = "peft"``); ``adapter`` (Houlsby / Pfeiffer)
+and ``head`` are ours (``backend = "native"``), carried by :class:`AdaptedModel`
+(:mod:`.adapted_model`, injected :mod:`.slots`, file format :mod:`.native_format`).
+Importing this package imports every method module, so the registry
+(:data:`.base.METHODS`) is complete whenever any method code runs, and loading a saved
+native adapter can always rebuild its config by name.
+"""
+
+from .adapted_model import AdaptedModel
+from .adapter import Adapter
+from .base import METHODS, MethodConfig, build_config, method_names, register_method
+from .head import Head
+from .lora import LoRA
+from .prefix import Prefix
+
+__all__ = ["AdaptedModel", "Adapter", "Head", "LoRA", "Prefix", "METHODS", "MethodConfig", "build_config",
+           "method_names", "register_method"]

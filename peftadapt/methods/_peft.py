@@ -30,17 +30,6 @@ def task_type_of(model: nn.Module) -> str | None:
     return None
 
 
-def check_transformers_model(model: object) -> None:
-    """TypeError unless ``model`` looks like a transformers PreTrainedModel."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"wrap() needs a torch.nn.Module (a transformers model), got {type(model).__name__}")
-    if getattr(model, "config", None) is None or not hasattr(model.config, "model_type"):
-        raise TypeError(
-            f"wrap() needs a Hugging Face transformers model (with a .config); got {type(model).__name__}. "
-            "Load one with e.g. AutoModelForSequenceClassification.from_pretrained(path)."
-        )
-
-
 def linear_module_names(model: nn.Module) -> list[str]:
     """Distinct leaf names of the linear-like layers (nn.Linear, GPT-2 Conv1D, bnb layers)."""
     names = set()

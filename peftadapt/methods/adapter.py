@@ -34,7 +34,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..core.hf import LM_HEAD_NAMES, find_task_head
+from .adapted_model import AdaptedModel, check_unwrapped
 from .base import MethodConfig, field, register_method
+from .slots import AdapterSlot, Slot, add_head_copies, get_parent
 
 STYLES = ("houlsby", "pfeiffer")
 PLACEMENTS = ("attention", "ffn")
@@ -204,10 +207,8 @@ class Adapter(MethodConfig):
 
     # -- apply -----------------------------------------------------------------
     def apply(self, model: nn.Module, adapter_name: str = "default") -> nn.Module:
-        from ..model import AdaptedModel, _check_unwrapped
-
         self.validate()
-        _check_unwrapped(model)
+        check_unwrapped(model)
         self._plan(model)  # raises before anything is touched
         wrapped = AdaptedModel(model)
         try:
@@ -219,33 +220,28 @@ class Adapter(MethodConfig):
 
     def _plan(self, hf: nn.Module) -> list[tuple[str, nn.Module, int]]:
         """(name, base module, hidden size) per injection point; validates the bottleneck."""
-        from ..model import _Slot
-
         plan = []
         for name in self.injection_points(hf):
             module = hf.get_submodule(name)
-            base = module.base_layer if isinstance(module, _Slot) else module
+            base = module.base_layer if isinstance(module, Slot) else module
             hidden = _out_features(base) or getattr(hf.config, "hidden_size")
             self.bottleneck(hidden)
             plan.append((name, base, hidden))
         return plan
 
     def add_to(self, wrapped: nn.Module, adapter_name: str) -> None:
-        from ..model import AdaptedModel, _AdapterSlot, _get_parent
-        from .head import LM_HEAD_NAMES, _add_head_copies, find_task_head
-
         if not isinstance(wrapped, AdaptedModel):
             raise TypeError(f"Adapter.add_to needs a peftadapt AdaptedModel, got {type(wrapped).__name__}")
         self.validate()
-        wrapped._check_new_name(adapter_name)
+        wrapped.check_new_name(adapter_name)
         hf = wrapped.model
         plan = self._plan(hf)
         default_dtype = _float_dtype(hf)
         for name, base, hidden in plan:
             module = hf.get_submodule(name)
-            if not isinstance(module, _AdapterSlot):
-                module = _AdapterSlot(base)
-                parent, child = _get_parent(hf, name)
+            if not isinstance(module, AdapterSlot):
+                module = AdapterSlot(base)
+                parent, child = get_parent(hf, name)
                 setattr(parent, child, module)
             dtype = _float_dtype(base) if any(p.is_floating_point() for p in base.parameters()) else default_dtype
             if dtype in (torch.float16, torch.bfloat16):
@@ -257,5 +253,5 @@ class Adapter(MethodConfig):
             module.adapters[adapter_name] = adapter.train(base.training)  # a new module would be in train mode
         if self.train_head:
             heads = [h for h in find_task_head(hf) if h not in LM_HEAD_NAMES]
-            _add_head_copies(wrapped, adapter_name, heads)
-        wrapped._register(adapter_name, self)
+            add_head_copies(wrapped, adapter_name, heads)
+        wrapped.register_adapter(adapter_name, self)

@@ -14,6 +14,10 @@ from typing import Any, ClassVar
 
 import torch.nn as nn
 
+from ..core.fields import field, help_of
+
+__all__ = ["METHODS", "ALIASES", "MethodConfig", "register_method", "method_names", "build_config", "field"]
+
 METHODS: dict[str, type["MethodConfig"]] = {}
 # Aliases: a name that maps to a config class with some options preset.
 ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -43,6 +47,8 @@ class MethodConfig:
     """Base class of every method's options."""
 
     method: ClassVar[str] = "base"
+    # which backend carries it: "peft" (LoRA, prefix: a peft PeftModel) or "native" (ours: AdaptedModel)
+    backend: ClassVar[str] = "native"
 
     # -- construction ------------------------------------------------------
     @classmethod
@@ -68,7 +74,7 @@ class MethodConfig:
 
     @classmethod
     def help(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+        return help_of(cls)
 
     # -- application -------------------------------------------------------
     def apply(self, model: nn.Module, adapter_name: str = "default") -> nn.Module:
@@ -104,10 +110,3 @@ def build_config(method: "str | MethodConfig", **options: Any) -> MethodConfig:
     if key not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {method_names()}")
     return METHODS[key].from_options(**options)
-
-
-def field(default: Any, help: str, **kw: Any):
-    """A dataclass field that carries its help text."""
-    if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)

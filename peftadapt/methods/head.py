@@ -3,7 +3,7 @@
 The linear-probe baseline of transfer learning (e.g. Kornblith et al., 2019,
 "Do Better ImageNet Models Transfer Better?"): features of a frozen
 pretrained encoder, a trained classifier on top. The head is trained as a
-per-adapter copy (see :mod:`peftadapt.model`), so the original head stays
+per-adapter copy (see :mod:`peftadapt.methods.slots`), so the original head stays
 untouched and ``disable_adapter()`` gives the base model back.
 
 >>> model = peftadapt.wrap(AutoModelForSequenceClassification.from_pretrained(path), "head")
@@ -11,73 +11,14 @@ untouched and ``disable_adapter()`` gives the base model back.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch.nn as nn
 
+from ..core.hf import HEAD_NAMES, find_task_head, unwrap
+from .adapted_model import AdaptedModel
 from .base import MethodConfig, field, register_method
-
-# Top-level attribute names transformers uses for task heads, in the order a
-# model applies them (DistilBERT: pre_classifier, then classifier).
-HEAD_NAMES = (
-    "pre_classifier",  # DistilBERT sequence classification
-    "classifier",  # BERT/RoBERTa/DistilBERT/ELECTRA sequence and token classification
-    "score",  # Llama/Qwen2/Mistral/GPT-2 sequence classification
-    "qa_outputs",  # extractive question answering
-    "lm_head",  # causal / masked language models
-    "cls",  # BERT masked-LM / pre-training heads
-    "vocab_transform",  # DistilBERT masked LM
-    "vocab_layer_norm",
-    "vocab_projector",
-)
-# Language-model heads: vocabulary-sized and usually tied to the input
-# embeddings, so bottleneck adapters do not train them by default.
-LM_HEAD_NAMES = ("lm_head", "cls", "vocab_transform", "vocab_layer_norm", "vocab_projector")
-
-
-def _hf_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peftadapt or peft wrapper (or the model itself)."""
-    from ..model import AdaptedModel
-
-    if isinstance(model, AdaptedModel):
-        return model.model
-    get_base = getattr(model, "get_base_model", None)  # peft's PeftModel
-    if callable(get_base):
-        return get_base()
-    return model
-
-
-def find_task_head(model: nn.Module) -> list[str]:
-    """Names of the task-head modules of a transformers model (top-level attributes).
-
-    ``classifier`` for BERT classifiers, ``score`` for decoder classifiers,
-    ``["pre_classifier", "classifier"]`` for DistilBERT, ``lm_head`` for causal
-    LMs, ``qa_outputs`` for question answering; ``[]`` for a bare encoder
-    (``AutoModel``). Names are relative to the transformers model, also when
-    ``model`` is an AdaptedModel or a peft PeftModel.
-    """
-    hf = _hf_model(model)
-    children = dict(hf.named_children())
-    return [n for n in HEAD_NAMES if n in children and isinstance(children[n], nn.Module)]
-
-
-def _add_head_copies(wrapped, adapter_name: str, head_names: list[str]) -> None:
-    """Give ``adapter_name`` its own trainable copy of each head module."""
-    from ..model import _HeadSlot
-
-    hf = wrapped.model
-    for name in head_names:
-        module = hf.get_submodule(name)
-        if not isinstance(module, _HeadSlot):
-            slot = _HeadSlot(module)
-            setattr(hf, name, slot)
-            module = slot
-        head = copy.deepcopy(module.base_layer)  # also unties a tied lm_head: the copy owns its weight
-        for p in head.parameters():
-            p.requires_grad_(True)
-        module.heads[adapter_name] = head
-
+from .slots import add_head_copies
 
 @register_method("head")
 @dataclass
@@ -101,7 +42,7 @@ class Head(MethodConfig):
             self.modules = list(self.modules)
 
     def _heads(self, model: nn.Module) -> list[str]:
-        hf = _hf_model(model)
+        hf = unwrap(model)
         found = find_task_head(hf)
         if self.modules is None:
             if not found:
@@ -121,8 +62,6 @@ class Head(MethodConfig):
         return list(self.modules)
 
     def apply(self, model: nn.Module, adapter_name: str = "default") -> nn.Module:
-        from ..model import AdaptedModel
-
         self.validate()
         heads = self._heads(model)  # check before wrapping: errors leave the model untouched
         wrapped = AdaptedModel(model)
@@ -134,14 +73,12 @@ class Head(MethodConfig):
         return wrapped
 
     def add_to(self, wrapped: nn.Module, adapter_name: str) -> None:
-        from ..model import AdaptedModel
-
         if not isinstance(wrapped, AdaptedModel):
             raise TypeError(f"Head.add_to needs a peftadapt AdaptedModel, got {type(wrapped).__name__}")
         self.validate()
         self._add(wrapped, adapter_name, self._heads(wrapped))
 
-    def _add(self, wrapped, adapter_name: str, heads: list[str]) -> None:
-        wrapped._check_new_name(adapter_name)
-        _add_head_copies(wrapped, adapter_name, heads)
-        wrapped._register(adapter_name, self)
+    def _add(self, wrapped: AdaptedModel, adapter_name: str, heads: list[str]) -> None:
+        wrapped.check_new_name(adapter_name)
+        add_head_copies(wrapped, adapter_name, heads)
+        wrapped.register_adapter(adapter_name, self)

@@ -11,7 +11,7 @@ format (``adapter_config.json`` + ``adapter_model.safetensors``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch.nn as nn
 
@@ -24,6 +24,8 @@ _INITS = ("default", "gaussian", "pissa", "olora")
 
 @register_method("lora", ("dora", {"use_dora": True}), ("rslora", {"use_rslora": True}))
 class LoRA(MethodConfig):
+    backend: ClassVar[str] = "peft"
+
     r: int = field(8, "rank of the update B A")
     alpha: float | None = field(None, "scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rslora); default 2*r")
     dropout: float = field(0.0, "dropout on the LoRA branch input")

@@ -19,9 +19,12 @@ adapter is ordinary peft format either way.
 from __future__ import annotations
 
 import inspect
+from typing import ClassVar
 
 import torch.nn as nn
 
+from ..core.hf import classifier_heads
+from ..quant.prepare import check_prefix_compat
 from . import _peft
 from .base import MethodConfig, field, register_method
 
@@ -43,12 +46,10 @@ def prefix_task_type(model: nn.Module) -> str:
     return task
 
 
-def _head_names(model: nn.Module) -> list[str]:
-    return [n for n in ("classifier", "score", "qa_outputs") if isinstance(getattr(model, n, None), nn.Module)]
-
-
 @register_method("prefix")
 class Prefix(MethodConfig):
+    backend: ClassVar[str] = "peft"
+
     num_virtual_tokens: int = field(20, "number of virtual prefix positions per layer")
     prefix_projection: bool = field(False, "reparameterise the prefix through a 2-layer MLP (more stable, more params while training)")
     projection_hidden_size: int | None = field(None, "hidden size of that MLP (default: the model's hidden size)")
@@ -74,7 +75,7 @@ class Prefix(MethodConfig):
         if own_task not in (None, "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM"):
             raise ValueError(f"prefix tuning supports classifiers, causal LMs and backbones; got a {own_task} model ({type(model).__name__})")
         task = prefix_task_type(model)
-        heads = _head_names(model)
+        heads = classifier_heads(model)
         modules_to_save = None
         if task == "FEATURE_EXTRACTION" and own_task is not None:
             modules_to_save = heads if (self.train_head and heads) else None
@@ -97,9 +98,7 @@ class Prefix(MethodConfig):
     def apply(self, model: nn.Module, adapter_name: str = "default") -> nn.Module:
         from peft import get_peft_model
 
-        from ..quant.prepare import _check_prefix_compat
-
-        _check_prefix_compat(model)  # turns checkpointing off, with a warning
+        check_prefix_compat(model)  # turns checkpointing off, with a warning
         return get_peft_model(model, self.peft_config(model), adapter_name=adapter_name)
 
     def add_to(self, wrapped: nn.Module, adapter_name: str) -> None:

@@ -19,7 +19,7 @@ from .load import bnb_config, load_quantized
 from .merge import merge_quantized
 from .optim import OPTIMIZERS, make_optimizer
 from .prepare import (
-    _check_prefix_compat,
+    check_prefix_compat,
     cast_trainable_to_fp32,
     prepare_for_kbit_training,
 )
@@ -27,5 +27,5 @@ from ._bnb import is_quantized, quant_bits, tensor_bytes
 
 __all__ = [
     "load_quantized", "build_quantized", "prepare_for_kbit_training", "merge_quantized", "make_optimizer",
-    "cast_trainable_to_fp32", "bnb_config", "is_quantized", "quant_bits", "tensor_bytes", "OPTIMIZERS",
+    "cast_trainable_to_fp32", "check_prefix_compat", "bnb_config", "is_quantized", "quant_bits", "tensor_bytes", "OPTIMIZERS",
 ]

@@ -21,14 +21,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..core.hf import OUTPUT_HEADS
 from ._bnb import bnb, check_bits, default_compute_dtype, default_device, resolve_dtype
 from .load import _auto_class, bnb_config
 
-_HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs")
 
 
 def _skip_names(model: nn.Module, skip_modules) -> set[str]:
-    names = set(skip_modules) if skip_modules else set(_HEAD_NAMES)
+    names = set(skip_modules) if skip_modules else set(OUTPUT_HEADS)
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, m in model.named_modules():
         if out is not None and m is out:

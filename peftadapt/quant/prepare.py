@@ -37,35 +37,8 @@ import warnings
 import torch
 import torch.nn as nn
 
+from ..core.hf import unwrap, wrapped_reason
 from ._bnb import is_quantized
-
-
-def _hf_model(model: nn.Module) -> nn.Module:
-    """The transformers PreTrainedModel inside a PeftModel / AdaptedModel / plain model."""
-    from transformers import PreTrainedModel
-
-    m = model
-    for _ in range(4):
-        if isinstance(m, PreTrainedModel):
-            return m
-        if hasattr(m, "get_base_model") and callable(m.get_base_model):  # peft.PeftModel
-            m = m.get_base_model()
-            continue
-        inner = next((getattr(m, a) for a in ("model", "base_model") if isinstance(getattr(m, a, None), nn.Module)), None)
-        if inner is None:
-            break
-        m = inner
-    return m
-
-
-def _is_wrapped(model: nn.Module) -> bool:
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # pragma: no cover
-        BaseTunerLayer = ()
-    if type(model).__name__ in ("PeftModel", "AdaptedModel") or hasattr(model, "peft_config"):
-        return True
-    return any(isinstance(m, BaseTunerLayer) for m in model.modules()) if BaseTunerLayer else False
 
 
 def _to_fp32_pre_hook(module, args):
@@ -109,7 +82,7 @@ def cast_trainable_to_fp32(model: nn.Module) -> int:
 
 def enable_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
     """Turn on activation (gradient) checkpointing on a transformers model, any version."""
-    hf = _hf_model(model)
+    hf = unwrap(model)
     if not getattr(hf, "supports_gradient_checkpointing", False):
         raise ValueError(
             f"{type(hf).__name__} does not support gradient checkpointing; pass gradient_checkpointing=False"
@@ -127,7 +100,7 @@ def enable_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
 
 
 def disable_checkpointing(model: nn.Module) -> None:
-    hf = _hf_model(model)
+    hf = unwrap(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         if hasattr(hf, "activation_checkpointing_disable"):
@@ -163,21 +136,21 @@ def prepare_for_kbit_training(
         raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
     if not isinstance(gradient_checkpointing, bool):
         raise TypeError(f"gradient_checkpointing must be True or False, got {gradient_checkpointing!r}")
-    wrapped = _is_wrapped(model)
+    wrapped = wrapped_reason(model) is not None
     for p in model.parameters():
         if not wrapped:
             p.requires_grad_(False)
     cast_trainable_to_fp32(model)
     if gradient_checkpointing:
         enable_checkpointing(model, use_reentrant=use_reentrant)
-    hf = _hf_model(model)
+    hf = unwrap(model)
     hf._peftadapt_kbit_prepared = True
     if not is_quantized(model):
         hf._peftadapt_kbit_prepared = "not-quantized"
     return model
 
 
-def _check_prefix_compat(model: nn.Module) -> nn.Module:
+def check_prefix_compat(model: nn.Module) -> nn.Module:
     """Make ``model`` acceptable to peft prefix tuning; return it.
 
     peft's prefix tuning feeds the prefix through the key/value cache, and a

@@ -36,21 +36,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core import comm
+from ..core.hf import unwrap
 from . import checkpoint as ckpt
+from . import preflight
 from .config import TASKS, TrainConfig
 from .data import (BatchStream, TextData, as_text_data, check_labels, check_tokenizer, collate,
                    tokenize, warn_unused_target_labels)
 
 LOWER_IS_BETTER = ("loss", "perplexity")
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    """The underlying transformers model of a wrapped (peft / AdaptedModel) one."""
-    try:
-        from .. import base_model
-        return base_model(model)
-    except ImportError:  # pragma: no cover - core wrap not importable
-        return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _as_alignment(regularizers: Any):
@@ -182,7 +176,7 @@ class Trainer:
         self.model, self.tokenizer = model, tokenizer
         self.feature_layer, self.pooling, self.name = feature_layer, pooling, name
         check_tokenizer(tokenizer)
-        self.base = _base_model(model)
+        self.base = unwrap(model)
         if task == "classification":
             self.num_labels = int(getattr(self.base.config, "num_labels", 2))
             if getattr(self.base.config, "pad_token_id", None) is None:
@@ -318,8 +312,7 @@ class Trainer:
 
         # data: tokenized once; batches drawn by index from endless seeded streams
         pad = self.tokenizer.pad_token_id
-        from .. import distributed  # per-process batch sizes; pre-flight checks across processes
-        bs, tbs = distributed.batch_sizes(cfg, acc.num_processes)
+        bs, tbs = preflight.batch_sizes(cfg, acc.num_processes)
         src = BatchStream(tokenize(self.train_data.texts, self.tokenizer, self.max_length),
                           self.train_data.labels if self.task == "classification" else None,
                           bs, seed=cfg.seed, pad_id=pad, task=self.task,
@@ -329,7 +322,9 @@ class Trainer:
             tgt = BatchStream(tokenize(self.target_data.texts, self.tokenizer, self.max_length), None,
                               tbs, seed=cfg.seed + 1, pad_id=pad,
                               task="target", rank=acc.process_index, world=acc.num_processes)
-        distributed.preflight(self, acc, src, tgt)
+        if alignment is not None:
+            alignment.set_default_scope(cfg.align_scope)
+        preflight.preflight(self, acc, src, tgt)
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * src.batches_per_epoch / cfg.grad_accum))
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total)
 
@@ -346,7 +341,7 @@ class Trainer:
             alignment.to(acc.device)
             disc = [p for p in alignment.parameters() if p.requires_grad]
             # every process starts from rank 0's discriminator (DDP would broadcast it when wrapping)
-            distributed.broadcast_parameters(alignment)
+            comm.broadcast_parameters(alignment)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
         tap = FeatureTap(model, layer=self.feature_layer, pooling=self.pooling) if alignment is not None else None
         # Only the model goes through Accelerate (DDP / FSDP / DeepSpeed wrap one model; FSDP2
@@ -388,7 +383,7 @@ class Trainer:
             stopped_early = False
             self.history = []
         # every process must resume from the same step (e.g. output_dir not shared between machines)
-        distributed.check_same_resume_step(step, acc.device)
+        preflight.check_same_resume_step(step, acc.device)
         if acc.is_main_process:  # drop log lines written after the checkpoint by a killed run
             with open(out_dir / "metrics.jsonl", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.history)
@@ -430,7 +425,7 @@ class Trainer:
                 acc.backward(loss / cfg.grad_accum)
                 task_sum += float(task_loss.detach()) / cfg.grad_accum
             if disc and acc.num_processes > 1:
-                distributed.average_gradients(disc)
+                comm.average_gradients(disc)
             grad_norm = None
             if cfg.max_grad_norm is not None:
                 grad_norm = float(acc.clip_grad_norm_(trainable, cfg.max_grad_norm))

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ..wrap import load, wrap
+
 from .config import TERM_KEYS, TrainConfig
 from .data import TextData, balance_classes, check_tokenizer, collate, load_text_data, tokenize
 
@@ -87,10 +89,8 @@ def load_base_model(mcfg: dict[str, Any], num_labels: int | None, gradient_check
 
 
 def wrap_model(base, cfg: dict[str, Any]):
-    import peftadapt
-
     opts = {k: v for k, v in cfg["method"].items() if k != "name"}
-    return peftadapt.wrap(base, cfg["method"]["name"], **opts)
+    return wrap(base, cfg["method"]["name"], **opts)
 
 
 def feature_width(model, tokenizer, layer=None, pooling="mean") -> int:
@@ -114,7 +114,7 @@ def build_alignment(terms: list[dict[str, Any]], *, width: int | None, num_label
     if not terms:
         return None
     from ..align import REGULARIZERS, Alignment, Term, build
-    from ..align.base import _init_params
+    from ..align.registry import init_params
 
     built = []
     for i, t in enumerate(terms):
@@ -123,7 +123,7 @@ def build_alignment(terms: list[dict[str, Any]], *, width: int | None, num_label
             raise ValueError(f"regularizers[{i}].name: unknown regularizer {t['name']!r}; "
                              f"allowed values: {sorted(REGULARIZERS)}")
         opts = {k: v for k, v in t.items() if k not in TERM_KEYS}
-        accepted = _init_params(REGULARIZERS[name][0])
+        accepted = init_params(REGULARIZERS[name][0])
         if "in_features" in accepted and "in_features" not in opts and width is not None:
             opts["in_features"] = width
         if "num_classes" in accepted and "num_classes" not in opts and num_labels is not None:
@@ -168,8 +168,6 @@ def build_trainer(cfg: dict[str, Any], training_overrides: dict[str, Any] | None
 def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str | Path) -> dict[str, float]:
     """Metrics on ``data.eval`` of the base model with the adapter saved in
     ``checkpoint`` (a checkpoint / final folder holding ``adapter/``, or an adapter folder)."""
-    import peftadapt
-
     from .loop import evaluate_model
 
     ck = Path(checkpoint)
@@ -187,7 +185,7 @@ def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str | Path) -> dict[str
         nl = max(2, max(max(d.labels) for d in evals.values()) + 1)
     tokenizer = load_tokenizer(cfg["model"], cfg["data"].get("truncation", "right"))  # as in training
     base = load_base_model(cfg["model"], nl)
-    model = peftadapt.load(base, str(adapter))
+    model = load(base, str(adapter))
     training: TrainConfig = cfg["training"]
     return evaluate_model(model, tokenizer, evals, task=cfg["model"]["task"], max_length=cfg["data"]["max_length"],
                           batch_size=training.eval_batch_size or 2 * training.batch_size)

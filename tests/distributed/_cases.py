@@ -107,8 +107,8 @@ def run(case: str, shard: str | None, rank: int = 0, world: int = 1, fsdp: bool 
 
 def run_manual(case: str, shard: str | None, rank: int = 0, world: int = 1) -> dict:
     """As :func:`run`, with the term's parameters *not* DDP-wrapped: replicated, their
-    gradients averaged by :func:`peftadapt.distributed.average_gradients` (what the Trainer does)."""
-    from peftadapt import distributed as D
+    gradients averaged by :func:`peftadapt.core.comm.average_gradients` (what the Trainer does)."""
+    from peftadapt.core import comm as C
 
     xs, xt = inputs()
     if shard is not None:
@@ -122,7 +122,7 @@ def run_manual(case: str, shard: str | None, rank: int = 0, world: int = 1) -> d
     f, logits = net(torch.cat([xs, xt]))
     loss, _ = term(f[: len(xs)], f[len(xs):], logits[: len(xs)], logits[len(xs):], progress=0.5)
     loss.backward()
-    D.average_gradients([p for p in term.parameters() if p.requires_grad])
+    C.average_gradients([p for p in term.parameters() if p.requires_grad])
     mods = {"net": net.module if world > 1 else net, "term": term}
     grads = {f"{k}.{n}": (p.grad.flatten().tolist() if p.grad is not None else None)
              for k, m in mods.items() for n, p in m.named_parameters()}
@@ -149,7 +149,7 @@ def run_two_discriminators(mode: str, rank: int = 0, world: int = 1, steps: int 
     DDP without ``find_unused_parameters`` (what the Trainer did before: expected to fail).
     Returns the final parameters, or the error.
     """
-    from peftadapt import distributed as D
+    from peftadapt.core import comm as C
 
     xs, xt = inputs()
     if world > 1:
@@ -173,7 +173,7 @@ def run_two_discriminators(mode: str, rank: int = 0, world: int = 1, steps: int 
             loss, vals = fwd_align(f[: len(xs)], f[len(xs):], logits[: len(xs)], logits[len(xs):], progress=0.5)
             loss.backward()
             if mode == "manual":
-                D.average_gradients([p for p in align.parameters() if p.requires_grad])
+                C.average_gradients([p for p in align.parameters() if p.requires_grad])
             cdan_grads = [p.grad for p in align.terms[1].parameters()]
             opt.step()
     except RuntimeError as e:

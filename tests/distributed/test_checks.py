@@ -1,36 +1,38 @@
-"""Single-process tests of peftadapt.distributed: scopes, batch-size and launch checks."""
+"""Single-process tests of scopes (peftadapt.align.scope), communication no-ops (peftadapt.core.comm) and the trainer's pre-flight checks (peftadapt.train.preflight)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from peftadapt import distributed as D
+from peftadapt.align import scope as S
+from peftadapt.core import comm as C
+from peftadapt.train import preflight as D
 from peftadapt.align import CDAN, CORAL, DANN, MMD, Entropy, Term
 from peftadapt.train import TrainConfig
 
 
 def test_gather_is_the_identity_in_one_process():
     x = torch.randn(3, 4, requires_grad=True)
-    assert D.gather(x) is x
-    fs, ft, ls, lt = D.gather_inputs("global", MMD(), x, x, None, None)
+    assert C.gather(x) is x
+    fs, ft, ls, lt = S.gather_inputs("global", MMD(), x, x, None, None)
     assert fs is x and ft is x and ls is None
-    assert not D.is_distributed() and D.world_size() == 1 and D.rank() == 0
+    assert not C.is_distributed() and C.world_size() == 1 and C.rank() == 0
 
 
 def test_default_scope_follows_the_math():
-    assert D.default_scope(MMD()) == "global" and D.default_scope(CORAL()) == "global"
-    assert D.default_scope(DANN(4)) == "local"
-    assert D.default_scope(CDAN(4, 2)) == "local"
-    assert D.default_scope(CDAN(4, 2, entropy=True)) == "global"  # per-domain weight normalisation
-    assert D.default_scope(Entropy()) == "local"
-    assert D.default_scope(Entropy(diversity=True)) == "global"  # entropy of the mean prediction
+    assert S.default_scope(MMD()) == "global" and S.default_scope(CORAL()) == "global"
+    assert S.default_scope(DANN(4)) == "local"
+    assert S.default_scope(CDAN(4, 2)) == "local"
+    assert S.default_scope(CDAN(4, 2, entropy=True)) == "global"  # per-domain weight normalisation
+    assert S.default_scope(Entropy()) == "local"
+    assert S.default_scope(Entropy(diversity=True)) == "global"  # entropy of the mean prediction
 
     class PerSample(MMD):
         batch_statistic = False
 
-    assert D.default_scope(PerSample()) == "local"
-    assert D.resolve_scope("global", DANN(4)) == "global" and D.resolve_scope("auto", DANN(4)) == "local"
+    assert S.default_scope(PerSample()) == "local"
+    assert S.resolve_scope("global", DANN(4)) == "global" and S.resolve_scope("auto", DANN(4)) == "local"
 
 
 def test_bad_scope_names_the_choices():
@@ -117,12 +119,12 @@ def test_trainer_checks_before_the_first_step(minilm_tokenizer, tmp_path):
 
 
 def test_data_digest_sees_tokens_rows_and_labels():
-    base = D._digest_rows([[1, 2, 3], [4]], [0, 1])
-    assert base == D._digest_rows([[1, 2, 3], [4]], [0, 1])
-    assert base != D._digest_rows([[1, 2], [3, 4]], [0, 1])   # same tokens, other row split
-    assert base != D._digest_rows([[1, 2, 3], [5]], [0, 1])
-    assert base != D._digest_rows([[1, 2, 3], [4]], [1, 1])
-    assert base != D._digest_rows([[1, 2, 3], [4]])
+    base = D.digest_rows([[1, 2, 3], [4]], [0, 1])
+    assert base == D.digest_rows([[1, 2, 3], [4]], [0, 1])
+    assert base != D.digest_rows([[1, 2], [3, 4]], [0, 1])   # same tokens, other row split
+    assert base != D.digest_rows([[1, 2, 3], [5]], [0, 1])
+    assert base != D.digest_rows([[1, 2, 3], [4]], [1, 1])
+    assert base != D.digest_rows([[1, 2, 3], [4]])
 
 
 def test_fsdp_and_deepspeed_runs_warn_that_they_are_untested():
@@ -170,7 +172,7 @@ def test_average_gradients_is_a_no_op_in_one_process():
     p = torch.nn.Parameter(torch.ones(3))
     p.grad = torch.full((3,), 2.0)
     q = torch.nn.Parameter(torch.ones(2))
-    D.average_gradients([p, q])
+    C.average_gradients([p, q])
     assert torch.equal(p.grad, torch.full((3,), 2.0)) and q.grad is None
 
 

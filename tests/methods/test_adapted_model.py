@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import peftadapt
 from peftadapt import AdaptedModel, Adapter, Head
-from peftadapt.model import CONFIG_NAME, WEIGHTS_NAME
+from peftadapt.methods.native_format import CONFIG_NAME, WEIGHTS_NAME
 from tests.conftest import make_tiny, token_batch
 
 
@@ -320,7 +320,7 @@ def test_save_is_atomic_and_keeps_old_files_on_failure(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("safetensors.torch.save_file", fail)
+    monkeypatch.setattr("peftadapt.methods.native_format.save_file", fail)
     _perturb(wrapped, seed=9)
     with pytest.raises(OSError, match="disk full"):
         wrapped.save_pretrained(tmp_path)

@@ -117,7 +117,7 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(saved_tiny):
 def test_prefix_tuning_turns_checkpointing_off_with_a_warning(saved_tiny):
     from peft import PrefixTuningConfig, get_peft_model
 
-    from peftadapt.quant import _check_prefix_compat
+    from peftadapt.quant import check_prefix_compat
     from peftadapt.quant.prepare import is_checkpointing
 
     folder, _ = saved_tiny("llama")
@@ -126,7 +126,7 @@ def test_prefix_tuning_turns_checkpointing_off_with_a_warning(saved_tiny):
     with pytest.raises(ValueError, match="gradient checkpointing"):
         get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     with pytest.warns(UserWarning, match="turned OFF"):
-        _check_prefix_compat(model)
+        check_prefix_compat(model)
     assert not is_checkpointing(model)
     wrapped = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     wrapped.train()
@@ -136,7 +136,7 @@ def test_prefix_tuning_turns_checkpointing_off_with_a_warning(saved_tiny):
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _check_prefix_compat(model)  # nothing to do the second time: no warning
+        check_prefix_compat(model)  # nothing to do the second time: no warning
 
 
 @pytest.mark.parametrize("method", ["lora", "adapter"])

@@ -120,11 +120,11 @@ def test_merge_dora_and_8bit(saved_tiny):
 def test_merge_refuses_what_cannot_be_merged(saved_tiny):
     from peft import PrefixTuningConfig, get_peft_model
 
-    from peftadapt.quant import _check_prefix_compat
+    from peftadapt.quant import check_prefix_compat
 
     folder, _ = saved_tiny("llama")
     with pytest.warns(UserWarning):
-        base = _check_prefix_compat(load_quantized(folder, bits=4, device="cpu"))
+        base = check_prefix_compat(load_quantized(folder, bits=4, device="cpu"))
     prefix = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
     with pytest.raises(ValueError, match="cannot be merged"):
         merge_quantized(prefix)

@@ -1,0 +1,229 @@
+"""The peft backend: LoRA / DoRA / rsLoRA and prefix tuning, carried by a ``peft.PeftModel``.
+
+Saved in peft's own format (``adapter_config.json`` + ``adapter_model.safetensors``), so
+``PeftModel.from_pretrained`` and transformers' ``load_adapter`` read what we write and we
+read what they write. Before handing a folder to peft, :meth:`PeftBackend.load` checks the
+saved shapes against the model and says what differs (peft's own errors are deep size
+mismatches).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch.nn as nn
+from safetensors import safe_open
+
+from ..core.hf import check_transformers_model, classifier_heads, unwrap, wrapped_reason
+from ..methods._peft import task_type_of
+from ..methods.prefix import prefix_task_type
+from ..quant import is_quantized, merge_quantized
+
+__all__ = ["PeftBackend", "CONFIG_FILE", "WEIGHTS_FILE", "is_peft_model"]
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+# peft is imported inside the functions that use it: `import peft` costs ~3.5 s here (it imports
+# transformers' model zoo and bitsandbytes; `python -X importtime -c "import peft"`), and
+# `import peftadapt` should not pay it before a peft method is used.
+
+
+def is_peft_model(model: object) -> bool:
+    """True for a ``peft.PeftModel``; never imports peft (none can exist before it is imported)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+class PeftBackend:
+    """Adapters that sit on peft (``MethodConfig.backend == "peft"``)."""
+
+    name = "peft"
+    config_file = CONFIG_FILE
+
+    def owns(self, model: object) -> bool:
+        return is_peft_model(model)
+
+    def adapter_names(self, model: Any) -> list[str]:
+        return list(model.peft_config)
+
+    @contextlib.contextmanager
+    def disabled(self, model: Any) -> Iterator[nn.Module]:
+        if not model.peft_config[model.active_adapter].is_prompt_learning:
+            with model.disable_adapter():
+                yield model
+            return
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        # peft's own disable_adapter() fails for prompt learning on models without
+        # prepare_inputs_for_generation (classifiers) and leaves trained heads on.
+        heads = [m for m in model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
+        old_forward = model.forward
+        model.forward = model.get_base_model().forward
+        for h in heads:
+            h.enable_adapters(False)
+        try:
+            yield model
+        finally:
+            model.forward = old_forward
+            for h in heads:
+                h.enable_adapters(True)
+
+    def merge(self, model: Any, unload: bool) -> nn.Module:
+        kind = str(model.peft_config[model.active_adapter].peft_type.value)
+        if kind != "LORA":
+            raise ValueError(f"only LoRA/DoRA adapters merge into the weights; this model holds a {kind} adapter")
+        if is_quantized(unwrap(model)):
+            if not unload:
+                raise ValueError("a LoRA on a quantized base merges only with unload=True (into dequantized weights)")
+            return merge_quantized(model)
+        if unload:
+            merged: nn.Module = model.merge_and_unload()
+            return merged
+        if _merged(model):
+            raise ValueError("the adapter is already merged; unmerge(model) first")
+        model.merge_adapter()
+        return model
+
+    def unmerge(self, model: Any) -> nn.Module:
+        if not _merged(model):
+            raise ValueError("nothing to unmerge: the adapter is not merged (merge(model, unload=False) merges it)")
+        model.unmerge_adapter()
+        return model
+
+    def load(self, base: nn.Module, path: Path, adapter_name: str | None, is_trainable: bool) -> nn.Module:
+        adapter_name = adapter_name or "default"
+        target = unwrap(base)
+        check_transformers_model(target)
+        cfg = _read_json(path / CONFIG_FILE)
+        shapes = _read_safetensors_shapes(path)
+        _check_peft_adapter_fits(target, cfg, shapes, path)
+        try:
+            if self.owns(base):
+                base.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)  # type: ignore[operator]
+                return base
+            if wrapped_reason(base) is not None:
+                raise ValueError("load() onto a model that already carries adapters: pass the wrapped model itself")
+            from peft import PeftModel
+
+            loaded: nn.Module = PeftModel.from_pretrained(base, str(path), adapter_name=adapter_name,
+                                                          is_trainable=is_trainable,
+                                                          config=_peft_config_here(target, cfg, shapes))
+            return loaded
+        except RuntimeError as e:  # size mismatches that slipped past our checks
+            raise ValueError(f"the adapter in {path} does not fit this {target.config.model_type} model: {e}") from e
+
+
+def _merged(model: nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) and m.merged for m in model.modules())
+
+
+def _peft_config_here(model: nn.Module, cfg: dict, shapes: dict):
+    """The saved peft config, with a prefix adapter's task type re-picked for this transformers."""
+    from peft import PeftConfig
+
+    config = PeftConfig.from_peft_type(**{k: v for k, v in cfg.items() if k != "peft_version"})
+    if cfg.get("peft_type") == "PREFIX_TUNING" and task_type_of(model) is not None:
+        task = prefix_task_type(model)
+        if task != config.task_type:
+            heads = [h for h in classifier_heads(model) if any(k == h or k.startswith(h + ".") for k in shapes)]
+            config.task_type = task
+            config.modules_to_save = heads or None if task == "FEATURE_EXTRACTION" else None
+    return config
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"corrupt adapter config {file}: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"corrupt adapter config {file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    file = path / WEIGHTS_FILE
+    if not file.is_file():
+        others = sorted(p.name for p in path.glob("adapter_model*"))
+        raise FileNotFoundError(f"missing adapter weights {file}" + (f" (found {others}; peftadapt reads safetensors only)" if others else ""))
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise ValueError(f"corrupt adapter weights {file}: {e}") from e
+
+
+def _in_out(mod: nn.Module) -> tuple[int, int] | None:
+    if hasattr(mod, "in_features") and hasattr(mod, "out_features"):
+        return int(mod.in_features), int(mod.out_features)
+    if type(mod).__name__ == "Conv1D":  # GPT-2: weight is (in, out)
+        return int(mod.weight.shape[0]), int(mod.weight.shape[1])
+    return None
+
+
+def _check_peft_adapter_fits(model: nn.Module, cfg: dict, shapes: dict, path: Path) -> None:
+    mt = model.config.model_type
+    ptype = cfg.get("peft_type")
+    if ptype is None:
+        raise ValueError(f"{path / CONFIG_FILE} has no 'peft_type'; it is not a peft adapter config")
+    if ptype == "PREFIX_TUNING":
+        want = {"num_layers": model.config.num_hidden_layers, "token_dim": model.config.hidden_size}
+        bad = {k: (cfg.get(k), v) for k, v in want.items() if cfg.get(k) not in (None, v)}
+        if bad:
+            raise ValueError(
+                f"the prefix adapter in {path} was saved for a different base model: "
+                + ", ".join(f"{k} saved {s} vs this {mt} model's {m}" for k, (s, m) in bad.items())
+            )
+    modules = dict(model.named_modules())
+    for key, shape in shapes.items():
+        if not key.startswith("base_model.model."):
+            continue
+        rest = key[len("base_model.model."):]
+        for tag in (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".lora_embedding_A", ".lora_embedding_B"):
+            if tag in rest:
+                mod_name = rest.split(tag)[0]
+                break
+        else:  # a fully trained module (modules_to_save): parameter path
+            mod_name, _, pname = rest.rpartition(".")
+            mod = modules.get(mod_name)
+            if mod is None:
+                raise ValueError(
+                    f"the adapter in {path} was saved for a different architecture: it trains module "
+                    f"{mod_name!r}, which this {mt} model ({type(model).__name__}) does not have"
+                )
+            p = getattr(mod, pname, None)
+            if p is not None and tuple(p.shape) != shape:
+                raise ValueError(
+                    f"the adapter in {path} does not fit this {mt} model: {mod_name}.{pname} was saved with "
+                    f"shape {shape}, this model has {tuple(p.shape)} (different num_labels or hidden size?)"
+                )
+            continue
+        mod = modules.get(mod_name)
+        if mod is None:
+            raise ValueError(
+                f"the adapter in {path} was saved for a different architecture: it adapts {mod_name!r}, "
+                f"which this {mt} model ({type(model).__name__}) does not have"
+            )
+        io = _in_out(mod)
+        if io is None:
+            continue
+        fin, fout = io
+        if ".lora_A." in key and shape[-1] != fin:
+            raise ValueError(
+                f"the adapter in {path} was saved for a different hidden size: {mod_name} takes "
+                f"{fin} inputs in this model, the adapter expects {shape[-1]}"
+            )
+        if ".lora_B." in key and shape[0] != fout:
+            raise ValueError(
+                f"the adapter in {path} was saved for a different hidden size: {mod_name} gives "
+                f"{fout} outputs in this model, the adapter expects {shape[0]}"
+            )

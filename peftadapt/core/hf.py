@@ -1,0 +1,123 @@
+"""Facts about Hugging Face transformers models that every layer needs, in one place.
+
+- the task-head attribute names (:data:`HEAD_NAMES` and its parts);
+- :func:`unwrap`: the transformers model inside a peft ``PeftModel`` or a peftadapt
+  ``AdaptedModel`` (both expose ``get_base_model()``);
+- :func:`find_task_head`, :func:`count_params` (4-bit weights counted as peft counts them),
+  :func:`check_transformers_model` and the adapter-name rule :func:`validate_adapter_name`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sys
+
+import torch
+import torch.nn as nn
+
+# Top-level attribute names transformers gives its task heads. The final projection of a
+# classifier-like head: its *input* is the feature the classifier reads.
+CLASSIFIER_HEADS = ("classifier", "score", "qa_outputs")
+# Language-model heads: vocabulary-sized and usually tied to the input embeddings.
+LM_HEAD_NAMES = ("lm_head", "cls", "vocab_transform", "vocab_layer_norm", "vocab_projector")
+# Every head module, in the order a model applies them (DistilBERT: pre_classifier, then classifier).
+HEAD_NAMES = ("pre_classifier",) + CLASSIFIER_HEADS + LM_HEAD_NAMES
+# The last projection of each kind of head (feature taps read its input; quantization skips it).
+OUTPUT_HEADS = CLASSIFIER_HEADS + ("lm_head",)
+# Final norms that produce the last hidden state in decoder stacks.
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft ``PeftModel`` / peftadapt ``AdaptedModel`` (or ``model``)."""
+    for _ in range(4):  # a wrapper of a wrapper at most; never loops on a model returning itself
+        get_base = getattr(model, "get_base_model", None)
+        if not callable(get_base):
+            break
+        inner = get_base()
+        if inner is model or not isinstance(inner, nn.Module):
+            break
+        model = inner
+    return model
+
+
+def find_task_head(model: nn.Module) -> list[str]:
+    """Names of the task-head modules of a transformers model (top-level attributes).
+
+    ``classifier`` for BERT classifiers, ``score`` for decoder classifiers,
+    ``["pre_classifier", "classifier"]`` for DistilBERT, ``lm_head`` for causal
+    LMs, ``qa_outputs`` for question answering; ``[]`` for a bare encoder
+    (``AutoModel``). Names are relative to the transformers model, also when
+    ``model`` is an AdaptedModel or a peft PeftModel.
+    """
+    children = dict(unwrap(model).named_children())
+    return [n for n in HEAD_NAMES if n in children and isinstance(children[n], nn.Module)]
+
+
+def classifier_heads(model: nn.Module) -> list[str]:
+    """The classifier-like heads (:data:`CLASSIFIER_HEADS`) that ``model`` has as attributes."""
+    return [n for n in CLASSIFIER_HEADS if isinstance(getattr(model, n, None), nn.Module)]
+
+
+def count_params(param: torch.Tensor) -> int:
+    """Elements of a parameter; bitsandbytes 4-bit weights pack two values per byte of
+    storage, counted unpacked (as peft counts them)."""
+    n = param.numel()
+    if param.__class__.__name__ == "Params4bit":
+        n *= 2 * (param.element_size() if hasattr(param, "element_size") else 1)
+    return n
+
+
+def trainable_and_total(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, 4-bit weights unpacked."""
+    trainable = total = 0
+    for p in model.parameters():
+        k = count_params(p)
+        total += k
+        if p.requires_grad:
+            trainable += k
+    return trainable, total
+
+
+def check_transformers_model(model: object) -> None:
+    """TypeError unless ``model`` looks like a transformers PreTrainedModel."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"wrap() needs a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    if getattr(model, "config", None) is None or not hasattr(model.config, "model_type"):
+        raise TypeError(
+            f"wrap() needs a Hugging Face transformers model (with a .config); got {type(model).__name__}. "
+            "Load one with e.g. AutoModelForSequenceClassification.from_pretrained(path)."
+        )
+
+
+def validate_adapter_name(name: Any) -> None:
+    """The one rule for adapter names (wrap, add_adapter, AdaptedModel.add_adapter): a
+    non-empty string of letters, digits, '_' or '-'. A name prefixes module paths and saved
+    weight keys, so '.' (a path separator), '/' or spaces would break them."""
+    if isinstance(name, str) and "." in name:
+        raise ValueError(f"adapter name {name!r} may not contain '.' (it prefixes the saved weight keys); "
+                         "use letters, digits, '_' or '-'")
+    if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"adapter name must be a non-empty string of letters, digits, '_' or '-'; got {name!r}")
+
+
+
+def wrapped_reason(model: nn.Module) -> str | None:
+    """Say why ``model`` already carries adapters (``None`` if it does not): a peftadapt
+    AdaptedModel or injected slot (their ``_peftadapt_*`` markers), a peft PeftModel or tuner
+    layer, or adapters loaded through transformers' ``add_adapter``."""
+    if getattr(type(model), "_peftadapt_wrapper", False):
+        return "it is already a peftadapt AdaptedModel"
+    peft = sys.modules.get("peft")  # a PeftModel can only exist if peft was imported
+    if peft is not None:
+        if isinstance(model, getattr(peft, "PeftModel", ())):
+            return "it is already a peft PeftModel"
+        tuner_layer = getattr(getattr(getattr(peft, "tuners", None), "tuners_utils", None), "BaseTunerLayer", None)
+        if tuner_layer is not None and any(isinstance(m, tuner_layer) for m in model.modules()):
+            return "it already has peft adapter layers injected"
+    if getattr(model, "_hf_peft_config_loaded", False):
+        return "it already has adapters loaded through transformers' add_adapter"
+    if any(getattr(type(m), "_peftadapt_injected", False) for m in model.modules()):
+        return "it already has peftadapt adapter modules injected"
+    return None
