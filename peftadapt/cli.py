@@ -17,6 +17,12 @@ import os
 import sys
 from typing import Any, Sequence
 
+from .bench.cli import main as bench_main
+from .core.io import write_json
+from .demo import run_demo
+from .train.config import validate_run_config
+from .train.runner import build_trainer, evaluate_checkpoint
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peftadapt",
@@ -67,8 +73,6 @@ def _load_config(path: str, sets: Sequence[str], output_dir: str | None = None) 
     import yaml
     from pathlib import Path
 
-    from .train.config import validate_run_config
-
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"config file not found: {path!r}")
@@ -87,8 +91,6 @@ def _load_config(path: str, sets: Sequence[str], output_dir: str | None = None) 
 
 
 def _train(args) -> int:
-    from .train.runner import build_trainer
-
     cfg = _load_config(args.config, args.set, args.output_dir)
     trainer = build_trainer(cfg)
     metrics = trainer.train(resume=args.resume)
@@ -101,32 +103,21 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from .train.runner import evaluate_checkpoint
-
     cfg = _load_config(args.config, args.set)
     metrics = evaluate_checkpoint(cfg, args.checkpoint)
     print(json.dumps(metrics, indent=2))
     if args.output:
-        from .train.checkpoint import write_json
         write_json(args.output, metrics)
     return 0
 
 
 def _demo(args) -> int:
-    from .demo import run_demo
-
     run_demo(output_dir=args.output_dir, quick=args.quick, seed=args.seed, warmup_steps=args.warmup_steps,
              steps=args.steps, max_length=args.max_length)
     return 0
 
 
 def _bench(argv: Sequence[str]) -> int:
-    try:
-        from .bench.cli import main as bench_main
-    except ImportError as e:
-        print(f"peftadapt bench is not available: peftadapt.bench.cli could not be imported ({e})",
-              file=sys.stderr)
-        return 2
     rc = bench_main(list(argv))
     return 0 if rc is None else int(rc)
 

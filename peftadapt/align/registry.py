@@ -7,7 +7,8 @@ from typing import Any, Callable, Mapping
 
 from .regularizer import FunctionRegularizer, Regularizer
 
-__all__ = ["REGULARIZERS", "register", "build", "regularizer_names", "init_params", "validate_options"]
+__all__ = ["REGULARIZERS", "register", "build", "build_with_defaults", "regularizer_names", "init_params",
+           "validate_options"]
 
 # name -> (class, preset options). Presets let one class serve two names
 # ("cdan" and "cdan+e").
@@ -112,3 +113,13 @@ def build(name: str, **options: Any) -> Regularizer:
     if preset:
         reg.name = key  # instance-level: "cdan+e" vs "cdan" share a class
     return reg
+
+
+def build_with_defaults(name: str, defaults: Mapping[str, Any], **options: Any) -> Regularizer:
+    """:func:`build`, filling each option in ``defaults`` (e.g. ``in_features``, ``num_classes``
+    known from the model) that the regularizer takes and ``options`` does not set."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    if isinstance(key, str) and key in REGULARIZERS:
+        accepted = init_params(REGULARIZERS[key][0])
+        options = {**{k: v for k, v in defaults.items() if k in accepted and v is not None}, **options}
+    return build(name, **options)

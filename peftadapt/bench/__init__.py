@@ -5,21 +5,11 @@
     analytic_memory(arch, "lora", batch=4, seq=512)      # predicted bytes, by part
     run({"model": "llama-20m", "method": "lora"})         # measure one configuration in this process
 
-Heavy imports (transformers, peft, matplotlib) happen only when a benchmark runs.
+Heavy imports (transformers' model classes, peft, matplotlib) happen only when a benchmark runs.
 """
 
-from .memory_model import Arch, analytic_memory, activation_bytes, trainable_params, weight_bytes  # noqa: F401
+from .cli import main
+from .harness import run
+from .memory_model import Arch, activation_bytes, analytic_memory, trainable_params, weight_bytes
 
-
-def run(spec):
-    """Measure one configuration in this process (see :mod:`peftadapt.bench.harness`)."""
-    from .harness import run as _run
-
-    return _run(spec)
-
-
-def main(argv=None) -> int:
-    """The ``peftadapt bench`` command line."""
-    from .cli import main as _main
-
-    return _main(argv)
+__all__ = ["Arch", "analytic_memory", "activation_bytes", "trainable_params", "weight_bytes", "run", "main"]

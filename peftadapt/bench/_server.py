@@ -43,6 +43,7 @@ def _child(spec: dict, out_fd: int) -> None:
     try:
         if spec.get("impl", "peftadapt") == "peftadapt" and _IMPORT_ERROR:
             raise ImportError(f"import peftadapt failed in this environment: {_IMPORT_ERROR}")
+        # lazy: imported in the forked child, after the server set up sys.path and the stand-in package
         from peftadapt.bench.harness import run
 
         res = run(spec)
@@ -64,7 +65,7 @@ def main() -> int:
     # stand-in package still lets the bench modules load, and peftadapt specs report the error.
     global _IMPORT_ERROR
     try:
-        import peftadapt  # noqa: F401
+        import peftadapt.wrap  # noqa: F401  lazy: loads the whole package once, before any fork (see above)
     except Exception as e:  # noqa: BLE001
         _IMPORT_ERROR = f"{type(e).__name__}: {e}"
         for k in [k for k in sys.modules if k == "peftadapt" or k.startswith("peftadapt.")]:

@@ -32,6 +32,7 @@ def main() -> int:
         spec = json.load(f)
     _setup(spec.get("impl", "peftadapt"))
     try:
+        # lazy: imported after _setup() prepared sys.path and the environment for this implementation
         from peftadapt.bench.harness import run
 
         res = run(spec)

@@ -26,6 +26,13 @@ import time
 from typing import Any
 
 from . import methods as M
+from ..align import build
+from . import memory_model as mm
+from . import report as R
+from .harness import make_spec
+from .models import LLAMA_SIZES, llama_config, resolve_model
+from .report import _mib, _params, method_label, model_label
+from .runner import run_specs
 
 _SUB = ("memory", "speed", "peers")
 
@@ -120,20 +127,14 @@ def _head_for(model: str, head: str | None) -> str:
 
 
 def _resolve(models: list[str]) -> list[str]:
-    from .models import resolve_model
-
     return [resolve_model(m) for m in models]
 
 
 def sweep_specs(args) -> list[dict[str, Any]]:
     """The cartesian product of the options (quantized full fine-tuning skipped)."""
-    from .harness import make_spec
-
     ckpt = {"off": [False], "on": [True], "both": [False, True]}[args.grad_ckpt]
     regs = [None if r == "none" else r for r in args.regularizer]
     if any(regs):
-        from peftadapt.align import build
-
         for r in filter(None, regs):
             try:
                 build(r)
@@ -153,8 +154,6 @@ def sweep_specs(args) -> list[dict[str, Any]]:
 
 
 def peer_specs(args, adapters_python: str | None) -> list[dict[str, Any]]:
-    from .harness import make_spec
-
     specs = []
     for model, b, s in itertools.product(_resolve(args.models), args.batch, args.seq):
         head = _head_for(model, args.head)
@@ -175,9 +174,6 @@ def peer_specs(args, adapters_python: str | None) -> list[dict[str, Any]]:
 
 def analytic_table(specs: list[dict[str, Any]]) -> str:
     """The analytic memory model for each spec, as a Markdown table (no model is built)."""
-    from . import memory_model as mm
-    from .models import LLAMA_SIZES, llama_config
-    from .report import _mib, _params, method_label, model_label
 
     rows = ["| model | method | batch x seq | trainable | weights MiB | grads + optimizer MiB | activations MiB "
             "| total MiB |", "|---|---|---|---|---|---|---|---|"]
@@ -211,8 +207,6 @@ def main(argv: list[str] | None = None, keep_servers: bool = False) -> int:
     ``keep_servers`` keeps the fork servers alive for the next call in this process (scripts running
     several sweeps)."""
     args = _parser().parse_args(argv)
-    from . import report as R
-    from .runner import run_specs
 
     try:
         if args.what == "peers":

@@ -42,6 +42,7 @@ import torch
 
 from . import memory_model as mm
 from . import methods as M
+from .models import build_model, tiny_variant
 
 SPEC_DEFAULTS: dict[str, Any] = {
     "model": "llama-20m", "head": "causal", "method": "lora", "impl": "peftadapt", "quant": None,
@@ -183,10 +184,10 @@ class _Features:
     def __init__(self, model):
         self.tap = None
         try:
-            import peftadapt
+            # lazy: a peer's venv (e.g. AdapterHub's transformers 4.57) may hold a peftadapt that fails to import
+            from ..features import FeatureTap
 
-            if hasattr(peftadapt, "FeatureTap"):
-                self.tap = peftadapt.FeatureTap(model, pooling="mean")
+            self.tap = FeatureTap(model, pooling="mean")
         except Exception:  # noqa: BLE001 - fall back to hidden states
             self.tap = None
 
@@ -202,28 +203,16 @@ class _Features:
 
 def _regularizer(name: str, dim: int, num_classes: int):
     """``peftadapt.align.build(name)``, filling in the feature size / class count the adversarial ones need."""
-    import inspect
+    # lazy: a peer's venv may hold a peftadapt that fails to import (the regularizer runs need ours)
+    from ..align.registry import build_with_defaults
 
-    from peftadapt import align
-
-    key = name.strip().lower()
-    reg = getattr(align, "REGULARIZERS", None) or getattr(align.base, "REGULARIZERS", {})
-    kw: dict[str, Any] = {}
-    if key in reg:
-        params = inspect.signature(reg[key][0].__init__).parameters
-        if "in_features" in params:
-            kw["in_features"] = dim
-        if "num_classes" in params:
-            kw["num_classes"] = num_classes
-    return align.build(name, **kw)
+    return build_with_defaults(name, {"in_features": dim, "num_classes": num_classes})
 
 
 def _prime(s: dict[str, Any]) -> None:
     """One step of a tiny model of the same family through the same code path, before the baseline:
     lazy imports, kernel set-up and thread pools then do not count as the configuration's memory."""
     import gc
-
-    from .models import tiny_variant
 
     tiny = {**s, "model": tiny_variant(s["model"]), "batch": 2, "seq": 8, "warmup": 1, "steps": 1}
     _measure(tiny, prime=False, measure=False)
@@ -246,8 +235,6 @@ def _measure(spec: dict[str, Any], prime: bool, measure: bool) -> dict[str, Any]
     dev = s["device"]
     if dev == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' asked for but torch.cuda.is_available() is False; valid choices here: ['cpu']")
-    from .models import build_model
-
     import transformers
 
     res: dict[str, Any] = {"spec": s, "torch": torch.__version__, "transformers": transformers.__version__}

@@ -63,7 +63,7 @@ def _prepare_kbit(model, grad_ckpt: bool, ours: bool) -> None:
     prep = None
     if ours:
         try:
-            import peftadapt.quant as q
+            from .. import quant as q  # lazy: a peer's venv may hold a peftadapt that fails to import
 
             prep = getattr(q, "prepare_for_kbit_training", None) or getattr(q, "prepare_kbit", None)
         except ImportError:
@@ -82,7 +82,7 @@ def _apply_peftadapt(model, method: str, head: str):
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    import peftadapt
+    from ..wrap import wrap  # lazy: a peer's venv may hold a peftadapt that fails to import
 
     d = DEFAULTS
     if method in ("lora", "dora"):
@@ -93,14 +93,15 @@ def _apply_peftadapt(model, method: str, head: str):
         opts = dict(num_virtual_tokens=d["prefix_tokens"])
     else:
         opts = {}
-    return peftadapt.wrap(model, method, **_accepted(method, opts))
+    return wrap(model, method, **_accepted(method, opts))
 
 
 def _accepted(method: str, opts: dict[str, Any]) -> dict[str, Any]:
     """Keep the options the method's config knows, renaming common synonyms."""
     import dataclasses
 
-    from peftadapt.methods.base import ALIASES, METHODS as REG
+    from ..methods.base import ALIASES  # lazy: a peer's venv may hold a peftadapt that fails to import
+    from ..methods.base import METHODS as REG
 
     key = ALIASES[method][0] if method in ALIASES else method
     cls = REG.get(key)

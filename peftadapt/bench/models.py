@@ -166,7 +166,7 @@ def _quant_module(use_ours: bool):
     if not use_ours:
         return None
     try:
-        import peftadapt.quant as q
+        import peftadapt.quant as q  # lazy: a peer's venv may hold a peftadapt that fails to import
     except ImportError:
         return None
     return q if hasattr(q, "load_quantized") else None

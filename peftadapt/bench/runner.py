@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Any, Callable, Iterable
 
+from .report import model_label
+
 _SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_server.py")
 
 
@@ -138,8 +140,6 @@ def _preloads(specs: list[dict[str, Any]]) -> tuple[str, ...]:
 
 
 def _one_line(res: dict[str, Any], done: int, total: int) -> str:
-    from .report import model_label
-
     s = res["spec"]
     tag = (f"[{done}/{total}] {res.get('env', 'main')}:{s.get('impl', '?')} {s.get('method')} "
            f"{model_label(s.get('model', '?'))} q={s.get('quant')} b={s.get('batch')} s={s.get('seq')} ckpt={s.get('grad_ckpt')} "

@@ -24,6 +24,7 @@ import torch.nn as nn
 from ..core.hf import OUTPUT_HEADS
 from ._bnb import bnb, check_bits, default_compute_dtype, default_device, resolve_dtype
 from .load import _auto_class, bnb_config
+from .prepare import prepare_for_kbit_training
 
 
 
@@ -143,8 +144,6 @@ def build_quantized(
     _mark_quantized(model, bits, quant_type, double_quant, compute_dtype, sorted(skip), llm_int8_threshold)
     model.eval()
     if prepare:
-        from .prepare import prepare_for_kbit_training
-
         prepare_for_kbit_training(model, gradient_checkpointing=gradient_checkpointing)
     return model
 

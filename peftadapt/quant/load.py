@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from ._bnb import bnb, check_bits, default_compute_dtype, default_device, resolve_dtype
+from .prepare import prepare_for_kbit_training
 
 TASKS = ("causal", "seqcls", "tokcls", "base")
 
@@ -174,7 +175,5 @@ def load_quantized(
         **from_pretrained_kwargs,
     )
     if prepare:
-        from .prepare import prepare_for_kbit_training
-
         prepare_for_kbit_training(model, gradient_checkpointing=gradient_checkpointing)
     return model

@@ -183,7 +183,6 @@ def test_cli_train_prints_its_summary_on_the_main_process_only(monkeypatch, caps
     from types import SimpleNamespace as NS
 
     from peftadapt import cli
-    from peftadapt.train import runner
 
     class FakeTrainer:
         accelerator = NS(is_main_process=main)
@@ -193,7 +192,7 @@ def test_cli_train_prints_its_summary_on_the_main_process_only(monkeypatch, caps
             return {"eval/accuracy": 0.5}
 
     monkeypatch.setattr(cli, "_load_config", lambda *a: {"training": NS(output_dir="out")})
-    monkeypatch.setattr(runner, "build_trainer", lambda cfg: FakeTrainer())
+    monkeypatch.setattr(cli, "build_trainer", lambda cfg: FakeTrainer())
     assert cli._train(NS(config="run.yaml", set=[], output_dir=None, resume=False)) == 0
     out = capsys.readouterr().out
     if main:
