@@ -87,6 +87,10 @@ def wrap(model: nn.Module, method: "str | MethodConfig", *, adapter_name: str = 
         _check_prefix_compat(model)  # peft's prefix cannot run under gradient checkpointing
     wrapped = config.apply(model, adapter_name)
     _trainable_in_fp32(wrapped)
+    if _is_quantized(wrapped):  # also a base the user quantized with from_pretrained(quantization_config=...)
+        from .quant._bnb import guard_4bit_cpu
+
+        guard_4bit_cpu(wrapped)
     return wrapped
 
 

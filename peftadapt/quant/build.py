@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ._bnb import bnb, check_bits, default_compute_dtype, default_device, resolve_dtype
+from ._bnb import bnb, check_bits, default_compute_dtype, default_device, guard_4bit_cpu, resolve_dtype
 from .load import _auto_class, bnb_config
 
 _HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs")
@@ -141,6 +141,7 @@ def build_quantized(
             emb.weight[pad].zero_()
 
     _mark_quantized(model, bits, quant_type, double_quant, compute_dtype, sorted(skip), llm_int8_threshold)
+    guard_4bit_cpu(model)  # bitsandbytes' AVX512 CPU paths: see its docstring
     model.eval()
     if prepare:
         from .prepare import prepare_for_kbit_training

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ._bnb import bnb, check_bits, default_compute_dtype, default_device, resolve_dtype
+from ._bnb import bnb, check_bits, default_compute_dtype, default_device, guard_4bit_cpu, resolve_dtype
 
 TASKS = ("causal", "seqcls", "tokcls", "base")
 
@@ -173,6 +173,7 @@ def load_quantized(
         dtype=dtype,
         **from_pretrained_kwargs,
     )
+    guard_4bit_cpu(model)  # bitsandbytes' AVX512 CPU paths: see its docstring
     if prepare:
         from .prepare import prepare_for_kbit_training
 
