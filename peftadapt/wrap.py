@@ -22,7 +22,7 @@ from .backends.native import CONFIG_NAME as NATIVE_CONFIG
 from .backends.peft import CONFIG_FILE as PEFT_CONFIG
 from .core.hf import check_transformers_model, trainable_and_total, unwrap, validate_adapter_name, wrapped_reason
 from .methods.base import MethodConfig, build_config
-from .quant import cast_trainable_to_fp32, check_prefix_compat, is_quantized
+from .quant import cast_trainable_to_fp32, check_prefix_compat, guard_4bit_cpu, is_quantized
 
 __all__ = ["wrap", "add_adapter", "set_adapter", "adapter_names", "load", "save", "merge", "unmerge", "disabled",
            "trainable_parameters", "print_trainable_parameters", "base_model", "is_wrapped"]
@@ -71,6 +71,7 @@ def wrap(model: nn.Module, method: str | MethodConfig, *, adapter_name: str = "d
         check_prefix_compat(model)  # peft's prefix cannot run under gradient checkpointing
     wrapped = config.apply(model, adapter_name)
     _trainable_in_fp32(wrapped)
+    guard_4bit_cpu(wrapped)  # also a base the user quantized with from_pretrained(quantization_config=...)
     return wrapped
 
 

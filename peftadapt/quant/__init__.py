@@ -23,9 +23,9 @@ from .prepare import (
     cast_trainable_to_fp32,
     prepare_for_kbit_training,
 )
-from ._bnb import is_quantized, quant_bits, tensor_bytes
+from ._bnb import guard_4bit_cpu, is_quantized, quant_bits, tensor_bytes
 
 __all__ = [
     "load_quantized", "build_quantized", "prepare_for_kbit_training", "merge_quantized", "make_optimizer",
-    "cast_trainable_to_fp32", "check_prefix_compat", "bnb_config", "is_quantized", "quant_bits", "tensor_bytes", "OPTIMIZERS",
+    "cast_trainable_to_fp32", "guard_4bit_cpu", "check_prefix_compat", "bnb_config", "is_quantized", "quant_bits", "tensor_bytes", "OPTIMIZERS",
 ]

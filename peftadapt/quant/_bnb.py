@@ -7,6 +7,9 @@ work without it.
 
 from __future__ import annotations
 
+import math
+import types
+
 import torch
 import torch.nn as nn
 
@@ -96,19 +99,147 @@ def quant_bits(model: nn.Module) -> int | None:
 def dequantize_weight(layer: nn.Module) -> torch.Tensor:
     """The float32 weight a bitsandbytes layer actually multiplies with (out, in).
 
-    4-bit: ``dequantize_4bit(codes, quant_state)`` (double quantization included);
-    8-bit: int8 row-wise ``W_int8 * SCB / 127``.
+    4-bit: ``dequantize_4bit(codes, quant_state)`` (double quantization
+    included; in torch where bitsandbytes' AVX512 CPU kernel is wrong, see
+    :func:`_install_exact_cpu_dequantize`); 8-bit: int8 row-wise
+    ``W_int8 * SCB / 127``.
     """
-    b = bnb()
     w = layer.weight
     if type(layer).__name__ == "Linear4bit":
-        return b.functional.dequantize_4bit(w.data, w.quant_state).to(torch.float32)
+        _unpack_cpu_layout(w)
+        if _misaligned_on_cpu(w.data, w.quant_state):
+            return _dequantize_4bit_torch(w.data, w.quant_state).to(torch.float32)
+        return bnb().functional.dequantize_4bit(w.data, w.quant_state).to(torch.float32)
     scb = getattr(w, "SCB", None)
     if scb is None:
         scb = getattr(layer.state, "SCB", None)
     if scb is None:  # still a float weight (has_fp16_weights=True)
         return w.data.to(torch.float32)
     return w.data.to(torch.float32) * scb.to(torch.float32).view(-1, 1) / 127.0
+
+
+def _unpack_cpu_layout(weight) -> None:
+    """Undo bitsandbytes' AVX512-BF16 packed CPU layout of a ``Params4bit``, in place (no-op otherwise)."""
+    qs = getattr(weight, "quant_state", None)
+    if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, qs)
+
+
+def _misaligned_on_cpu(A: torch.Tensor, qs) -> bool:
+    """True where bitsandbytes' AVX512 CPU dequantization kernel would read the wrong absmax."""
+    return (A.device.type == "cpu" and qs is not None and not getattr(qs, "packing_format_for_cpu", False)
+            and qs.shape[-1] % qs.blocksize != 0)
+
+
+def _dequantize_4bit_torch(A: torch.Tensor, qs) -> torch.Tensor:
+    """``code[q] * absmax[block]`` over the flattened weight, in torch; dtype ``qs.dtype``."""
+    absmax = qs.absmax
+    if qs.nested:
+        absmax = bnb().functional.dequantize_blockwise(absmax, qs.state2) + qs.offset
+    n = math.prod(qs.shape)
+    packed = A.reshape(-1).view(torch.uint8)
+    idx = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n].long()
+    scale = absmax.to(torch.float32).repeat_interleave(qs.blocksize)[:n]
+    return (qs.code.to(device=A.device, dtype=torch.float32)[idx] * scale).reshape(qs.shape).to(qs.dtype)
+
+
+def _exact_dequantize_4bit(original):
+    def dequantize_4bit(A, quant_state=None, absmax=None, out=None, blocksize=None, quant_type="fp4"):
+        if not _misaligned_on_cpu(A, quant_state):
+            return original(A, quant_state, absmax, out, blocksize, quant_type)
+        w = _dequantize_4bit_torch(A, quant_state)
+        return w if out is None else out.copy_(w)
+
+    dequantize_4bit.__doc__ = original.__doc__
+    dequantize_4bit._peftadapt_original = original
+    return dequantize_4bit
+
+
+def _exact_cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """``Linear4bit.forward`` for a misaligned weight: dequantize in torch on the CPU, bitsandbytes elsewhere."""
+    if x.device.type != "cpu":
+        return type(self).forward(self, x)
+    dtype = self.compute_dtype if self.compute_dtype is not None else x.dtype
+    w = _dequantize_4bit_torch(self.weight.data, self.weight.quant_state).to(dtype)
+    bias = None if self.bias is None else self.bias.to(dtype)
+    return torch.nn.functional.linear(x.to(dtype), w, bias).to(x.dtype)
+
+
+def _install_exact_cpu_dequantize() -> None:
+    """Route bitsandbytes' CPU 4-bit dequantization of misaligned weights through torch (idempotent).
+
+    bitsandbytes 0.50's AVX512 CPU kernel (``dequantizeBlockwise4bitCpu``)
+    indexes the absmax per *row*, ``absmax[row * (in // blocksize) + col //
+    blocksize]``, while ``quantize_4bit`` numbers the blocks over the
+    flattened weight. The two agree only when ``in_features`` is a multiple of
+    the blocksize; otherwise (a 32x32 weight, blocksize 64: ``in // blocksize
+    == 0``) every row is scaled by block 0's absmax: an NF4 weight comes back
+    with a max error of 0.40 of its largest value instead of at most 0.152
+    (half the widest NF4 gap, 1 - 0.6962). On CPUs without AVX512 the scalar
+    kernel is right. Every reader goes through
+    ``bitsandbytes.functional.dequantize_4bit`` looked up at call time
+    (``Linear4bit``'s training forward and backward, peft's DoRA norm and
+    merge, transformers' dequantize), so we wrap that one function:
+    misaligned weights on the CPU are dequantized in torch, the rest goes to
+    bitsandbytes unchanged. The no-grad forward calls the kernel op directly
+    (``gemm_4bit``); :func:`guard_4bit_cpu` gives misaligned layers a forward
+    that dequantizes in torch on the CPU (:func:`_exact_cpu_forward`; it keeps
+    the dequantized weight for the backward, fine for such small layers).
+    Aligned shapes (every real model: hidden sizes are multiples of 64) never
+    take the torch paths.
+    """
+    F = bnb().functional
+    if not hasattr(F.dequantize_4bit, "_peftadapt_original"):
+        F.dequantize_4bit = _exact_dequantize_4bit(F.dequantize_4bit)
+
+
+def guard_4bit_cpu(model: nn.Module) -> nn.Module:
+    """Keep every bitsandbytes ``Linear4bit`` of ``model`` off bitsandbytes' broken CPU paths; return ``model``.
+
+    Two things in bitsandbytes 0.50 go wrong on x86 CPUs with AVX512:
+
+    1. **The packed inference layout** (CPUs with AVX512-BF16).
+       ``Linear4bit.forward`` in eval mode with an input that does not
+       require grad repacks ``weight.data`` and its quant state *in place*
+       for a bf16 gemv kernel. We turn that off
+       (``support_avx512bf16_for_cpu = False``) on every layer, and undo a
+       packing already done, because:
+
+       - it cannot pack ``out_features % 32 != 0`` or ``in_features %
+         blocksize != 0`` (``RuntimeError: shape '[32, 0]' is invalid``);
+       - the packed gemv has no autograd: after one evaluation pass (eval
+         mode + ``no_grad``) the layer *stays* packed, and later training
+         steps get no gradient through it to the layers below (silently);
+       - the packing is lossy: the absmax goes to bf16 and, for double
+         quantization, is re-quantized with a new offset when unpacked, so
+         saving after an evaluation changes the stored weights;
+       - it multiplies in bf16 whatever ``compute_dtype`` was asked for;
+       - our readers (:func:`dequantize_weight`, merge) and peft's read the
+         codes in bitsandbytes' ordinary layout.
+
+       What is lost is that kernel's bf16 inference speed, on the CPU only.
+    2. **The AVX512 dequantization kernel** is wrong when ``in_features`` is
+       not a multiple of the blocksize: see :func:`_install_exact_cpu_dequantize`.
+
+    Idempotent, and a no-op (no bitsandbytes import) on a model without
+    4-bit layers. ``load_quantized``, ``build_quantized``,
+    ``prepare_for_kbit_training`` and ``wrap`` call it, so a model quantized
+    with ``from_pretrained(quantization_config=...)`` is covered once wrapped
+    or prepared.
+    """
+    layers = [m for m in model.modules() if is_bnb_layer(m) and type(m).__name__ == "Linear4bit"]
+    if not layers:
+        return model
+    _install_exact_cpu_dequantize()
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+        _unpack_cpu_layout(m.weight)
+        qs = getattr(m.weight, "quant_state", None)
+        if qs is not None and qs.shape[-1] % qs.blocksize != 0 and "forward" not in m.__dict__:
+            m.forward = types.MethodType(_exact_cpu_forward, m)
+    return model
 
 
 def tensor_bytes(model: nn.Module) -> dict[str, int]:

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..core.hf import OUTPUT_HEADS
-from ._bnb import bnb, check_bits, default_compute_dtype, default_device, resolve_dtype
+from ._bnb import bnb, check_bits, default_compute_dtype, default_device, guard_4bit_cpu, resolve_dtype
 from .load import _auto_class, bnb_config
 from .prepare import prepare_for_kbit_training
 
@@ -142,6 +142,7 @@ def build_quantized(
             emb.weight[pad].zero_()
 
     _mark_quantized(model, bits, quant_type, double_quant, compute_dtype, sorted(skip), llm_int8_threshold)
+    guard_4bit_cpu(model)  # bitsandbytes' AVX512 CPU paths: see its docstring
     model.eval()
     if prepare:
         prepare_for_kbit_training(model, gradient_checkpointing=gradient_checkpointing)

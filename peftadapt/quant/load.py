@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ._bnb import bnb, check_bits, default_compute_dtype, default_device, resolve_dtype
+from ._bnb import bnb, check_bits, default_compute_dtype, default_device, guard_4bit_cpu, resolve_dtype
 from .prepare import prepare_for_kbit_training
 
 TASKS = ("causal", "seqcls", "tokcls", "base")
@@ -174,6 +174,7 @@ def load_quantized(
         dtype=dtype,
         **from_pretrained_kwargs,
     )
+    guard_4bit_cpu(model)  # bitsandbytes' AVX512 CPU paths: see its docstring
     if prepare:
         prepare_for_kbit_training(model, gradient_checkpointing=gradient_checkpointing)
     return model

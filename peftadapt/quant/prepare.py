@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from ..core.hf import unwrap, wrapped_reason
-from ._bnb import is_quantized
+from ._bnb import guard_4bit_cpu, is_quantized
 
 
 def _to_fp32_pre_hook(module, args):
@@ -126,7 +126,9 @@ def prepare_for_kbit_training(
       its loaded dtype (see the module docstring for why; this is the
       difference from peft's ``prepare_model_for_kbit_training``, which
       upcasts embeddings, lm_head and norms to fp32);
-    - turns on gradient checkpointing (``use_reentrant=False`` by default).
+    - turns on gradient checkpointing (``use_reentrant=False`` by default);
+    - keeps bitsandbytes' 4-bit layers off its broken AVX512 CPU paths
+      (:func:`peftadapt.quant.guard_4bit_cpu`).
 
     Works on plain transformers models and on wrapped ones. A model that is
     not quantized is accepted too (a bf16 base trained with LoRA wants the
@@ -137,6 +139,7 @@ def prepare_for_kbit_training(
     if not isinstance(gradient_checkpointing, bool):
         raise TypeError(f"gradient_checkpointing must be True or False, got {gradient_checkpointing!r}")
     wrapped = wrapped_reason(model) is not None
+    guard_4bit_cpu(model)
     for p in model.parameters():
         if not wrapped:
             p.requires_grad_(False)
