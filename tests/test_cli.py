@@ -10,12 +10,14 @@ import pytest
 import yaml
 
 from peftadapt.cli import main
+from peftadapt.train import load_run_config
 
 from .train.conftest import run_config, run_files, tiny_model_dir  # noqa: F401  (fixtures)
 
 
 def test_train_then_eval_end_to_end(tmp_path, tiny_model_dir, run_files, capsys):
-    cfg = run_config(tiny_model_dir, run_files, tmp_path / "out", max_steps=6, eval_every=3, keep_last=1, plot=True)
+    cfg = run_config(tiny_model_dir, run_files, tmp_path / "out", max_steps=6, eval_steps=3, save_total_limit=1,
+                     plot=True)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", str(path)]) == 0
@@ -39,9 +41,9 @@ def test_set_override_and_config_errors_exit_2(tmp_path, tiny_model_dir, run_fil
     cfg = run_config(tiny_model_dir, run_files, tmp_path / "out")
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    assert main(["train", str(path), "--set", "training.scheduler=step"]) == 2
+    assert main(["train", str(path), "--set", "training.lr_scheduler_type=step"]) == 2
     err = capsys.readouterr().err
-    assert "training.scheduler" in err and "'cosine'" in err
+    assert "training.lr_scheduler_type" in err and "'cosine'" in err
     assert main(["train", str(path), "--set", "training.lr_rate=1"]) == 2
     assert "unknown key training.lr_rate" in capsys.readouterr().err
     cfg["data"]["source"]["path"] = str(tmp_path / "missing.csv")
@@ -118,14 +120,13 @@ def test_train_causal_lm_qlora_4bit(tmp_path, minilm_tokenizer):
         "features": {"pooling": "last"},
         "data": {"max_length": 16, "source": str(tmp_path / "train.jsonl"),
                  "target": str(tmp_path / "target.jsonl"), "eval": {"val": str(tmp_path / "train.jsonl")}},
-        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 3, "batch_size": 4, "lr": 0.01,
-                     "progress": False, "plot": False, "gradient_checkpointing": True},
+        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 3, "per_device_train_batch_size": 4,
+                     "learning_rate": 0.01, "disable_tqdm": True, "plot": False, "gradient_checkpointing": True},
     }
-    from peftadapt.train import validate_run_config
     from peftadapt.train.runner import build_trainer
 
     bnb = pytest.importorskip("bitsandbytes")
-    trainer = build_trainer(validate_run_config(cfg))
+    trainer = build_trainer(load_run_config(cfg))
     assert any(isinstance(mod, bnb.nn.Linear4bit) for mod in trainer.model.modules())  # really 4-bit
     m = trainer.train()
     assert m["val/perplexity"] == pytest.approx(math.exp(m["val/loss"]), rel=1e-6)
