@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args) -> int:
+    """Check a run file without loading anything heavy (and show what its defaults resolve to),
+    or list the schema: the answer to "what keys are there" without reading the source."""
     if args.schema:
         print(json.dumps(schema(), indent=2, default=str) if args.json else format_schema())
         return 0

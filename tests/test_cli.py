@@ -132,3 +132,35 @@ def test_train_causal_lm_qlora_4bit(tmp_path, minilm_tokenizer):
     assert m["val/perplexity"] == pytest.approx(math.exp(m["val/loss"]), rel=1e-6)
     assert trainer.best_metric_name == "val/loss"
     assert [r["step"] for r in trainer.history if "reg/coral" in r] == [1, 2, 3]
+
+
+def test_config_schema_text_and_json(capsys):
+    assert main(["config", "--schema"]) == 0
+    text = capsys.readouterr().out
+    for line in ("training:", "  learning_rate: float  (default 0.0005)", "  path: str  (required)",
+                 "  pooling: mean | cls | last  (default mean)", "  options of lora: r, alpha"):
+        assert line in text, line
+    assert main(["config", "--schema", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert {r["key"] for r in s["training"]} >= {"per_device_train_batch_size", "optim", "save_total_limit"}
+    assert main(["config"]) == 2 and "--schema" in capsys.readouterr().err
+
+
+def test_config_validates_a_file_and_prints_it_resolved(tmp_path, tiny_model_dir, run_files, capsys):
+    cfg = run_config(tiny_model_dir, run_files, tmp_path / "out")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["config", str(path), "--set", "training.learning_rate=1.0e-3"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["training"]["learning_rate"] == 1e-3 and resolved["training"]["optim"] == "adamw_torch"
+    assert resolved["method"] == {"name": "lora", "r": 4} and resolved["regularizers"][0]["start"] == 0.25
+    assert load_run_config(resolved) == load_run_config(path, ["training.learning_rate=1.0e-3"])
+    assert main(["config", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["data"]["max_length"] == 16
+
+    cfg["training"]["eval_every"] = 3
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["config", str(path)]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and len(out.err.strip().splitlines()) == 1
+    assert out.err.startswith("peftadapt config: error: unknown key training.eval_every; did you mean eval_steps?")

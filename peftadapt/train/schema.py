@@ -32,7 +32,7 @@ from ..distributed import SCOPES
 from ..features import POOLINGS
 from ..methods.base import ALIASES, METHODS, build_config, field, method_names
 from ..quant.load import QUANT_STORAGES
-from ._fields import REQUIRED, as_dict, build, check_fields, check_keys, choices, describe, hints, unknown_key
+from ._fields import REQUIRED, as_dict, build, check_fields, check_keys, choices, describe, hints
 from .config import Task, TrainConfig
 from .data import FORMATS
 
@@ -52,10 +52,11 @@ def _section(cls: type, help: str):
     return field(REQUIRED, help, default_factory=cls)
 
 
-def _check_options(options: dict[str, Any], valid: list[str], where: str, what: str) -> None:
-    for key in options:
-        if key not in valid:
-            raise ValueError(f"{unknown_key(key, where, valid)} (the {what}'s options and {where}'s own keys)")
+def _check_options(section: Any, options: list[str], where: str) -> None:
+    """A method's / regularizer's own options sit next to the section's fixed keys:
+    a misspelling is matched against both."""
+    own = [f.name for f in dataclasses.fields(section) if f.name != section._extra]
+    check_keys(section.options, own + options, where)
 
 
 @dataclasses.dataclass
@@ -107,7 +108,7 @@ class MethodSection:
             raise ValueError(f"{where}.name: unknown method {self.name!r}" + (f"; did you mean {close[0]}?" if close
                              else "") + f" (allowed values: {method_names()})")
         base = ALIASES[key][0] if key in ALIASES else key
-        _check_options(self.options, [f.name for f in dataclasses.fields(METHODS[base])], where, f"method {base}")
+        _check_options(self, [f.name for f in dataclasses.fields(METHODS[base])], where)
         try:  # the method's own value checks (cheap: builds the config, not the model)
             build_config(self.name, **self.options)
         except (ValueError, TypeError) as e:
@@ -135,7 +136,7 @@ class TermConfig:
             close = difflib.get_close_matches(key, regularizer_names(), n=1)
             raise ValueError(f"{where}.name: unknown regularizer {self.name!r}" + (
                 f"; did you mean {close[0]}?" if close else "") + f" (allowed values: {regularizer_names()})")
-        _check_options(self.options, sorted(_init_params(REGULARIZERS[key][0])), where, f"regularizer {key}")
+        _check_options(self, sorted(_init_params(REGULARIZERS[key][0])), where)
         for k in ("warmup", "start"):
             if not 0 <= getattr(self, k) <= 1:
                 raise ValueError(f"{where}.{k}: a fraction of training in [0, 1], got {getattr(self, k)!r}")
