@@ -1,7 +1,9 @@
 """The ``peftadapt`` command.
 
-    peftadapt train CONFIG.yaml [--resume] [--output-dir DIR] [--set training.lr=1e-3 ...]
-    peftadapt eval  CONFIG.yaml --checkpoint DIR [--output FILE.json]
+    peftadapt train  CONFIG.yaml [--resume] [--output-dir DIR] [--set training.learning_rate=1.0e-3 ...]
+    peftadapt eval   CONFIG.yaml --checkpoint DIR [--output FILE.json]
+    peftadapt config CONFIG.yaml [--set ...] [--json]   (check a run file, print it resolved)
+    peftadapt config --schema [--json]                   (every section's keys, types, defaults, help)
     peftadapt demo  [--output-dir DIR] [--quick] [--seed N]
     peftadapt bench ...            (memory / speed benchmarks: peftadapt bench --help)
 
@@ -15,19 +17,21 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Sequence
+
+import yaml
 
 from .bench.cli import main as bench_main
 from .core.io import write_json
 from .demo import run_demo
-from .train.config import validate_run_config
 from .train.runner import build_trainer, evaluate_checkpoint
+from .train.schema import format_schema, load_run_config, schema
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peftadapt",
                                 description="Parameter-efficient fine-tuning and domain adaptation.")
-    sub = p.add_subparsers(dest="command", metavar="{train,eval,demo,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{train,eval,config,demo,bench}")
     t = sub.add_parser("train", help="train from a YAML config")
     t.add_argument("config", help="YAML run file (see examples/)")
     t.add_argument("--resume", action="store_true",
@@ -41,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="a checkpoint folder (OUTPUT_DIR/final, OUTPUT_DIR/checkpoint-N) or an adapter folder")
     e.add_argument("--output", help="also write the metrics to this JSON file")
     e.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    c = sub.add_parser("config", help="check a run file and print it resolved, or print the run-file schema")
+    c.add_argument("config", nargs="?", help="YAML run file to check")
+    c.add_argument("--schema", action="store_true", help="print every section's keys, types, defaults and help")
+    c.add_argument("--json", action="store_true", help="machine-readable JSON instead of text / YAML")
+    c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     d = sub.add_parser("demo", help="offline cross-domain adaptation demo on drug reviews (MiniLM, CPU)")
     d.add_argument("--output-dir", default="peftadapt-demo", help="where results go (default ./peftadapt-demo)")
     d.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny steps and data)")
@@ -52,49 +61,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _apply_sets(raw: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
-    import yaml
-
-    for item in sets:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ValueError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. training.lr=1e-3")
-        key, value = item.split("=", 1)
-        *path, last = key.split(".")
-        node = raw
-        for part in path:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {item!r}: {part!r} is not a section")
-        node[last] = yaml.safe_load(value)
-    return raw
-
-
-def _load_config(path: str, sets: Sequence[str], output_dir: str | None = None) -> dict[str, Any]:
-    import yaml
-    from pathlib import Path
-
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"config file not found: {path!r}")
-    with open(p, encoding="utf-8") as f:
-        try:
-            raw = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: the config must be a YAML mapping of sections")
-    raw = _apply_sets(raw, sets)
-    if output_dir:
-        raw.setdefault("training", {})
-        raw["training"] = dict(raw["training"] or {}, output_dir=output_dir)
-    return validate_run_config(raw, base_dir=p.parent)
+def _config(args) -> int:
+    """Check a run file without loading anything heavy (and show what its defaults resolve to),
+    or list the schema: the answer to "what keys are there" without reading the source."""
+    if args.schema:
+        print(json.dumps(schema(), indent=2, default=str) if args.json else format_schema())
+        return 0
+    if not args.config:
+        raise ValueError("give a run file to check (peftadapt config FILE.yaml) or --schema")
+    run = load_run_config(args.config, args.set)
+    print(json.dumps(run.to_dict(), indent=2) if args.json else yaml.safe_dump(run.to_dict(), sort_keys=False), end="")
+    return 0
 
 
 def _train(args) -> int:
-    cfg = _load_config(args.config, args.set, args.output_dir)
-    trainer = build_trainer(cfg)
+    run = load_run_config(args.config, args.set, output_dir=args.output_dir)
+    trainer = build_trainer(run)
     metrics = trainer.train(resume=args.resume)
-    out = cfg["training"].output_dir
+    out = run.training.output_dir
     acc = getattr(trainer, "accelerator", None)
     if acc is None or acc.is_main_process:  # under `accelerate launch`: one summary, not one per process
         print(json.dumps({"output_dir": out, "final_metrics": metrics, **{k: v for k, v in trainer.summary.items()
@@ -103,8 +87,7 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    cfg = _load_config(args.config, args.set)
-    metrics = evaluate_checkpoint(cfg, args.checkpoint)
+    metrics = evaluate_checkpoint(load_run_config(args.config, args.set), args.checkpoint)
     print(json.dumps(metrics, indent=2))
     if args.output:
         write_json(args.output, metrics)
@@ -133,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"train": _train, "eval": _eval, "demo": _demo}[args.command](args)
+        return {"train": _train, "eval": _eval, "config": _config, "demo": _demo}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         if os.environ.get("PEFTADAPT_DEBUG"):
             raise

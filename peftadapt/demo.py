@@ -136,7 +136,7 @@ def run_demo(output_dir: str | os.PathLike = "peftadapt-demo", *, quick: bool = 
     regs = dict(REGULARIZERS if regularizers is None else regularizers)
     if quick:  # a smoke run: seconds, not a result
         settings = dict(max_length=max_length or 32, batch_size=4, warmup_steps=warmup_steps or 2,
-                        steps=steps or 1, lr=2e-3)
+                        steps=steps or 1, learning_rate=2e-3)
         data = {k: _subset(v, 16 if k != "target_test" else 12) for k, v in data.items()}
     else:
         # the last 64 tokens hold most reviews' verdict and halve the step time against 128, which
@@ -144,7 +144,7 @@ def run_demo(output_dir: str | os.PathLike = "peftadapt-demo", *, quick: bool = 
         # accuracy; 20 more per run give the terms time to act (1134 s measured on a machine shared
         # with two other busy jobs; see benchmarks/results/demo/ for the idle-machine time)
         settings = dict(max_length=max_length or 64, batch_size=16, warmup_steps=warmup_steps or 60,
-                        steps=steps or 20, lr=2e-3)
+                        steps=steps or 20, learning_rate=2e-3)
     n_source = len(data["source_train"])
     # the source is 76% positive, the target 53%: without balancing, the classifier learned only the
     # source prior in the steps the demo can afford (source test accuracy = its majority rate, 0.760)
@@ -175,12 +175,12 @@ def run_demo(output_dir: str | os.PathLike = "peftadapt-demo", *, quick: bool = 
     # barely varies (std ~0.06), so it trains too: the head then learns in tens of steps, not hundreds
     model = wrap(base, "lora", r=8, alpha=16, modules_to_save=["pooler"])
 
-    common = dict(max_length=L, batch_size=B, eval_batch_size=64, seed=seed, max_grad_norm=1.0,
-                  keep_last=1, plot=False, overwrite=True)  # the demo owns its runs/ folder
+    common = dict(max_length=L, per_device_train_batch_size=B, per_device_eval_batch_size=64, seed=seed,
+                  max_grad_norm=1.0, save_total_limit=1, plot=False, overwrite_output_dir=True)  # the demo owns its runs/ folder
     warm = Trainer(model, tokenizer, data["source_train"],
                    eval={"source": data["source_test"], "target": data["target_test"]},
-                   output_dir=str(out / "runs" / "warmup"), max_steps=W, warmup_ratio=0.1, lr=settings["lr"],
-                   scheduler="linear", name="warm-up (source only)", **common)
+                   output_dir=str(out / "runs" / "warmup"), max_steps=W, warmup_ratio=0.1,
+                   learning_rate=settings["learning_rate"], lr_scheduler_type="linear", name="warm-up (source only)", **common)
     warm_metrics = warm.train()
     print(f"after warm-up: source test accuracy {warm_metrics['source/accuracy']:.3f}, "
           f"target test accuracy {warm_metrics['target/accuracy']:.3f}\n")
@@ -206,7 +206,7 @@ def run_demo(output_dir: str | os.PathLike = "peftadapt-demo", *, quick: bool = 
                           target=data["target_train"] if alignment else None,
                           eval={"target": data["target_test"]}, regularizers=alignment,
                           output_dir=str(out / "runs" / run.replace("+", "_")), max_steps=K,
-                          lr=settings["lr"] / 2, scheduler="linear", name=f"{run:>12}", **common)
+                          learning_rate=settings["learning_rate"] / 2, lr_scheduler_type="linear", name=f"{run:>12}", **common)
         m = trainer.train()
         results[run] = {"target_accuracy": m["target/accuracy"], "target_macro_f1": m["target/macro_f1"],
                         "target_loss": m["target/loss"], "seconds": round(time.perf_counter() - t0, 1),

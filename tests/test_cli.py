@@ -10,12 +10,14 @@ import pytest
 import yaml
 
 from peftadapt.cli import main
+from peftadapt.train import load_run_config
 
 from .train.conftest import run_config, run_files, tiny_model_dir  # noqa: F401  (fixtures)
 
 
 def test_train_then_eval_end_to_end(tmp_path, tiny_model_dir, run_files, capsys):
-    cfg = run_config(tiny_model_dir, run_files, tmp_path / "out", max_steps=6, eval_every=3, keep_last=1, plot=True)
+    cfg = run_config(tiny_model_dir, run_files, tmp_path / "out", max_steps=6, eval_steps=3, save_total_limit=1,
+                     plot=True)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", str(path)]) == 0
@@ -39,9 +41,9 @@ def test_set_override_and_config_errors_exit_2(tmp_path, tiny_model_dir, run_fil
     cfg = run_config(tiny_model_dir, run_files, tmp_path / "out")
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    assert main(["train", str(path), "--set", "training.scheduler=step"]) == 2
+    assert main(["train", str(path), "--set", "training.lr_scheduler_type=step"]) == 2
     err = capsys.readouterr().err
-    assert "training.scheduler" in err and "'cosine'" in err
+    assert "training.lr_scheduler_type" in err and "'cosine'" in err
     assert main(["train", str(path), "--set", "training.lr_rate=1"]) == 2
     assert "unknown key training.lr_rate" in capsys.readouterr().err
     cfg["data"]["source"]["path"] = str(tmp_path / "missing.csv")
@@ -116,16 +118,47 @@ def test_train_causal_lm_qlora_4bit(tmp_path, minilm_tokenizer):
         "features": {"pooling": "last"},
         "data": {"max_length": 16, "source": str(tmp_path / "train.jsonl"),
                  "target": str(tmp_path / "target.jsonl"), "eval": {"val": str(tmp_path / "train.jsonl")}},
-        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 3, "batch_size": 4, "lr": 0.01,
-                     "progress": False, "plot": False, "gradient_checkpointing": True},
+        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 3, "per_device_train_batch_size": 4,
+                     "learning_rate": 0.01, "disable_tqdm": True, "plot": False, "gradient_checkpointing": True},
     }
-    from peftadapt.train import validate_run_config
     from peftadapt.train.runner import build_trainer
 
     bnb = pytest.importorskip("bitsandbytes")
-    trainer = build_trainer(validate_run_config(cfg))
+    trainer = build_trainer(load_run_config(cfg))
     assert any(isinstance(mod, bnb.nn.Linear4bit) for mod in trainer.model.modules())  # really 4-bit
     m = trainer.train()
     assert m["val/perplexity"] == pytest.approx(math.exp(m["val/loss"]), rel=1e-6)
     assert trainer.best_metric_name == "val/loss"
     assert [r["step"] for r in trainer.history if "reg/coral" in r] == [1, 2, 3]
+
+
+def test_config_schema_text_and_json(capsys):
+    assert main(["config", "--schema"]) == 0
+    text = capsys.readouterr().out
+    for line in ("training:", "  learning_rate: float  (default 0.0005)", "  path: str  (required)",
+                 "  pooling: mean | cls | last  (default mean)", "  options of lora: r, alpha"):
+        assert line in text, line
+    assert main(["config", "--schema", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert {r["key"] for r in s["training"]} >= {"per_device_train_batch_size", "optim", "save_total_limit"}
+    assert main(["config"]) == 2 and "--schema" in capsys.readouterr().err
+
+
+def test_config_validates_a_file_and_prints_it_resolved(tmp_path, tiny_model_dir, run_files, capsys):
+    cfg = run_config(tiny_model_dir, run_files, tmp_path / "out")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["config", str(path), "--set", "training.learning_rate=1.0e-3"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["training"]["learning_rate"] == 1e-3 and resolved["training"]["optim"] == "adamw_torch"
+    assert resolved["method"] == {"name": "lora", "r": 4} and resolved["regularizers"][0]["start"] == 0.25
+    assert load_run_config(resolved) == load_run_config(path, ["training.learning_rate=1.0e-3"])
+    assert main(["config", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["data"]["max_length"] == 16
+
+    cfg["training"]["eval_every"] = 3
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["config", str(path)]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and len(out.err.strip().splitlines()) == 1
+    assert out.err.startswith("peftadapt config: error: unknown key training.eval_every; did you mean eval_steps?")

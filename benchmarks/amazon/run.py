@@ -79,8 +79,8 @@ class Profile:
     batch: int = 16             # per domain
     warmup_steps: int = 150     # source-only steps before branching
     adapt_steps: int = 100      # steps with the regularizer on
-    lr: float = 5e-4            # adapters / LoRA and head
-    disc_lr: float = 5e-4       # discriminator (DANN, CDAN+E)
+    learning_rate: float = 5e-4                # adapters / LoRA and head
+    discriminator_learning_rate: float = 5e-4  # discriminator (DANN, CDAN+E)
     methods: list = field(default_factory=lambda: list(METHODS))
     regs: list = field(default_factory=lambda: list(REGULARIZERS))
     grid: dict | None = None    # selection profile: {reg: [weights]}
@@ -89,7 +89,8 @@ class Profile:
 
     def key(self) -> str:
         """Hash of what determines a warm-up checkpoint."""
-        k = (self.max_len, self.adapt_layers, self.batch, self.warmup_steps, self.lr, self.lora_r, self.adapter_reduction)
+        k = (self.max_len, self.adapt_layers, self.batch, self.warmup_steps, self.learning_rate, self.lora_r,
+             self.adapter_reduction)
         return hashlib.sha1(repr(k).encode()).hexdigest()[:10]
 
 
@@ -100,13 +101,15 @@ ALL_PAIRS = [(s, t) for s in DOMAINS for t in DOMAINS if s != t]
 
 PROFILES = {
     # CPU, 2 cores: 16 warm-ups x (100 + 60) steps + 80 regularizer cells x 60 steps at length 64
-    "quick": Profile("quick", QUICK_PAIRS, [0, 1], max_len=64, adapt_layers=1, warmup_steps=100, adapt_steps=60, lr=1e-3, disc_lr=1e-3),
+    "quick": Profile("quick", QUICK_PAIRS, [0, 1], max_len=64, adapt_layers=1, warmup_steps=100, adapt_steps=60,
+                     learning_rate=1e-3, discriminator_learning_rate=1e-3),
     # weight selection: the quick settings on books -> kitchen, seed 0, LoRA, two weights per regularizer
     "select": Profile("select", [("books", "kitchen")], [0], max_len=64, adapt_layers=1, warmup_steps=100, adapt_steps=60,
-                      lr=1e-3, disc_lr=1e-3, methods=["lora"], grid=SELECT_GRID),
+                      learning_rate=1e-3, discriminator_learning_rate=1e-3, methods=["lora"], grid=SELECT_GRID),
     # GPU: all 12 pairs, 3 seeds, length 256, all 6 layers adapted, ~6 epochs of the 1400 source reviews
     "full": Profile("full", ALL_PAIRS, [0, 1, 2], max_len=256, adapt_layers=6, batch=32,
-                    warmup_steps=150, adapt_steps=150, lr=2e-4, disc_lr=2e-4),
+                    warmup_steps=150, adapt_steps=150, learning_rate=2e-4,
+                    discriminator_learning_rate=2e-4),
 }
 
 
@@ -312,9 +315,9 @@ def train_steps(model: TopModel, src: Encoded, steps: int, prof: Profile, seed: 
                 tgt: Encoded | None = None, align=None, opt_state=None) -> dict:
     """``steps`` AdamW steps of CE on source fit batches (+ the alignment on target train batches)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": params, "lr": prof.lr}]
+    groups = [{"params": params, "lr": prof.learning_rate}]
     if align is not None and align.has_parameters:
-        groups.append({"params": [p for p in align.parameters() if p.requires_grad], "lr": prof.disc_lr})
+        groups.append({"params": [p for p in align.parameters() if p.requires_grad], "lr": prof.discriminator_learning_rate})
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
     if opt_state is not None:
         opt.load_state_dict(opt_state)

@@ -2,11 +2,11 @@
 
 One step, read top to bottom in :meth:`Trainer.train`::
 
-    for each of grad_accum micro-batches:
+    for each of gradient_accumulation_steps micro-batches:
         source batch -> model -> task loss            (features f_s tapped)
         target batch -> model                          (features f_t tapped; only if a term is on)
         loss = task loss + sum_k lambda_k(p) * D_k(f_s, f_t)
-        backward(loss / grad_accum)
+        backward(loss / gradient_accumulation_steps)
     clip grad norm; optimizer step; scheduler step
     log; evaluate / early-stop; checkpoint
 
@@ -23,7 +23,6 @@ was never interrupted.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import shutil
@@ -165,13 +164,8 @@ class Trainer:
                  name: str = "train", **overrides: Any):
         if task not in TASKS:
             raise ValueError(f"task {task!r} is not supported; valid tasks: {list(TASKS)}")
-        if config is None:
-            config = TrainConfig(**overrides)
-        elif overrides:
-            unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)})
-            if unknown:
-                raise ValueError(f"unknown training option(s) {unknown}; valid: {sorted(TrainConfig.help())}")
-            config = dataclasses.replace(config, **overrides)
+        # an unknown or old (pre-TrainingArguments) option name is told the valid one
+        config = TrainConfig.from_dict(overrides) if config is None else config.replace(**overrides)
         self.config, self.task, self.max_length = config, task, int(max_length)
         self.model, self.tokenizer = model, tokenizer
         self.feature_layer, self.pooling, self.name = feature_layer, pooling, name
@@ -210,11 +204,11 @@ class Trainer:
 
         # which metric picks the best checkpoint (and drives early stopping)
         names = self.metric_names()
-        best = config.metric_for_best
+        best = config.metric_for_best_model
         if best is None and self.eval_data:
             best = f"{next(iter(self.eval_data))}/{'accuracy' if task == 'classification' else 'loss'}"
         if best is not None and best not in names:
-            raise ValueError(f"training.metric_for_best: {best!r} is not a metric of this run; valid: {names}")
+            raise ValueError(f"training.metric_for_best_model: {best!r} is not a metric of this run; valid: {names}")
         if config.early_stopping_patience is not None and best is None:
             raise ValueError("training.early_stopping_patience needs eval data to watch (data.eval)")
         self.best_metric_name = best
@@ -286,9 +280,10 @@ class Trainer:
             self.accelerator = self._make_accelerator()
             self.model.to(self.accelerator.device)
         return evaluate_model(self.model, self.tokenizer, data, task=self.task, max_length=self.max_length,
-                              batch_size=self.config.eval_batch_size or 2 * self.config.batch_size,
+                              batch_size=(self.config.per_device_eval_batch_size
+                                          or 2 * self.config.per_device_train_batch_size),
                               accelerator=self.accelerator,
-                              progress=self.config.progress and self.accelerator.is_main_process)
+                              progress=not self.config.disable_tqdm and self.accelerator.is_main_process)
 
     # -- training ----------------------------------------------------------------------
     def train(self, resume: bool | str = False) -> dict[str, float]:
@@ -325,10 +320,11 @@ class Trainer:
         if alignment is not None:
             alignment.set_default_scope(cfg.align_scope)
         preflight.preflight(self, acc, src, tgt)
-        total = cfg.max_steps or max(1, math.ceil(cfg.epochs * src.batches_per_epoch / cfg.grad_accum))
+        total = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * src.batches_per_epoch
+                                                   / cfg.gradient_accumulation_steps))
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total)
 
-        # optimizer: adapter/head params (no decay on biases and norms) + discriminators at disc_lr
+        # optimizer: adapter/head params (no decay on biases and norms) + discriminators at discriminator_learning_rate
         decay, no_decay = [], []
         for n, p in model.named_parameters():
             if p.requires_grad:
@@ -342,7 +338,7 @@ class Trainer:
             disc = [p for p in alignment.parameters() if p.requires_grad]
             # every process starts from rank 0's discriminator (DDP would broadcast it when wrapping)
             comm.broadcast_parameters(alignment)
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
         tap = FeatureTap(model, layer=self.feature_layer, pooling=self.pooling) if alignment is not None else None
         # Only the model goes through Accelerate (DDP / FSDP / DeepSpeed wrap one model; FSDP2
         # swaps the optimizer's parameters for their shards and rejects any it does not know).
@@ -352,8 +348,9 @@ class Trainer:
         model, optimizer = acc.prepare(model, optimizer)
         if disc:
             optimizer.optimizer.add_param_group({"params": disc, "weight_decay": cfg.weight_decay,
-                                                 "lr": cfg.disc_lr or cfg.lr})
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, _lr_lambda(cfg.scheduler, warmup, total))
+                                                 "lr": cfg.discriminator_learning_rate or cfg.learning_rate})
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer,
+                                                      _lr_lambda(cfg.lr_scheduler_type, warmup, total))
         self.optimizer, self.scheduler = optimizer, scheduler
         trainable = [p for g in optimizer.param_groups for p in g["params"]]
 
@@ -363,10 +360,10 @@ class Trainer:
         if resume:
             start = Path(resume) if isinstance(resume, (str, Path)) else ckpt.latest_checkpoint(out_dir)
         if start is None and ckpt.list_checkpoints(out_dir):
-            if not cfg.overwrite:
+            if not cfg.overwrite_output_dir:
                 raise ValueError(
                     f"{str(out_dir)!r} already holds checkpoints of another run; resume it (resume=True, "
-                    "peftadapt train --resume), choose another output_dir, or set training.overwrite: true"
+                    "peftadapt train --resume), choose another output_dir, or set training.overwrite_output_dir: true"
                 )
             if acc.is_main_process:
                 for _, p in ckpt.list_checkpoints(out_dir):
@@ -393,7 +390,7 @@ class Trainer:
 
         from tqdm.auto import tqdm
         bar = tqdm(total=total, initial=step, desc=self.name, unit="step", dynamic_ncols=True,
-                   disable=not (cfg.progress and acc.is_main_process))
+                   disable=cfg.disable_tqdm or not acc.is_main_process)
         t0, steps_done = time.perf_counter(), 0
         model.train()
         if alignment is not None:
@@ -402,8 +399,8 @@ class Trainer:
             progress = step / total
             term_on = alignment is not None and any(w > 0 for w in self.alignment.weights(progress).values())
             task_sum, reg_sum, reg_vals = 0.0, 0.0, {}
-            for micro in range(cfg.grad_accum):
-                m = step * cfg.grad_accum + micro
+            for micro in range(cfg.gradient_accumulation_steps):
+                m = step * cfg.gradient_accumulation_steps + micro
                 batch = self._batch_to(src.batch(m))
                 with acc.autocast():
                     out = model(**batch)
@@ -418,12 +415,12 @@ class Trainer:
                         lt = out_t.logits if self.task == "classification" else None
                         reg_loss, vals = alignment(fs, ft, ls, lt, progress=progress)
                         loss = loss + reg_loss
-                        reg_sum += float(reg_loss.detach()) / cfg.grad_accum
+                        reg_sum += float(reg_loss.detach()) / cfg.gradient_accumulation_steps
                         for k, v in vals.items():
-                            reg_vals[k] = reg_vals.get(k, 0.0) + v / cfg.grad_accum
+                            reg_vals[k] = reg_vals.get(k, 0.0) + v / cfg.gradient_accumulation_steps
                 # mean over micro-batches: accumulating k batches of b equals one batch of k*b
-                acc.backward(loss / cfg.grad_accum)
-                task_sum += float(task_loss.detach()) / cfg.grad_accum
+                acc.backward(loss / cfg.gradient_accumulation_steps)
+                task_sum += float(task_loss.detach()) / cfg.gradient_accumulation_steps
             if disc and acc.num_processes > 1:
                 comm.average_gradients(disc)
             grad_norm = None
@@ -443,13 +440,13 @@ class Trainer:
                 record.update({f"weight/{k}": w for k, w in self.alignment.weights(progress).items()})
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
-            if step % cfg.log_every == 0 or step == total:
+            if step % cfg.logging_steps == 0 or step == total:
                 if acc.num_processes > 1:  # the mean over processes, not rank 0's shard (same steps on every rank)
                     self._reduce_losses(record, list(reg_vals))
                 self._log(record)
 
             # evaluate, track the best, stop early
-            do_eval = bool(self.eval_data) and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total)
+            do_eval = bool(self.eval_data) and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total)
             new_best = False
             if do_eval:
                 last_eval = self.evaluate()
@@ -468,8 +465,8 @@ class Trainer:
             bar.set_postfix(postfix)
             bar.update(1)
 
-            # checkpoint: every save_every steps (default: every evaluation), at each new best, at the end
-            due = (step % cfg.save_every == 0) if cfg.save_every else do_eval
+            # checkpoint: every save_steps steps (default: every evaluation), at each new best, at the end
+            due = (step % cfg.save_steps == 0) if cfg.save_steps else do_eval
             if due or new_best or step == total or stopped_early:
                 state = {"step": step, "best": best, "best_step": best_step, "bad_evals": bad_evals,
                          "total": total, "history": self.history, "last_eval": last_eval,
@@ -483,7 +480,7 @@ class Trainer:
                 if new_best:
                     best_path = path
                 if acc.is_main_process:
-                    ckpt.rotate(out_dir, cfg.keep_last, best_path)
+                    ckpt.rotate(out_dir, cfg.save_total_limit, best_path)
                 acc.wait_for_everyone()
             if stopped_early:
                 break
@@ -495,7 +492,7 @@ class Trainer:
         train_losses = [r["loss"] for r in self.history if r["split"] == "train"]
         if train_losses:
             final["train/loss"] = train_losses[-1]
-        if cfg.restore_best and best_step is not None and best_step != step:
+        if cfg.load_best_model_at_end and best_step is not None and best_step != step:
             from safetensors.torch import load_file
             ckpt.load_trainable_state(acc.unwrap_model(model),
                                       load_file(str(out_dir / f"checkpoint-{best_step}" / "trainable.safetensors")))

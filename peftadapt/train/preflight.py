@@ -38,7 +38,7 @@ def per_process_batch(global_batch: int, world: int, what: str = "global_batch_s
         lo, hi = (global_batch // world) * world, (global_batch // world + 1) * world
         raise ValueError(
             f"training.{what}={global_batch} cannot be split evenly over {world} processes; use a multiple "
-            f"of {world} (e.g. {lo or hi} or {hi}), or set batch_size (per process) instead"
+            f"of {world} (e.g. {lo or hi} or {hi}), or set per_device_train_batch_size (per process) instead"
         )
     return global_batch // world
 
@@ -183,12 +183,12 @@ def batch_sizes(config: Any, world: int) -> tuple[int, int]:
     """(source, target) examples per process per micro-batch for a TrainConfig.
 
     ``global_batch_size`` (when set) is split over the processes and must be
-    divisible by their number; else ``batch_size`` is per process. The target
-    batch defaults to the source batch per process.
+    divisible by their number; else ``per_device_train_batch_size`` is per process.
+    The target batch (``per_device_target_batch_size``) defaults to the source batch per process.
     """
     g = getattr(config, "global_batch_size", None)
-    bs = per_process_batch(g, world) if g else config.batch_size
-    return bs, config.target_batch_size or bs
+    bs = per_process_batch(g, world) if g else config.per_device_train_batch_size
+    return bs, config.per_device_target_batch_size or bs
 
 
 def check_same_resume_step(step: int, device: torch.device | str = "cpu") -> None:

@@ -1,4 +1,4 @@
-"""From a validated run config to a model, data, regularizers and a Trainer.
+"""From a checked :class:`~peftadapt.train.schema.RunConfig` to a model, data, regularizers and a Trainer.
 
 Used by ``peftadapt train`` / ``peftadapt eval``. Order matters: data files
 are read and checked first (cheap, and most mistakes live there), then the
@@ -14,73 +14,62 @@ from typing import Any
 
 import torch
 
-from ..wrap import load, wrap
-
-from .config import TERM_KEYS, TrainConfig
+from ..align import Alignment, Term
+from ..align.registry import build_with_defaults
+from ..features import FeatureTap
+from .. import quant
+from ..wrap import load as load_adapter, wrap
 from .data import TextData, balance_classes, check_tokenizer, collate, load_text_data, tokenize
+from .loop import Trainer, evaluate_model
+from .schema import DatasetSpec, ModelConfig, RunConfig, TermConfig
 
 
-def load_data(cfg: dict[str, Any], num_labels: int | None) -> tuple[TextData, TextData | None, dict[str, TextData]]:
-    data, task = cfg["data"], cfg["model"]["task"]
-    labels = data.get("labels")
+def load_data(run: RunConfig, num_labels: int | None) -> tuple[TextData, TextData | None, dict[str, TextData]]:
+    data, cls = run.data, run.model.task == "classification"
 
-    def read(spec: dict[str, Any], name: str, labeled: bool) -> TextData:
-        s = dict(spec)
-        label = s.pop("label", None) if labeled else None
-        return load_text_data(s.pop("path"), text=s.pop("text"), label=label, labels=labels,
-                              num_labels=num_labels, name=name, **s)
+    def read(spec: DatasetSpec, name: str, labeled: bool) -> TextData:
+        return load_text_data(spec.path, text=spec.text, label=spec.label if labeled else None, labels=data.labels,
+                              num_labels=num_labels, name=name, format=spec.format, split=spec.split,
+                              where=spec.where, where_not=spec.where_not)
 
-    cls = task == "classification"
-    source = read(data["source"], "data.source", cls)
+    source = read(data.source, "data.source", cls)
     target = None
-    if data.get("target") is not None:
-        target = read(data["target"], "data.target", cls and bool(data["target"].get("label")))
-    evals = {n: read(s, n, cls) for n, s in data["eval"].items()}
+    if data.target is not None:
+        target = read(data.target, "data.target", cls and bool(data.target.label))
+    evals = {n: read(s, n, cls) for n, s in data.eval.items()}
     return source, target, evals
 
 
-def num_labels_of(cfg: dict[str, Any]) -> int | None:
-    if cfg["model"]["task"] != "classification":
-        return None
-    if cfg["model"].get("num_labels"):
-        return cfg["model"]["num_labels"]
-    if cfg["data"].get("labels"):
-        return len(cfg["data"]["labels"])
-    return None
-
-
-def load_tokenizer(mcfg: dict[str, Any], truncation: str = "right"):
+def load_tokenizer(mcfg: ModelConfig, truncation: str = "right"):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(mcfg.get("tokenizer") or mcfg["path"])
-    pad = mcfg.get("pad_token")
-    if pad == "eos":
+    tok = AutoTokenizer.from_pretrained(mcfg.tokenizer or mcfg.path)
+    if mcfg.pad_token == "eos":
         if tok.eos_token is None:
             raise ValueError("model.pad_token: eos, but the tokenizer has no eos token; give a token string")
         tok.pad_token = tok.eos_token
-    elif pad is not None:
-        tok.pad_token = pad
+    elif mcfg.pad_token is not None:
+        tok.pad_token = mcfg.pad_token
     check_tokenizer(tok)
     tok.truncation_side = truncation  # data.truncation: which end of a long text is cut
     return tok
 
 
-def load_base_model(mcfg: dict[str, Any], num_labels: int | None, gradient_checkpointing: bool = False):
-    """The transformers model named by ``model:`` (4/8-bit through peftadapt.load_quantized)."""
-    path, task = mcfg["path"], mcfg["task"]
+def load_base_model(mcfg: ModelConfig, num_labels: int | None, gradient_checkpointing: bool = False):
+    """The transformers model named by ``model:`` (4/8-bit through peftadapt.load_quantized;
+    bitsandbytes is imported only then). Looked up on the module so tests can stand in for it."""
+    path, task = mcfg.path, mcfg.task
     if not Path(path).exists() and (os.environ.get("HF_HUB_OFFLINE") == "1"):
         raise FileNotFoundError(f"model.path: folder not found: {path!r} (offline: a local folder is needed)")
     kwargs: dict[str, Any] = {}
     if task == "classification":
         kwargs["num_labels"] = num_labels
-    if mcfg.get("dtype"):
-        kwargs["dtype"] = getattr(torch, mcfg["dtype"])
-    if mcfg.get("quantize"):
-        from ..quant import load_quantized  # lazy: bitsandbytes is optional
-
-        if mcfg.get("quant_storage"):
-            kwargs["quant_storage"] = mcfg["quant_storage"]
-        return load_quantized(path, bits=mcfg["quantize"], task="seqcls" if task == "classification" else "causal",
+    if mcfg.dtype:
+        kwargs["dtype"] = getattr(torch, mcfg.dtype)
+    if mcfg.quantize:
+        if mcfg.quant_storage:
+            kwargs["quant_storage"] = mcfg.quant_storage
+        return quant.load_quantized(path, bits=mcfg.quantize, task="seqcls" if task == "classification" else "causal",
                               gradient_checkpointing=gradient_checkpointing, **kwargs)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -88,15 +77,12 @@ def load_base_model(mcfg: dict[str, Any], num_labels: int | None, gradient_check
     return cls.from_pretrained(path, **kwargs)
 
 
-def wrap_model(base, cfg: dict[str, Any]):
-    opts = {k: v for k, v in cfg["method"].items() if k != "name"}
-    return wrap(base, cfg["method"]["name"], **opts)
+def wrap_model(base, run: RunConfig):
+    return wrap(base, run.method.name, **run.method.options)
 
 
 def feature_width(model, tokenizer, layer=None, pooling="mean") -> int:
     """Width of the alignment features: one tiny forward through a FeatureTap."""
-    from ..features import FeatureTap
-
     batch = collate(tokenize(["width probe"], tokenizer, 8), tokenizer.pad_token_id)
     batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
     was = model.training
@@ -108,68 +94,49 @@ def feature_width(model, tokenizer, layer=None, pooling="mean") -> int:
     return int(width)
 
 
-def build_alignment(terms: list[dict[str, Any]], *, width: int | None, num_labels: int | None):
+def build_alignment(terms: list[TermConfig], *, width: int | None, num_labels: int | None):
     """``peftadapt.align.Alignment`` from the config's regularizer list; fills in
     ``in_features`` / ``num_classes`` where the regularizer takes them."""
     if not terms:
         return None
-    from ..align import REGULARIZERS, Alignment, Term, build
-    from ..align.registry import init_params
-
     built = []
     for i, t in enumerate(terms):
-        name = t["name"].lower()
-        if name not in REGULARIZERS:
-            raise ValueError(f"regularizers[{i}].name: unknown regularizer {t['name']!r}; "
-                             f"allowed values: {sorted(REGULARIZERS)}")
-        opts = {k: v for k, v in t.items() if k not in TERM_KEYS}
-        accepted = init_params(REGULARIZERS[name][0])
-        if "in_features" in accepted and "in_features" not in opts and width is not None:
-            opts["in_features"] = width
-        if "num_classes" in accepted and "num_classes" not in opts and num_labels is not None:
-            opts["num_classes"] = num_labels
-        reg = build(name, **opts)
-        term_kw = {k: t[k] for k in ("weight", "schedule", "warmup", "start") if k in t}
-        built.append(Term(reg, **term_kw, name=name if sum(x["name"].lower() == name for x in terms) == 1 else f"{name}_{i}"))
+        name = t.name.lower()
+        reg = build_with_defaults(name, {"in_features": width, "num_classes": num_labels}, **t.options)
+        unique = sum(x.name.lower() == name for x in terms) == 1
+        built.append(Term(reg, weight=t.weight, schedule=t.schedule, warmup=t.warmup, start=t.start,
+                          scope=t.scope, name=name if unique else f"{name}_{i}"))
     return Alignment(built)
 
 
-def build_trainer(cfg: dict[str, Any], training_overrides: dict[str, Any] | None = None):
-    """Everything a run needs, from a validated config: returns a Trainer."""
+def build_trainer(run: RunConfig):
+    """Everything a run needs, from a checked run config: returns a Trainer."""
     from accelerate.utils import set_seed
 
-    from .loop import Trainer
-
-    training: TrainConfig = cfg["training"]
-    if training_overrides:
-        import dataclasses
-        training = dataclasses.replace(training, **training_overrides)
-    nl = num_labels_of(cfg)
-    source, target, evals = load_data(cfg, nl)
-    task = cfg["model"]["task"]
+    training, task = run.training, run.model.task
+    nl = run.num_labels
+    source, target, evals = load_data(run, nl)
     if task == "classification" and nl is None:
         nl = max(2, max(source.labels) + 1)  # integer labels without a list: 0..max
-    if cfg["data"].get("balance", "none") == "oversample":
+    if run.data.balance == "oversample":
         source = balance_classes(source)
-    tokenizer = load_tokenizer(cfg["model"], cfg["data"].get("truncation", "right"))
+    tokenizer = load_tokenizer(run.model, run.data.truncation)
     set_seed(training.seed)  # head init, adapter init and discriminators are seeded too
-    base = load_base_model(cfg["model"], nl, training.gradient_checkpointing)
-    model = wrap_model(base, cfg)
-    feats = cfg["features"]
+    base = load_base_model(run.model, nl, training.gradient_checkpointing)
+    model = wrap_model(base, run)
+    feats = run.features
     alignment = None
-    if cfg["regularizers"]:
-        width = feature_width(model, tokenizer, feats.get("layer"), feats.get("pooling", "mean"))
-        alignment = build_alignment(cfg["regularizers"], width=width, num_labels=nl)
+    if run.regularizers:
+        width = feature_width(model, tokenizer, feats.layer, feats.pooling)
+        alignment = build_alignment(run.regularizers, width=width, num_labels=nl)
     return Trainer(model, tokenizer, source, target=target, eval=evals, regularizers=alignment,
-                   config=training, task=task, max_length=cfg["data"]["max_length"],
-                   feature_layer=feats.get("layer"), pooling=feats.get("pooling", "mean"))
+                   config=training, task=task, max_length=run.data.max_length,
+                   feature_layer=feats.layer, pooling=feats.pooling)
 
 
-def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str | Path) -> dict[str, float]:
+def evaluate_checkpoint(run: RunConfig, checkpoint: str | Path) -> dict[str, float]:
     """Metrics on ``data.eval`` of the base model with the adapter saved in
     ``checkpoint`` (a checkpoint / final folder holding ``adapter/``, or an adapter folder)."""
-    from .loop import evaluate_model
-
     ck = Path(checkpoint)
     if not ck.exists():
         raise FileNotFoundError(f"--checkpoint: folder not found: {str(ck)!r}")
@@ -177,15 +144,15 @@ def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str | Path) -> dict[str
     if not adapter.is_dir() or not any(adapter.iterdir()):
         raise ValueError(f"--checkpoint: {str(ck)!r} holds no adapter (expected an adapter/ folder "
                          "written by peftadapt train, e.g. OUTPUT_DIR/final)")
-    nl = num_labels_of(cfg)
-    _, _, evals = load_data(cfg, nl)
+    nl = run.num_labels
+    _, _, evals = load_data(run, nl)
     if not evals:
         raise ValueError("eval needs data.eval in the config: {name: {path: ..., text: ..., label: ...}}")
-    if cfg["model"]["task"] == "classification" and nl is None:
+    if run.model.task == "classification" and nl is None:
         nl = max(2, max(max(d.labels) for d in evals.values()) + 1)
-    tokenizer = load_tokenizer(cfg["model"], cfg["data"].get("truncation", "right"))  # as in training
-    base = load_base_model(cfg["model"], nl)
-    model = load(base, str(adapter))
-    training: TrainConfig = cfg["training"]
-    return evaluate_model(model, tokenizer, evals, task=cfg["model"]["task"], max_length=cfg["data"]["max_length"],
-                          batch_size=training.eval_batch_size or 2 * training.batch_size)
+    tokenizer = load_tokenizer(run.model, run.data.truncation)  # as in training
+    base = load_base_model(run.model, nl)
+    model = load_adapter(base, str(adapter))
+    training = run.training
+    return evaluate_model(model, tokenizer, evals, task=run.model.task, max_length=run.data.max_length,
+                          batch_size=training.per_device_eval_batch_size or 2 * training.per_device_train_batch_size)

@@ -34,15 +34,15 @@ def scenario_align(out: Path, rank: int, world: int, args: dict) -> dict:
     return res
 
 
-def _trainer(tok, out_dir, *, rank, lr=0.02, regs=None, **kw):
+def _trainer(tok, out_dir, *, rank, learning_rate=0.02, regs=None, **kw):
     from peftadapt.align import MMD, Term
     from peftadapt.train import Trainer
     from tests.train.conftest import text_data, tiny_classifier
 
     model = tiny_classifier(seed=0, dropout=0.0)
     regs = [Term(MMD(), weight=0.5)] if regs is None else regs
-    opts = dict(output_dir=str(out_dir), global_batch_size=8, max_steps=4, save_every=2, lr=lr, progress=False,
-                plot=False, seed=0, max_length=12)
+    opts = dict(output_dir=str(out_dir), global_batch_size=8, max_steps=4, save_steps=2, learning_rate=learning_rate,
+                disable_tqdm=True, plot=False, seed=0, max_length=12)
     opts.update(kw)
     return Trainer(model, tok, text_data(40, 0), target=text_data(40, 1, labeled=False, name="target"),
                    regularizers=regs, **opts)
@@ -62,11 +62,11 @@ def scenario_trainer(out: Path, rank: int, world: int, args: dict) -> dict:
 
     # bad input first: each must raise on every process, before any training collective
     res["errors"]["mismatch"] = _expect_error(
-        lambda: _trainer(tok, out / "bad", rank=rank, lr=0.02 if rank == 0 else 0.03).train())
+        lambda: _trainer(tok, out / "bad", rank=rank, learning_rate=0.02 if rank == 0 else 0.03).train())
     res["errors"]["indivisible"] = _expect_error(
         lambda: _trainer(tok, out / "bad", rank=rank, global_batch_size=7).train())
     res["errors"]["too_small_local"] = _expect_error(
-        lambda: _trainer(tok, out / "bad", rank=rank, global_batch_size=None, batch_size=1,
+        lambda: _trainer(tok, out / "bad", rank=rank, global_batch_size=None, per_device_train_batch_size=1,
                          regs=[Term(MMD(), scope="local")]).train())
 
     # the real run; count who writes checkpoints
@@ -225,7 +225,7 @@ def scenario_two_discriminators(out: Path, rank: int, world: int, args: dict) ->
     tok = AutoTokenizer.from_pretrained(str(gt.MODEL_DIR))
     regs = [Term(DANN(32, hidden_size=8, dropout=0.0), weight=0.5, name="dann"),
             Term(CDAN(32, 2, hidden_size=8, dropout=0.0), weight=0.5, name="cdan", start=0.5)]
-    tr = _trainer(tok, out / "two", rank=rank, regs=regs, save_every=4)
+    tr = _trainer(tok, out / "two", rank=rank, regs=regs, save_steps=4)
     local: dict = {"task": [], "dann": []}
     tr.model.register_forward_hook(
         lambda m, a, kw_out: local["task"].append(float(kw_out.loss)) if kw_out.loss is not None else None)

@@ -38,7 +38,7 @@ def test_default_scope_follows_the_math():
 def test_bad_scope_names_the_choices():
     with pytest.raises(ValueError, match=r"unknown alignment scope 'everywhere'; valid scopes: \['auto', 'local', 'global'\]"):
         Term(MMD(), scope="everywhere")
-    with pytest.raises(ValueError, match=r"training.align_scope: allowed values"):
+    with pytest.raises(ValueError, match=r"training.align_scope: 'both' is not allowed; allowed values"):
         TrainConfig(align_scope="both")
     with pytest.raises(ValueError, match=r"training.global_batch_size: must be a positive integer"):
         TrainConfig(global_batch_size=0)
@@ -49,8 +49,8 @@ def test_per_process_batch():
     with pytest.raises(ValueError, match=r"global_batch_size=10 cannot be split evenly over 4 processes; use a "
                                          r"multiple of 4 \(e.g. 8 or 12\)"):
         D.per_process_batch(10, 4)
-    assert D.batch_sizes(TrainConfig(batch_size=5), 3) == (5, 5)
-    assert D.batch_sizes(TrainConfig(global_batch_size=12, target_batch_size=2), 3) == (4, 2)
+    assert D.batch_sizes(TrainConfig(per_device_train_batch_size=5), 3) == (5, 5)
+    assert D.batch_sizes(TrainConfig(global_batch_size=12, per_device_target_batch_size=2), 3) == (4, 2)
 
 
 def test_shard_sizes_counts_the_last_batch_of_an_epoch():
@@ -80,10 +80,10 @@ def test_min_batch_check_per_scope():
 
 
 def test_fingerprint_names_each_field():
-    a = D.config_fingerprint(training=TrainConfig(lr=0.1), task="classification")
-    b = D.config_fingerprint(training=TrainConfig(lr=0.2), task="classification")
-    assert a.keys() == b.keys() and "training.lr" in a and "task" in a
-    assert [k for k in a if a[k] != b[k]] == ["training.lr"]
+    a = D.config_fingerprint(training=TrainConfig(learning_rate=0.1), task="classification")
+    b = D.config_fingerprint(training=TrainConfig(learning_rate=0.2), task="classification")
+    assert a.keys() == b.keys() and "training.learning_rate" in a and "task" in a
+    assert [k for k in a if a[k] != b[k]] == ["training.learning_rate"]
     D.check_same_config(a)  # one process: nothing to compare, no collective
 
 
@@ -104,14 +104,14 @@ def test_trainer_checks_before_the_first_step(minilm_tokenizer, tmp_path):
     def trainer(**kw):
         return Trainer(tiny_classifier(dropout=0.0), minilm_tokenizer, text_data(9, 0),
                        target=text_data(12, 1, labeled=False), regularizers=[Term(MMD(), weight=0.5)],
-                       output_dir=str(tmp_path), progress=False, plot=False, max_length=12, **{"max_steps": 3, **kw})
+                       output_dir=str(tmp_path), disable_tqdm=True, plot=False, max_length=12, **{"max_steps": 3, **kw})
 
     # 9 = 2 * 4 + 1: the third batch of an epoch holds one source example, too few for MMD
     with pytest.raises(ValueError, match=r"'mmd' \(MMD\) needs at least 2 source samples per batch, but with "
                                          r"source batch size 4 per process on 1 process\(es\) some step gives it only 1"):
-        trainer(batch_size=4).train()
+        trainer(per_device_train_batch_size=4).train()
     assert not list(tmp_path.glob("checkpoint-*"))
-    tr = trainer(batch_size=3, align_scope="local", max_steps=1)  # 9 = 3 * 3
+    tr = trainer(per_device_train_batch_size=3, align_scope="local", max_steps=1)  # 9 = 3 * 3
     tr.train()
     assert tr.alignment.terms[0].scope == "local"  # the run-wide scope fills in terms left on "auto"
     # a global batch size needs no processes to divide when there is one
@@ -191,8 +191,8 @@ def test_cli_train_prints_its_summary_on_the_main_process_only(monkeypatch, caps
         def train(self, resume=False):
             return {"eval/accuracy": 0.5}
 
-    monkeypatch.setattr(cli, "_load_config", lambda *a: {"training": NS(output_dir="out")})
-    monkeypatch.setattr(cli, "build_trainer", lambda cfg: FakeTrainer())
+    monkeypatch.setattr(cli, "load_run_config", lambda *a, **k: NS(training=NS(output_dir="out")))
+    monkeypatch.setattr(cli, "build_trainer", lambda run: FakeTrainer())
     assert cli._train(NS(config="run.yaml", set=[], output_dir=None, resume=False)) == 0
     out = capsys.readouterr().out
     if main:

@@ -89,7 +89,7 @@ def test_bad_input_fails_on_every_rank_without_hanging(launched):
     _, results = launched
     errs = [r["trainer"]["errors"] for r in results]
     for e in errs:  # the same message on both ranks (not a hang, not one rank only)
-        assert "configured differently on different processes: training.lr (ranks [0] vs ranks [1])" in e["mismatch"]
+        assert "configured differently on different processes: training.learning_rate (ranks [0] vs ranks [1])" in e["mismatch"]
         assert "global_batch_size=7 cannot be split evenly over 2 processes" in e["indivisible"]
         assert "e.g. 6 or 8" in e["indivisible"]
         assert "needs at least 2 source samples per process" in e["too_small_local"]

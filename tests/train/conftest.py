@@ -104,6 +104,6 @@ def run_config(model_dir, files, out, **training) -> dict:
             "target": {"path": str(files / "target.csv"), "text": "text"},
             "eval": {"target": {"path": str(files / "test.csv"), "text": "text", "label": "label"}},
         },
-        "training": {"output_dir": str(out), "batch_size": 8, "max_steps": 8, "lr": 0.02, "eval_every": 4,
-                     "progress": False, "plot": False, "seed": 0, **training},
+        "training": {"output_dir": str(out), "per_device_train_batch_size": 8, "max_steps": 8, "learning_rate": 0.02,
+                     "eval_steps": 4, "disable_tqdm": True, "plot": False, "seed": 0, **training},
     }

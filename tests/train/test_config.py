@@ -3,7 +3,7 @@ import copy
 import pytest
 import yaml
 
-from peftadapt.train import TrainConfig, load_run_config, validate_run_config
+from peftadapt.train import RunConfig, TrainConfig, load_run_config
 
 BASE = {
     "model": {"path": "m"},
@@ -19,25 +19,25 @@ def cfg(**sections):
 
 
 def test_defaults_filled_in():
-    out = validate_run_config(cfg(training={"lr": 1e-3}))
-    assert out["model"]["task"] == "classification"
-    assert out["method"] == {"name": "lora"}
-    assert out["regularizers"] == []
-    assert out["data"]["source"]["text"] == "text"
-    assert out["data"]["max_length"] == 128
-    assert (out["data"]["truncation"], out["data"]["balance"]) == ("right", "none")
-    assert isinstance(out["training"], TrainConfig) and out["training"].lr == 1e-3
+    out = load_run_config(cfg(training={"learning_rate": 1e-3}))
+    assert isinstance(out, RunConfig) and out.model.task == "classification"
+    assert (out.method.name, out.method.options) == ("lora", {})
+    assert out.regularizers == []
+    assert out.data.source.text == "text"
+    assert out.data.max_length == 128
+    assert (out.data.truncation, out.data.balance) == ("right", "none")
+    assert isinstance(out.training, TrainConfig) and out.training.learning_rate == 1e-3
 
 
 @pytest.mark.parametrize("bad, words", [
-    (cfg(trainig={}), ["config.trainig", "training"]),
-    (cfg(training={"learning_rate": 1}), ["training.learning_rate", "lr", "warmup_ratio"]),
+    (cfg(trainig={}), ["trainig", "did you mean training?"]),
+    (cfg(training={"lr": 1}), ["training.lr", "learning_rate", "warmup_ratio"]),
     (cfg(model={"path": "m", "task": "regression"}), ["model.task", "'regression'", "causal_lm"]),
     (cfg(model={"path": "m", "quantize": 3}), ["model.quantize", "4", "8"]),
     (cfg(model={"task": "classification"}), ["model.path"]),
-    (cfg(training={"scheduler": "step"}), ["training.scheduler", "cosine", "linear"]),
+    (cfg(training={"lr_scheduler_type": "step"}), ["training.lr_scheduler_type", "cosine", "linear"]),
     (cfg(training={"mixed_precision": "fp8"}), ["training.mixed_precision", "bf16"]),
-    (cfg(training={"batch_size": 0}), ["training.batch_size", "positive"]),
+    (cfg(training={"per_device_train_batch_size": 0}), ["training.per_device_train_batch_size", "positive"]),
     (cfg(training={"report_to": ["tensorbord"]}), ["tensorbord", "tensorboard"]),
     (cfg(regularizers=[{"name": "mmd"}]), ["data.target"]),
     (cfg(regularizers=[{"name": "mmd", "schedule": "cosine"}],
@@ -57,21 +57,21 @@ def test_defaults_filled_in():
 ])
 def test_validation_names_key_and_allowed_values(bad, words):
     with pytest.raises(ValueError) as e:
-        validate_run_config(bad)
+        load_run_config(bad)
     for w in words:
         assert w in str(e.value), (w, str(e.value))
 
 
 def test_causal_lm_source_needs_no_label():
-    out = validate_run_config(cfg(model={"path": "m", "task": "causal_lm"}, data={"source": "s.txt.jsonl"}))
-    assert out["data"]["source"] == {"path": "s.txt.jsonl", "text": "text"}
+    out = load_run_config(cfg(model={"path": "m", "task": "causal_lm"}, data={"source": "s.txt.jsonl"}))
+    assert (out.data.source.path, out.data.source.text, out.data.source.label) == ("s.txt.jsonl", "text", None)
 
 
 def test_yaml_file_paths_resolve_relative_to_the_config(tmp_path):
     (tmp_path / "train.csv").write_text("text,label\na,0\n")
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg(data={"source": {"path": "train.csv", "label": "label"}})))
     out = load_run_config(tmp_path / "run.yaml")
-    assert out["data"]["source"]["path"] == str(tmp_path / "train.csv")
+    assert out.data.source.path == str(tmp_path / "train.csv")
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_run_config(tmp_path / "nope.yaml")
     (tmp_path / "bad.yaml").write_text("model: [unclosed")
@@ -92,8 +92,8 @@ def test_example_configs_are_valid():
     examples = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
     assert len(examples) >= 3
     for p in examples:
-        out = validate_run_config(yaml.safe_load(p.read_text()), base_dir=p.parent)
-        assert out["training"].output_dir.startswith("runs/"), p
+        out = load_run_config(p)
+        assert out.training.output_dir.startswith("runs/"), p
 
 
 def test_truncation_and_balance_reach_the_trainer(tmp_path, minilm_tokenizer):
@@ -113,8 +113,8 @@ def test_truncation_and_balance_reach_the_trainer(tmp_path, minilm_tokenizer):
            "data": {"labels": ["neg", "pos"], "max_length": 8, "truncation": "left", "balance": "oversample",
                     "source": {"path": str(tmp_path / "s.csv"), "label": "label"},
                     "eval": {"src": {"path": str(tmp_path / "s.csv"), "label": "label"}}},
-           "training": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "progress": False, "plot": False}}
-    trainer = build_trainer(validate_run_config(raw))
+           "training": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "disable_tqdm": True, "plot": False}}
+    trainer = build_trainer(load_run_config(raw))
     assert trainer.train_data.labels.count(0) == trainer.train_data.labels.count(1) == 6
     assert len(trainer.eval_data["src"]) == 8
     ids = trainer.tokenizer(texts[0], truncation=True, max_length=8)["input_ids"]
@@ -127,8 +127,8 @@ def test_quant_storage_is_passed_to_load_quantized(monkeypatch, tmp_path):
 
     seen = {}
     monkeypatch.setattr(quant, "load_quantized", lambda path, **kw: seen.update(kw) or "model")
-    mcfg = validate_run_config(cfg(model={"path": str(tmp_path), "task": "causal_lm", "quantize": 4,
+    mcfg = load_run_config(cfg(model={"path": str(tmp_path), "task": "causal_lm", "quantize": 4,
                                           "quant_storage": "bf16", "dtype": "bfloat16"},
-                                   data={"source": "s.jsonl"}))["model"]
+                                   data={"source": "s.jsonl"})).model
     assert load_base_model(mcfg, None) == "model"
     assert seen["bits"] == 4 and seen["quant_storage"] == "bf16" and str(seen["dtype"]) == "torch.bfloat16"

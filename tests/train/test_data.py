@@ -63,11 +63,11 @@ def test_labels_out_of_range():
 def test_trainer_rejects_bad_labels_and_empty_data(tok):
     model = tiny_classifier()
     with pytest.raises(ValueError, match=r"label 2 .* outside 0..1"):
-        Trainer(model, tok, TextData(["a", "b"], [0, 2]), progress=False)
+        Trainer(model, tok, TextData(["a", "b"], [0, 2]), disable_tqdm=True)
     with pytest.raises(ValueError, match="empty"):
-        Trainer(model, tok, TextData([], []), progress=False)
+        Trainer(model, tok, TextData([], []), disable_tqdm=True)
     with pytest.raises(ValueError, match="labels are needed"):
-        Trainer(model, tok, ["a", "b"], progress=False)
+        Trainer(model, tok, ["a", "b"], disable_tqdm=True)
 
 
 def test_hf_saved_dataset(tmp_path):
@@ -83,17 +83,17 @@ def test_tokenizer_without_pad_token_says_how_to_fix(tok):
     t = copy.deepcopy(tok)
     t.pad_token = None
     with pytest.raises(ValueError, match=r"pad_token = tokenizer.eos_token.*model.pad_token: eos"):
-        Trainer(tiny_classifier(), t, text_data(4, 0), progress=False)
+        Trainer(tiny_classifier(), t, text_data(4, 0), disable_tqdm=True)
 
 
 def test_target_labels_warn_and_target_without_regularizers_warns(tok):
     model = tiny_classifier()
     with pytest.warns(UserWarning, match="ignores them"):
-        Trainer(model, tok, text_data(4, 0), target=text_data(4, 1), regularizers=["mmd"], progress=False)
+        Trainer(model, tok, text_data(4, 0), target=text_data(4, 1), regularizers=["mmd"], disable_tqdm=True)
     with pytest.warns(UserWarning, match="not used"):
-        Trainer(model, tok, text_data(4, 0), target=text_data(4, 1, labeled=False), progress=False)
+        Trainer(model, tok, text_data(4, 0), target=text_data(4, 1, labeled=False), disable_tqdm=True)
     with pytest.raises(ValueError, match="need target data"):
-        Trainer(model, tok, text_data(4, 0), regularizers=["coral"], progress=False)
+        Trainer(model, tok, text_data(4, 0), regularizers=["coral"], disable_tqdm=True)
 
 
 def test_epoch_order_is_a_function_of_seed_and_epoch():

@@ -38,7 +38,7 @@ CHILD = textwrap.dedent("""
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_model_dir, run_files):
     # dropout on, a DANN discriminator with its own dropout, and an MMD term: resuming
     # must restore RNG states, the discriminator and the optimizer to match exactly
-    training = dict(max_steps=10, eval_every=2, save_every=2, keep_last=2)
+    training = dict(max_steps=10, eval_steps=2, save_steps=2, save_total_limit=2)
     killed = run_config(tiny_model_dir, run_files, tmp_path / "killed", **training)
     killed["regularizers"] = [{"name": "dann", "weight": 0.2, "hidden_size": 16, "start": 0.2},
                               {"name": "mmd", "weight": 0.1}]
