@@ -7,7 +7,9 @@ __version__ = "0.1.0"
 
 from .methods.base import MethodConfig, METHODS, register_method  # noqa: F401
 from . import align  # noqa: F401
-from .align import MMD, CORAL, DANN, CDAN, Entropy, Alignment, Term, register as register_regularizer  # noqa: F401
+from .align import (  # noqa: F401
+    MMD, CORAL, DANN, CDAN, Entropy, Alignment, Term, DomainAdaptation, register as register_regularizer,
+)
 from .features import FeatureTap  # noqa: F401
 from .model import AdaptedModel  # noqa: F401
 from .methods.adapter import Adapter  # noqa: F401
