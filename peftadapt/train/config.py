@@ -19,9 +19,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from ..quant.optim import OPTIMIZERS  # the factory's names: one list, no copy here
+
 TASKS = ("classification", "causal_lm")
 SCHEDULERS = ("linear", "cosine", "constant")
-OPTIMIZERS = ("adamw",)
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 SCHEDULES = ("constant", "linear", "dann")
 POOLINGS = ("mean", "cls", "last")
@@ -50,7 +51,8 @@ class TrainConfig:
     lr: float = _f(5e-4, "learning rate of adapter and head parameters")
     disc_lr: float | None = _f(None, "learning rate of regularizer (discriminator) parameters; default lr")
     weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norms)")
-    optimizer: str = _f("adamw", f"one of {list(OPTIMIZERS)}")
+    optim: str = _f("adamw_torch", f"one of {list(OPTIMIZERS)} (transformers' names); the paged ones page "
+                    "optimizer state to CPU RAM on a CUDA GPU (on a CPU: the non-paged rule, with a warning)")
     scheduler: str = _f("linear", f"learning-rate schedule after warm-up: one of {list(SCHEDULERS)}")
     warmup_ratio: float = _f(0.0, "fraction of steps with a linear learning-rate warm-up")
     warmup_steps: int | None = _f(None, "warm-up steps; overrides warmup_ratio")
@@ -97,7 +99,7 @@ class TrainConfig:
         need(isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         need(self.max_grad_norm is None or (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0),
              "max_grad_norm", "must be > 0 or null")
-        need(self.optimizer in OPTIMIZERS, "optimizer", f"allowed values: {list(OPTIMIZERS)}")
+        need(self.optim in OPTIMIZERS, "optim", f"allowed values: {list(OPTIMIZERS)}")
         need(self.scheduler in SCHEDULERS, "scheduler", f"allowed values: {list(SCHEDULERS)}")
         need(self.mixed_precision in MIXED_PRECISION, "mixed_precision", f"allowed values: {list(MIXED_PRECISION)}")
         need(self.align_scope in ("auto", "local", "global"), "align_scope", "allowed values: ['auto', 'local', 'global']")
