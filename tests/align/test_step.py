@@ -137,10 +137,9 @@ def test_hooks_are_removed_by_remove_and_by_an_error_inside_with():
     assert _hooks(model) == before
     with pytest.raises(RuntimeError, match="removed"):
         da.loss(src, tgt, progress=0.5)
-    with pytest.raises(KeyError):
-        with DomainAdaptation(model, ["mmd"]) as da:
-            assert _hooks(model) > before
-            raise KeyError("boom")
+    with pytest.raises(KeyError), DomainAdaptation(model, ["mmd"]) as da:
+        assert _hooks(model) > before
+        raise KeyError("boom")
     assert _hooks(model) == before
 
 
