@@ -4,7 +4,7 @@ The public API, re-exported; nothing else lives here.
 """
 
 from . import align, bench
-from .align import CDAN, CORAL, DANN, MMD, Alignment, Entropy, Term
+from .align import CDAN, CORAL, DANN, MMD, Alignment, DomainAdaptation, Entropy, Term
 from .align import register as register_regularizer
 from .core.hf import find_task_head
 from .core.version import __version__
@@ -32,7 +32,7 @@ __all__ = [
     "__version__", "wrap", "add_adapter", "set_adapter", "adapter_names", "load", "save", "merge", "unmerge",
     "disabled", "trainable_parameters", "print_trainable_parameters", "base_model", "is_wrapped",
     "LoRA", "Adapter", "Prefix", "Head", "MethodConfig", "METHODS", "register_method", "AdaptedModel",
-    "find_task_head", "FeatureTap", "align", "Term", "Alignment", "MMD", "CORAL", "DANN", "CDAN", "Entropy",
+    "find_task_head", "FeatureTap", "align", "Term", "Alignment", "DomainAdaptation", "MMD", "CORAL", "DANN", "CDAN", "Entropy",
     "register_regularizer", "Trainer", "TrainConfig", "TextData", "load_quantized", "build_quantized",
     "prepare_for_kbit_training", "merge_quantized", "bench",
 ]

@@ -14,16 +14,17 @@ them trains the adapter.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn as nn
 
 from .core.hf import FINAL_NORM_NAMES, OUTPUT_HEADS
 
-__all__ = ["FeatureTap", "POOLINGS", "pool"]
+__all__ = ["FeatureTap", "Pooling", "POOLINGS", "pool"]
 
-POOLINGS = ("mean", "cls", "last")
+Pooling = Literal["mean", "cls", "last"]
+POOLINGS: tuple[str, ...] = get_args(Pooling)
 _WRAPPER_PREFIXES = ("base_model.model.", "base_model.", "model.")
 
 

@@ -2,10 +2,12 @@
 
 ``build(name, **options)`` makes one from the registry ("mmd", "coral", "dann",
 "cdan", "cdan+e", "entropy", or your own via ``register``); ``Alignment`` holds a
-scheduled, weighted sum of several. See docs/regularizers.md.
+scheduled, weighted sum of several; ``DomainAdaptation`` is the whole DA step (feature
+tap + terms + schedule) that every training loop calls. See docs/regularizers.md.
 
 Modules: :mod:`.regularizer` (the interface), :mod:`.registry`, :mod:`.schedule`,
-:mod:`.scope` (several processes), :mod:`.terms` (``Term``, ``Alignment``), one
+:mod:`.scope` (several processes), :mod:`.terms` (``Term``, ``Alignment``), :mod:`.step`
+(``DomainAdaptation``), one
 module per method (:mod:`.mmd`, :mod:`.coral`, :mod:`.adversarial`, :mod:`.entropy`).
 """
 
@@ -17,11 +19,12 @@ from .registry import REGULARIZERS, build, register, regularizer_names
 from .regularizer import Regularizer
 from .schedule import SCHEDULES, dann_ramp, schedule_weight
 from .scope import SCOPES
+from .step import DomainAdaptation
 from .terms import Alignment, Term
 
 __all__ = [
     "Regularizer", "register", "build", "regularizer_names", "REGULARIZERS",
-    "Term", "Alignment", "schedule_weight", "dann_ramp", "SCHEDULES", "SCOPES",
+    "Term", "Alignment", "DomainAdaptation", "schedule_weight", "dann_ramp", "SCHEDULES", "SCOPES",
     "MMD", "CORAL", "DANN", "CDAN", "Entropy",
     "GradientReversal", "grad_reverse", "DomainDiscriminator",
 ]

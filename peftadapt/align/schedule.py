@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 from .numerics import check_progress
 
-__all__ = ["SCHEDULES", "schedule_weight", "dann_ramp"]
+__all__ = ["Schedule", "SCHEDULES", "schedule_weight", "dann_ramp"]
 
-SCHEDULES = ("constant", "linear", "dann")
+Schedule = Literal["constant", "linear", "dann"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
 def dann_ramp(progress: float, gamma: float = 10.0) -> float:

@@ -24,15 +24,16 @@ Scopes (``Term(..., scope=...)``, ``TrainConfig.align_scope``):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
 from ..core.comm import gather, is_distributed
 
-__all__ = ["SCOPES", "check_scope", "default_scope", "resolve_scope", "gather_inputs"]
+__all__ = ["Scope", "SCOPES", "check_scope", "default_scope", "resolve_scope", "gather_inputs"]
 
-SCOPES = ("auto", "local", "global")
+Scope = Literal["auto", "local", "global"]
+SCOPES: tuple[str, ...] = get_args(Scope)
 
 
 def check_scope(scope: Any) -> str:

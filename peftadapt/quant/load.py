@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -30,7 +30,8 @@ def _auto_class(task):
     return classes[task]
 
 
-QUANT_STORAGES = ("uint8", "bf16", "fp16", "fp32")
+QuantStorage = Literal["uint8", "bf16", "fp16", "fp32"]
+QUANT_STORAGES: tuple[str, ...] = get_args(QuantStorage)
 
 
 def resolve_quant_storage(quant_storage: Any, bits: int) -> torch.dtype | None:

@@ -12,20 +12,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Literal, get_args
 
-from ..align.scope import SCOPES
+from ..align.scope import Scope
 from ..core.fields import field
+from ..quant.optim import Optim  # the factory's names: one list
 from ._fields import check_fields, check_keys
 
 Task = Literal["classification", "causal_lm"]
 TASKS = get_args(Task)
 LrSchedulerType = Literal["linear", "cosine", "constant"]
-# The optimizer factory of the training loop builds these (transformers' names).
-Optim = Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
-OPTIMS = get_args(Optim)
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 Tracker = Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]
 TRACKERS = get_args(Tracker)
-AlignScope = Literal[SCOPES]  # the one list lives in peftadapt.distributed
 
 # Old peftadapt key -> TrainingArguments name (0.1 run files); only for the error message.
 RENAMED = {
@@ -88,7 +85,7 @@ class TrainConfig:
     global_batch_size: int | None = field(
         None, "source examples per micro-batch summed over all processes; overrides "
               "per_device_train_batch_size and must be a multiple of the number of processes")
-    align_scope: AlignScope = field(
+    align_scope: Scope = field(
         "auto", "with several processes: global (alignment loss over the whole batch), local (each process "
                 "on its shard) or auto (global for mmd/coral/cdan+e); see docs/distributed.md")
 

@@ -18,11 +18,12 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Literal, Sequence, get_args
 
 import torch
 
-FORMATS = ("csv", "tsv", "jsonl", "hf")
+Format = Literal["csv", "tsv", "jsonl", "hf"]
+FORMATS: tuple[str, ...] = get_args(Format)
 
 
 @dataclasses.dataclass

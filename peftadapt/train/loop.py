@@ -1,17 +1,23 @@
-"""The training loop: PEFT fine-tuning with optional domain alignment, on Accelerate.
+"""The training recipe: PEFT fine-tuning with optional domain alignment, on Accelerate.
 
-One step, read top to bottom in :meth:`Trainer.train`::
+:meth:`Trainer.train` reads top to bottom (the shape of torchtune's recipes and
+nanoGPT's ``train.py``)::
 
-    for each of gradient_accumulation_steps micro-batches:
-        source batch -> model -> task loss            (features f_s tapped)
-        target batch -> model                          (features f_t tapped; only if a term is on)
-        loss = task loss + sum_k lambda_k(p) * D_k(f_s, f_t)
-        backward(loss / gradient_accumulation_steps)
-    clip grad norm; optimizer step; scheduler step
-    log; evaluate / early-stop; checkpoint
+    setup()                     accelerator, data, DomainAdaptation, optimizer, scheduler, resume
+    while step < total:
+        train_step()            gradient_accumulation_steps micro-batches through DomainAdaptation.loss, backward;
+                                discriminator gradients averaged; clip; optimizer + scheduler step
+        log                     on log steps only: the one host sync of the step
+        evaluate()              on eval steps: track the best metric, maybe stop early
+        save_checkpoint()       when due
+    finalize()                  restore the best weights, final adapter, summary, plot
 
-``p`` = step / total steps is the training progress the regularizer weights
-and the DANN gradient-reversal coefficient follow.
+The DA step itself (source forward, target forward while a term is on,
+``loss = task loss + sum_k lambda_k(p) * D_k(f_s, f_t)``) is
+:class:`peftadapt.align.DomainAdaptation`, the same object a plain PyTorch
+loop or a transformers ``Trainer`` plugin calls. ``p`` = step / total steps
+is the training progress the term weights and the DANN gradient-reversal
+coefficient follow.
 
 Reproducibility: the seed fixes the batch order (a function of seed and
 epoch, see :mod:`peftadapt.train.data`), dropout and the regularizers' own
@@ -22,7 +28,7 @@ was never interrupted.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import math
 import shutil
@@ -33,27 +39,26 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from ..core import comm
 from ..core.hf import unwrap
+from ..align.step import DomainAdaptation, as_alignment, check_alignment
+from ..quant.optim import make_optimizer
 from . import checkpoint as ckpt
 from . import preflight
 from .config import TASKS, TrainConfig
-from .data import (BatchStream, TextData, as_text_data, check_labels, check_tokenizer, collate,
-                   tokenize, warn_unused_target_labels)
-
-LOWER_IS_BETTER = ("loss", "perplexity")
-
-
-def _as_alignment(regularizers: Any):
-    """None, an Alignment, a Term / Regularizer / name, or a list of those -> Alignment or None."""
-    if regularizers is None or (isinstance(regularizers, (list, tuple)) and not regularizers):
-        return None
-    from ..align import Alignment
-    if isinstance(regularizers, Alignment):
-        return regularizers
-    return Alignment(regularizers if isinstance(regularizers, (list, tuple)) else [regularizers])
+from .data import (
+    BatchStream,
+    as_text_data,
+    check_labels,
+    check_tokenizer,
+    tokenize,
+    warn_unused_target_labels,
+)
+from .evaluate import LOWER_IS_BETTER, evaluate_model, macro_f1, metric_names  # noqa: F401  (public here too)
+from .plots import plot_history
 
 
 def _lr_lambda(kind: str, warmup: int, total: int):
@@ -72,65 +77,26 @@ def _lr_lambda(kind: str, warmup: int, total: int):
     return f
 
 
-def macro_f1(preds: Sequence[int], labels: Sequence[int]) -> float:
-    """Unweighted mean of per-class F1 over the classes present in labels or predictions."""
-    classes = sorted(set(preds) | set(labels))
-    f1s = []
-    for c in classes:
-        tp = sum(1 for p, y in zip(preds, labels) if p == c and y == c)
-        fp = sum(1 for p, y in zip(preds, labels) if p == c and y != c)
-        fn = sum(1 for p, y in zip(preds, labels) if p != c and y == c)
-        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return sum(f1s) / len(f1s)
+@dataclasses.dataclass
+class RunState:
+    """Where the run is: what a checkpoint's ``trainer_state.json`` restores besides the tensors."""
+
+    total: int                      # optimizer steps of the whole run
+    step: int = 0                   # optimizer steps done
+    best: float | None = None       # best value of the metric_for_best so far
+    best_step: int | None = None
+    bad_evals: int = 0              # evaluations since the best (early stopping)
+    last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
+    stopped_early: bool = False
 
 
-@torch.no_grad()
-def evaluate_model(model: nn.Module, tokenizer, data: Mapping[str, TextData], *, task: str = "classification",
-                   max_length: int = 128, batch_size: int = 32, accelerator=None,
-                   progress: bool = False) -> dict[str, float]:
-    """Evaluate ``model`` on each named dataset: ``{"<set>/<metric>": value}``.
+@dataclasses.dataclass
+class StepOutput:
+    """What :meth:`Trainer.train_step` leaves for the log: device tensors, not yet synced."""
 
-    Classifiers: loss (mean cross-entropy), accuracy, macro_f1. Causal LMs:
-    loss (mean next-token NLL over all real tokens) and perplexity = exp(loss).
-    """
-    check_tokenizer(tokenizer)
-    device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
-    was_training = model.training
-    model.eval()
-    out: dict[str, float] = {}
-    for name, d in data.items():
-        d = as_text_data(d, name)
-        if task == "classification" and d.labels is None:
-            raise ValueError(f"eval set {name!r} has no labels; a classifier is evaluated on labeled data")
-        ids = tokenize(d.texts, tokenizer, max_length)
-        preds, nll, count = [], 0.0, 0
-        from tqdm.auto import tqdm
-        for i in tqdm(range(0, len(ids), batch_size), desc=f"eval {name}", unit="batch", leave=False,
-                      disable=not progress, dynamic_ncols=True):
-            labels = None if d.labels is None else d.labels[i:i + batch_size]
-            batch = collate(ids[i:i + batch_size], tokenizer.pad_token_id, labels, task)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            y = batch.pop("labels", None)
-            with autocast():
-                logits = model(**batch).logits.float()
-            if task == "classification":
-                preds += logits.argmax(-1).tolist()
-                nll += float(F.cross_entropy(logits, y, reduction="sum"))
-                count += len(y)
-            else:  # next-token loss, summed over real tokens
-                nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                             y[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"))
-                count += int((y[:, 1:] != -100).sum())
-        loss = nll / max(1, count)
-        out[f"{name}/loss"] = loss
-        if task == "classification":
-            out[f"{name}/accuracy"] = sum(int(p == t) for p, t in zip(preds, d.labels)) / len(preds)
-            out[f"{name}/macro_f1"] = macro_f1(preds, d.labels)
-        else:
-            out[f"{name}/perplexity"] = math.exp(min(loss, 50.0))
-    model.train(was_training)
-    return out
+    losses: dict[str, list[torch.Tensor]]  # "task_loss", "reg_loss", "reg/<term>": one per micro-batch
+    weights: dict[str, float]               # "<term>": lambda_k(p) at this step
+    grad_norm: torch.Tensor | None
 
 
 class Trainer:
@@ -149,12 +115,14 @@ class Trainer:
         config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields.
         task: "classification" or "causal_lm".
         max_length: tokens per example (longer texts are truncated).
-        feature_layer, pooling: where ``peftadapt.FeatureTap`` reads the
-            alignment features (default: the task head's input, mean pooling).
+        feature_layer, pooling: where ``peftadapt.FeatureTap`` reads the alignment
+            features (default: the task head's input, mean pooling).
         name: the label of the progress bar.
 
     ``train(resume=False)`` runs and returns the final evaluation metrics;
-    ``evaluate()`` evaluates the current model on the eval sets.
+    ``evaluate()`` evaluates the current model on the eval sets. The recipe's
+    parts (``setup``, ``train_step``, ``save_checkpoint``, ``finalize``) are
+    methods, so a subclass can replace one and keep the rest.
     """
 
     def __init__(self, model: nn.Module, tokenizer, train: Any, *, target: Any = None,
@@ -164,9 +132,8 @@ class Trainer:
                  name: str = "train", **overrides: Any):
         if task not in TASKS:
             raise ValueError(f"task {task!r} is not supported; valid tasks: {list(TASKS)}")
-        # an unknown or old (pre-TrainingArguments) option name is told the valid one
-        config = TrainConfig.from_dict(overrides) if config is None else config.replace(**overrides)
-        self.config, self.task, self.max_length = config, task, int(max_length)
+        self.config = _make_config(config, overrides)
+        self.task, self.max_length = task, int(max_length)
         self.model, self.tokenizer = model, tokenizer
         self.feature_layer, self.pooling, self.name = feature_layer, pooling, name
         check_tokenizer(tokenizer)
@@ -188,7 +155,7 @@ class Trainer:
             for d in [self.train_data, *self.eval_data.values()]:
                 check_labels(d, self.num_labels)
 
-        self.alignment = _as_alignment(regularizers)
+        self.alignment = as_alignment(regularizers)
         if self.alignment is not None and self.target_data is None:
             raise ValueError("regularizers need target data: pass target=... (unlabeled target texts)")
         if self.alignment is None and self.target_data is not None:
@@ -196,31 +163,312 @@ class Trainer:
                           stacklevel=2)
         if self.alignment is not None:
             warn_unused_target_labels(self.target_data)
-            if task == "causal_lm" and self.alignment.needs_logits:
-                raise ValueError("regularizers that read class logits (cdan, cdan+e, entropy) need "
-                                 "task='classification'; for causal_lm use mmd, coral or dann")
+            check_alignment(self.alignment, model, causal_lm=task == "causal_lm")
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("the model has no trainable parameters; wrap it first: peftadapt.wrap(model, 'lora')")
-
-        # which metric picks the best checkpoint (and drives early stopping)
-        names = self.metric_names()
-        best = config.metric_for_best_model
-        if best is None and self.eval_data:
-            best = f"{next(iter(self.eval_data))}/{'accuracy' if task == 'classification' else 'loss'}"
-        if best is not None and best not in names:
-            raise ValueError(f"training.metric_for_best_model: {best!r} is not a metric of this run; valid: {names}")
-        if config.early_stopping_patience is not None and best is None:
-            raise ValueError("training.early_stopping_patience needs eval data to watch (data.eval)")
-        self.best_metric_name = best
-        self.greater_is_better = (config.greater_is_better if config.greater_is_better is not None
-                                  else best is not None and best.split("/")[-1] not in LOWER_IS_BETTER)
+        self._pick_best_metric()
         self.history: list[dict[str, Any]] = []
         self.accelerator = None
+        self.da: DomainAdaptation | None = None
 
-    # -- helpers -----------------------------------------------------------------------
+    def _pick_best_metric(self) -> None:
+        """Which metric picks the best checkpoint (and drives early stopping), and its direction."""
+        cfg, names = self.config, self.metric_names()
+        best = cfg.metric_for_best_model
+        if best is None and self.eval_data:
+            best = f"{next(iter(self.eval_data))}/{'accuracy' if self.task == 'classification' else 'loss'}"
+        if best is not None and best not in names:
+            raise ValueError(f"training.metric_for_best_model: {best!r} is not a metric of this run; valid: {names}")
+        if cfg.early_stopping_patience is not None and best is None:
+            raise ValueError("training.early_stopping_patience needs eval data to watch (data.eval)")
+        self.best_metric_name = best
+        self.greater_is_better = (cfg.greater_is_better if cfg.greater_is_better is not None
+                                  else best is not None and best.split("/")[-1] not in LOWER_IS_BETTER)
+
+    # -- the recipe ----------------------------------------------------------------------
+    def train(self, resume: bool | str = False) -> dict[str, float]:
+        """Run training; return the final metrics (of the best checkpoint if restored).
+
+        ``resume=True`` continues from the newest complete checkpoint in
+        ``output_dir`` (a fresh start if there is none); a path resumes from that checkpoint.
+        """
+        try:
+            self.setup(resume)
+            cfg, st = self.config, self.state
+            t0, steps_done = time.perf_counter(), 0
+            with tqdm(total=st.total, initial=st.step, desc=self.name, unit="step", dynamic_ncols=True,
+                      disable=cfg.disable_tqdm or not self.accelerator.is_main_process) as bar:
+                while st.step < st.total and not st.stopped_early:
+                    out = self.train_step()
+                    st.step += 1
+                    steps_done += 1
+                    if st.step % cfg.logging_steps == 0 or st.step == st.total:
+                        record = self._train_record(out)  # the step's only host sync
+                        self._log(record)
+                        bar.set_postfix(self._postfix(record))
+                    do_eval = bool(self.eval_data) and (
+                        (cfg.eval_steps and st.step % cfg.eval_steps == 0) or st.step == st.total)
+                    new_best = self._evaluate_and_track() if do_eval else False
+                    bar.update(1)
+                    # checkpoint: every save_steps steps (default: every evaluation), each new best, the end
+                    due = (st.step % cfg.save_steps == 0) if cfg.save_steps else do_eval
+                    if due or new_best or st.step == st.total or st.stopped_early:
+                        self.save_checkpoint()
+            return self.finalize(time.perf_counter() - t0, steps_done)
+        finally:  # a failing step must not leave the feature tap's hooks on the user's model
+            if self.da is not None:
+                self.da.remove()
+                self.da = None
+
+    def setup(self, resume: bool | str = False) -> None:
+        """Everything before the first step: seed, accelerator, data, the DA step, optimizer, resume."""
+        cfg = self.config
+        self.output_dir = Path(cfg.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        from accelerate.utils import (
+            set_seed,  # accelerate costs ~0.3 s to import; only training needs it
+        )
+
+        set_seed(cfg.seed)
+        self.accelerator = self._make_accelerator()
+        if cfg.gradient_checkpointing:
+            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.base.config.use_cache = False
+        self._setup_data()
+        self._setup_alignment()
+        self._setup_optimizer()
+        self._resume(resume)
+        if cfg.report_to:
+            self.accelerator.init_trackers("peftadapt", config={k: v for k, v in cfg.to_dict().items()
+                                                                if isinstance(v, (int, float, str, bool))})
+        self._train_model.train()
+        if self.da is not None:
+            self.da.train()
+
+    def _setup_data(self) -> None:
+        """Tokenize once; batches are drawn by index from endless seeded streams. Then the
+        pre-flight checks across processes (same config everywhere, batches big enough)."""
+        cfg, acc, pad = self.config, self.accelerator, self.tokenizer.pad_token_id
+        bs, tbs = preflight.batch_sizes(cfg, acc.num_processes)
+        self._source = BatchStream(tokenize(self.train_data.texts, self.tokenizer, self.max_length),
+                                   self.train_data.labels if self.task == "classification" else None,
+                                   bs, seed=cfg.seed, pad_id=pad, task=self.task,
+                                   rank=acc.process_index, world=acc.num_processes)
+        self._target = None
+        if self.alignment is not None:
+            self._target = BatchStream(tokenize(self.target_data.texts, self.tokenizer, self.max_length), None,
+                                       tbs, seed=cfg.seed + 1, pad_id=pad, task="target",
+                                       rank=acc.process_index, world=acc.num_processes)
+        if self.alignment is not None:  # the run-wide scope fills in terms left on "auto"
+            self.alignment.set_default_scope(cfg.align_scope)
+        preflight.preflight(self, acc, self._source, self._target)
+        total = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * self._source.batches_per_epoch / cfg.gradient_accumulation_steps))
+        self.state = RunState(total=total)
+
+    def _setup_alignment(self) -> None:
+        """The DA step (feature tap on the user's model + the terms), on the device; every
+        process starts from rank 0's discriminator (what DDP would broadcast when wrapping)."""
+        if self.alignment is None:
+            return
+        self.da = DomainAdaptation(self.model, self.alignment, layer=self.feature_layer, pooling=self.pooling,
+                                   causal_lm=self.task == "causal_lm").to(self.accelerator.device)
+        comm.broadcast_parameters(self.alignment)
+
+    def _setup_optimizer(self) -> None:
+        """Adapter / head parameters (no weight decay on biases and norms) through the
+        optimizer factory, the discriminators in their own group at ``discriminator_learning_rate``, the
+        learning-rate schedule."""
+        cfg, acc = self.config, self.accelerator
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
+        groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        # built before prepare (FSDP2 swaps the optimizer's parameters for their shards), hence the device
+        optimizer = make_optimizer(groups, cfg.optim, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, device=acc.device)
+        # Only the model goes through Accelerate (DDP / FSDP / DeepSpeed wrap one model; FSDP2
+        # rejects optimizer parameters it does not know). The discriminators join the optimizer
+        # afterwards as a plain, replicated group; their gradients are averaged over the processes
+        # by hand (comm.average_gradients), which also covers a term that is still off.
+        self._train_model, self.optimizer = acc.prepare(self.model, optimizer)
+        self._disc = self.da.parameters() if self.da is not None else []
+        if self._disc:
+            self.optimizer.add_param_group({"params": self._disc, "weight_decay": cfg.weight_decay,
+                                            "lr": cfg.discriminator_learning_rate or cfg.learning_rate})
+        self._trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # Not passed to acc.prepare: AcceleratedScheduler steps num_processes times per step (it assumes
+        # a total counted in single-process batches; ours is per process) and skips fp16-overflow steps.
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * self.state.total)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(cfg.lr_scheduler_type, warmup, self.state.total))
+
+    def _resume(self, resume: bool | str) -> None:
+        """Load the checkpoint to resume from (or refuse a folder holding another run's), and
+        cut ``metrics.jsonl`` back to it: lines written after it by a killed run are dropped."""
+        cfg, acc, out_dir, st = self.config, self.accelerator, self.output_dir, self.state
+        start = None
+        if resume:
+            start = Path(resume) if isinstance(resume, (str, Path)) else ckpt.latest_checkpoint(out_dir)
+        if start is None and ckpt.list_checkpoints(out_dir):
+            if not cfg.overwrite_output_dir:
+                raise ValueError(
+                    f"{str(out_dir)!r} already holds checkpoints of another run; resume it (resume=True, "
+                    "peftadapt train --resume), choose another output_dir, or set training.overwrite_output_dir: true"
+                )
+            if acc.is_main_process:
+                for _, p in ckpt.list_checkpoints(out_dir):
+                    shutil.rmtree(p)
+        self.history = []
+        if start is not None:
+            saved = ckpt.load_checkpoint(start, model=acc.unwrap_model(self._train_model), alignment=self.alignment,
+                                         optimizer=self.optimizer, scheduler=self.scheduler)
+            st.step, st.best, st.best_step, st.bad_evals = (saved["step"], saved["best"], saved["best_step"],
+                                                            saved["bad_evals"])
+            st.last_eval, st.stopped_early = saved.get("last_eval", {}), saved.get("stopped_early", False)
+            self.history = [r for r in saved["history"] if r["step"] <= st.step]
+        # every process must resume from the same step (e.g. output_dir not shared between machines)
+        preflight.check_same_resume_step(st.step, acc.device)
+        if acc.is_main_process:
+            with open(out_dir / "metrics.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.history)
+
+    def train_step(self) -> StepOutput:
+        """One optimizer step: ``gradient_accumulation_steps`` micro-batches through the DA step and backward,
+        the discriminators' gradients averaged over the processes, clip, optimizer and
+        scheduler step. No host sync: the losses stay device tensors."""
+        cfg, acc, st = self.config, self.accelerator, self.state
+        progress = st.step / st.total
+        need_target = self.da is not None and self.da.active(progress)  # else skip loading it
+        losses: dict[str, list[torch.Tensor]] = {}
+        weights: dict[str, float] = {}
+        for micro in range(cfg.gradient_accumulation_steps):
+            m = st.step * cfg.gradient_accumulation_steps + micro
+            batch = self._batch_to(self._source.batch(m))
+            target = self._batch_to(self._target.batch(m)) if need_target else None
+            with acc.autocast():
+                if self.da is None:
+                    loss = self._train_model(**batch).loss
+                    logs: dict[str, Any] = {"task_loss": loss.detach()}
+                else:
+                    loss, logs = self.da.loss(batch, target, progress, model=self._train_model)
+            # mean over micro-batches: accumulating k batches of b equals one batch of k*b
+            acc.backward(loss / cfg.gradient_accumulation_steps)
+            for k, v in logs.items():
+                if k.startswith("weight/"):
+                    weights[k[len("weight/"):]] = v
+                else:
+                    losses.setdefault(k, []).append(v)
+        if self._disc and acc.num_processes > 1:
+            comm.average_gradients(self._disc)
+        grad_norm = None
+        if cfg.max_grad_norm is not None:
+            grad_norm = acc.clip_grad_norm_(self._trainable, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepOutput(losses, weights, grad_norm)
+
+    def _evaluate_and_track(self) -> bool:
+        """Evaluate, log, track the best metric, count evaluations without improvement
+        (early stopping). Returns whether this evaluation is a new best."""
+        st = self.state
+        st.last_eval = self.evaluate()
+        self._log({"step": st.step, "split": "eval", **st.last_eval})
+        self._train_model.train()
+        value = st.last_eval[self.best_metric_name]
+        if self._is_better(value, st.best):
+            st.best, st.best_step, st.bad_evals = value, st.step, 0
+            return True
+        st.bad_evals += 1
+        patience = self.config.early_stopping_patience
+        if patience is not None and st.bad_evals >= patience:
+            st.stopped_early = True
+        return False
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoint-<step>`` (every process gathers sharded parameters; the main one
+        writes), then rotate: keep the newest ``save_total_limit`` and the best."""
+        cfg, acc, st = self.config, self.accelerator, self.state
+        state = {"step": st.step, "best": st.best, "best_step": st.best_step, "bad_evals": st.bad_evals,
+                 "total": st.total, "history": self.history, "last_eval": st.last_eval,
+                 "metric_for_best": self.best_metric_name, "stopped_early": st.stopped_early,
+                 "config": cfg.to_dict()}
+        acc.wait_for_everyone()
+        path = ckpt.save_checkpoint(self.output_dir / f"checkpoint-{st.step}",
+                                    model=acc.unwrap_model(self._train_model), alignment=self.alignment,
+                                    optimizer=self.optimizer, scheduler=self.scheduler, state=state,
+                                    write=acc.is_main_process)
+        if acc.is_main_process:
+            ckpt.rotate(self.output_dir, cfg.save_total_limit, self._best_path())
+        acc.wait_for_everyone()
+        return path
+
+    def finalize(self, seconds: float, steps_done: int) -> dict[str, float]:
+        """Restore the best weights (``load_best_model_at_end``), write ``final/`` and ``summary.json``,
+        the curves PNG; return the final metrics."""
+        cfg, st = self.config, self.state
+        final = dict(st.last_eval)
+        train_losses = [r["loss"] for r in self.history if r["split"] == "train"]
+        if train_losses:
+            final["train/loss"] = train_losses[-1]
+        if cfg.load_best_model_at_end and st.best_step is not None and st.best_step != st.step:
+            ckpt.load_trainable_state(self.accelerator.unwrap_model(self._train_model),
+                                      load_file(str(self._best_path() / "trainable.safetensors")))
+            best = next(r for r in reversed(self.history) if r["split"] == "eval" and r["step"] == st.best_step)
+            final = {**{k: v for k, v in best.items() if k not in ("step", "split")},
+                     "train/loss": best.get("train/loss", train_losses[-1] if train_losses else float("nan"))}
+        summary = {"step": st.step, "total_steps": st.total, "stopped_early": st.stopped_early,
+                   "best_step": st.best_step, "metric_for_best": self.best_metric_name, "best": st.best,
+                   "final_metrics": final, "seconds": seconds, "seconds_per_step": seconds / max(1, steps_done)}
+        self._write_final(summary)
+        if cfg.report_to:
+            self.accelerator.end_training()
+        self.summary = {"step": st.step, "stopped_early": st.stopped_early, "best_step": st.best_step,
+                        "final_metrics": final, "seconds": seconds}
+        return final
+
+    def _write_final(self, summary: dict[str, Any]) -> None:
+        """``final/`` (adapter, trainable tensors, summary) written to a temp folder and renamed;
+        with sharded parameters every process takes part in the gather, otherwise only the writer."""
+        acc, out_dir = self.accelerator, self.output_dir
+        acc.wait_for_everyone()
+        unwrapped = acc.unwrap_model(self._train_model)
+        weights = (ckpt.trainable_state(unwrapped)
+                   if acc.is_main_process or ckpt.is_sharded(unwrapped) else None)
+        if not acc.is_main_process:
+            ckpt.write_adapter(unwrapped, out_dir / ".tmp-final" / "adapter", weights, write=False)
+            return
+        tmp = out_dir / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        ckpt.write_adapter(unwrapped, tmp / "adapter", weights, write=True)
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        ckpt.write_json(tmp / "summary.json", summary)
+        shutil.rmtree(out_dir / "final", ignore_errors=True)
+        tmp.rename(out_dir / "final")
+        ckpt.write_json(out_dir / "summary.json", summary)
+        if self.config.plot:
+            plot_history(self.history, out_dir / "training_curves.png")
+
+    # -- evaluation ----------------------------------------------------------------------
+    def evaluate(self, data: Mapping[str, Any] | None = None) -> dict[str, float]:
+        """Metrics of the current model on each eval set: ``{"<set>/<metric>": value}``
+        (see :func:`evaluate_model`)."""
+        data = self.eval_data if data is None else {n: as_text_data(d, n) for n, d in data.items()}
+        if self.accelerator is None:
+            self.accelerator = self._make_accelerator()
+            self.model.to(self.accelerator.device)
+        return evaluate_model(self.model, self.tokenizer, data, task=self.task, max_length=self.max_length,
+                              batch_size=self.config.per_device_eval_batch_size or 2 * self.config.per_device_train_batch_size,
+                              accelerator=self.accelerator,
+                              progress=not self.config.disable_tqdm and self.accelerator.is_main_process)
+
     def metric_names(self) -> list[str]:
-        per = ["loss", "accuracy", "macro_f1"] if self.task == "classification" else ["loss", "perplexity"]
-        return [f"{n}/{m}" for n in self.eval_data for m in per]
+        return metric_names(list(self.eval_data), self.task)
+
+    # -- helpers -------------------------------------------------------------------------
+    def _best_path(self) -> Path | None:
+        st = self.state
+        return None if st.best_step is None else self.output_dir / f"checkpoint-{st.best_step}"
 
     def _batch_to(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
@@ -228,7 +476,9 @@ class Trainer:
     def _make_accelerator(self):
         import importlib.util
 
-        from accelerate import Accelerator
+        from accelerate import (
+            Accelerator,  # accelerate costs ~0.3 s to import; only training needs it
+        )
 
         mp = self.config.mixed_precision
         if mp == "auto":
@@ -251,10 +501,40 @@ class Trainer:
             return True
         return value > best if self.greater_is_better else value < best
 
+    def _train_record(self, out: StepOutput) -> dict[str, Any]:
+        """The step's log line. One device-to-host copy for all the loss tensors (nanoGPT's
+        rule: sync only on logging steps); each value is the mean over the micro-batches."""
+        ga = self.config.gradient_accumulation_steps
+        flat = iter(torch.stack([v.float() for vs in out.losses.values() for v in vs]).tolist())
+        means = {}
+        for k, vs in out.losses.items():
+            total = 0.0
+            for _ in vs:
+                total += next(flat) / ga
+            means[k] = total
+        record: dict[str, Any] = {"step": self.state.step, "split": "train",
+                                  "loss": means["task_loss"] + means.get("reg_loss", 0.0),
+                                  "task_loss": means["task_loss"], "lr": self.scheduler.get_last_lr()[0]}
+        if self.da is not None:
+            record["reg_loss"] = means["reg_loss"]
+            record.update({k: v for k, v in means.items() if k.startswith("reg/")})
+            record.update({f"weight/{k}": w for k, w in out.weights.items()})
+        if out.grad_norm is not None:
+            record["grad_norm"] = float(out.grad_norm)
+        if self.accelerator.num_processes > 1:  # the mean over processes, not rank 0's shard
+            self._reduce_losses(record, [k[len("reg/"):] for k in means if k.startswith("reg/")])
+        return record
+
+    def _postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        postfix = {"loss": f"{record['loss']:.4f}"}
+        if self.best_metric_name and self.state.last_eval:
+            postfix[self.best_metric_name] = f"{self.state.last_eval[self.best_metric_name]:.4f}"
+        return postfix
+
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
         if self.accelerator.is_main_process:
-            with open(Path(self.config.output_dir) / "metrics.jsonl", "a", encoding="utf-8") as f:
+            with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             if self.config.report_to:
                 self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
@@ -271,264 +551,7 @@ class Trainer:
             record[k] = v
         record["loss"] = record["task_loss"] + record.get("reg_loss", 0.0)
 
-    # -- evaluation --------------------------------------------------------------------
-    def evaluate(self, data: Mapping[str, Any] | None = None) -> dict[str, float]:
-        """Metrics of the current model on each eval set: ``{"<set>/<metric>": value}``
-        (see :func:`evaluate_model`)."""
-        data = self.eval_data if data is None else {n: as_text_data(d, n) for n, d in data.items()}
-        if self.accelerator is None:
-            self.accelerator = self._make_accelerator()
-            self.model.to(self.accelerator.device)
-        return evaluate_model(self.model, self.tokenizer, data, task=self.task, max_length=self.max_length,
-                              batch_size=(self.config.per_device_eval_batch_size
-                                          or 2 * self.config.per_device_train_batch_size),
-                              accelerator=self.accelerator,
-                              progress=not self.config.disable_tqdm and self.accelerator.is_main_process)
 
-    # -- training ----------------------------------------------------------------------
-    def train(self, resume: bool | str = False) -> dict[str, float]:
-        """Run training; return the final metrics (of the best checkpoint if restored).
-
-        ``resume=True`` continues from the newest complete checkpoint in
-        ``output_dir`` (a fresh start if there is none); a path resumes from that checkpoint.
-        """
-        from accelerate.utils import set_seed
-        from ..features import FeatureTap
-
-        cfg = self.config
-        out_dir = Path(cfg.output_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        set_seed(cfg.seed)
-        acc = self.accelerator = self._make_accelerator()
-        model, alignment = self.model, self.alignment
-        if cfg.gradient_checkpointing:
-            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.base.config.use_cache = False
-
-        # data: tokenized once; batches drawn by index from endless seeded streams
-        pad = self.tokenizer.pad_token_id
-        bs, tbs = preflight.batch_sizes(cfg, acc.num_processes)
-        src = BatchStream(tokenize(self.train_data.texts, self.tokenizer, self.max_length),
-                          self.train_data.labels if self.task == "classification" else None,
-                          bs, seed=cfg.seed, pad_id=pad, task=self.task,
-                          rank=acc.process_index, world=acc.num_processes)
-        tgt = None
-        if alignment is not None:
-            tgt = BatchStream(tokenize(self.target_data.texts, self.tokenizer, self.max_length), None,
-                              tbs, seed=cfg.seed + 1, pad_id=pad,
-                              task="target", rank=acc.process_index, world=acc.num_processes)
-        if alignment is not None:
-            alignment.set_default_scope(cfg.align_scope)
-        preflight.preflight(self, acc, src, tgt)
-        total = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * src.batches_per_epoch
-                                                   / cfg.gradient_accumulation_steps))
-        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total)
-
-        # optimizer: adapter/head params (no decay on biases and norms) + discriminators at discriminator_learning_rate
-        decay, no_decay = [], []
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
-        disc = []
-        if alignment is not None:
-            alignment.to(acc.device)
-            disc = [p for p in alignment.parameters() if p.requires_grad]
-            # every process starts from rank 0's discriminator (DDP would broadcast it when wrapping)
-            comm.broadcast_parameters(alignment)
-        optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
-        tap = FeatureTap(model, layer=self.feature_layer, pooling=self.pooling) if alignment is not None else None
-        # Only the model goes through Accelerate (DDP / FSDP / DeepSpeed wrap one model; FSDP2
-        # swaps the optimizer's parameters for their shards and rejects any it does not know).
-        # The discriminators join the optimizer afterwards as a plain, replicated group; their
-        # gradients are averaged over the processes by hand (distributed.average_gradients),
-        # which also covers a term that is still off (no gradient) on a step.
-        model, optimizer = acc.prepare(model, optimizer)
-        if disc:
-            optimizer.optimizer.add_param_group({"params": disc, "weight_decay": cfg.weight_decay,
-                                                 "lr": cfg.discriminator_learning_rate or cfg.learning_rate})
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer,
-                                                      _lr_lambda(cfg.lr_scheduler_type, warmup, total))
-        self.optimizer, self.scheduler = optimizer, scheduler
-        trainable = [p for g in optimizer.param_groups for p in g["params"]]
-
-        # state; restored from a checkpoint on resume
-        step, best, best_step, best_path, bad_evals, last_eval = 0, None, None, None, 0, {}
-        start = None
-        if resume:
-            start = Path(resume) if isinstance(resume, (str, Path)) else ckpt.latest_checkpoint(out_dir)
-        if start is None and ckpt.list_checkpoints(out_dir):
-            if not cfg.overwrite_output_dir:
-                raise ValueError(
-                    f"{str(out_dir)!r} already holds checkpoints of another run; resume it (resume=True, "
-                    "peftadapt train --resume), choose another output_dir, or set training.overwrite_output_dir: true"
-                )
-            if acc.is_main_process:
-                for _, p in ckpt.list_checkpoints(out_dir):
-                    shutil.rmtree(p)
-        if start is not None:
-            st = ckpt.load_checkpoint(start, model=acc.unwrap_model(model), alignment=self.alignment,
-                                      optimizer=optimizer, scheduler=scheduler)
-            step, best, best_step, bad_evals = st["step"], st["best"], st["best_step"], st["bad_evals"]
-            best_path = out_dir / f"checkpoint-{best_step}" if best_step is not None else None
-            self.history = [r for r in st["history"] if r["step"] <= step]
-            last_eval = st.get("last_eval", {})
-            stopped_early = st.get("stopped_early", False)
-        else:
-            stopped_early = False
-            self.history = []
-        # every process must resume from the same step (e.g. output_dir not shared between machines)
-        preflight.check_same_resume_step(step, acc.device)
-        if acc.is_main_process:  # drop log lines written after the checkpoint by a killed run
-            with open(out_dir / "metrics.jsonl", "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in self.history)
-        if cfg.report_to:
-            acc.init_trackers("peftadapt", config={k: v for k, v in cfg.to_dict().items()
-                                                   if isinstance(v, (int, float, str, bool))})
-
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, initial=step, desc=self.name, unit="step", dynamic_ncols=True,
-                   disable=cfg.disable_tqdm or not acc.is_main_process)
-        t0, steps_done = time.perf_counter(), 0
-        model.train()
-        if alignment is not None:
-            alignment.train()
-        while step < total and not stopped_early:
-            progress = step / total
-            term_on = alignment is not None and any(w > 0 for w in self.alignment.weights(progress).values())
-            task_sum, reg_sum, reg_vals = 0.0, 0.0, {}
-            for micro in range(cfg.gradient_accumulation_steps):
-                m = step * cfg.gradient_accumulation_steps + micro
-                batch = self._batch_to(src.batch(m))
-                with acc.autocast():
-                    out = model(**batch)
-                    task_loss = out.loss
-                    loss = task_loss
-                    if term_on:
-                        fs = tap.pooled(batch["attention_mask"])
-                        tb = self._batch_to(tgt.batch(m))
-                        out_t = model(**tb)
-                        ft = tap.pooled(tb["attention_mask"])
-                        ls = out.logits if self.task == "classification" else None
-                        lt = out_t.logits if self.task == "classification" else None
-                        reg_loss, vals = alignment(fs, ft, ls, lt, progress=progress)
-                        loss = loss + reg_loss
-                        reg_sum += float(reg_loss.detach()) / cfg.gradient_accumulation_steps
-                        for k, v in vals.items():
-                            reg_vals[k] = reg_vals.get(k, 0.0) + v / cfg.gradient_accumulation_steps
-                # mean over micro-batches: accumulating k batches of b equals one batch of k*b
-                acc.backward(loss / cfg.gradient_accumulation_steps)
-                task_sum += float(task_loss.detach()) / cfg.gradient_accumulation_steps
-            if disc and acc.num_processes > 1:
-                comm.average_gradients(disc)
-            grad_norm = None
-            if cfg.max_grad_norm is not None:
-                grad_norm = float(acc.clip_grad_norm_(trainable, cfg.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            steps_done += 1
-
-            record: dict[str, Any] = {"step": step, "split": "train", "loss": task_sum + reg_sum,
-                                      "task_loss": task_sum, "lr": scheduler.get_last_lr()[0]}
-            if alignment is not None:
-                record["reg_loss"] = reg_sum
-                record.update({f"reg/{k}": v for k, v in reg_vals.items()})
-                record.update({f"weight/{k}": w for k, w in self.alignment.weights(progress).items()})
-            if grad_norm is not None:
-                record["grad_norm"] = grad_norm
-            if step % cfg.logging_steps == 0 or step == total:
-                if acc.num_processes > 1:  # the mean over processes, not rank 0's shard (same steps on every rank)
-                    self._reduce_losses(record, list(reg_vals))
-                self._log(record)
-
-            # evaluate, track the best, stop early
-            do_eval = bool(self.eval_data) and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total)
-            new_best = False
-            if do_eval:
-                last_eval = self.evaluate()
-                self._log({"step": step, "split": "eval", **last_eval})
-                model.train()
-                value = last_eval[self.best_metric_name]
-                if self._is_better(value, best):
-                    best, best_step, bad_evals, new_best = value, step, 0, True
-                else:
-                    bad_evals += 1
-                if cfg.early_stopping_patience is not None and bad_evals >= cfg.early_stopping_patience:
-                    stopped_early = True
-            postfix = {"loss": f"{record['loss']:.4f}"}
-            if self.best_metric_name and last_eval:
-                postfix[self.best_metric_name] = f"{last_eval[self.best_metric_name]:.4f}"
-            bar.set_postfix(postfix)
-            bar.update(1)
-
-            # checkpoint: every save_steps steps (default: every evaluation), at each new best, at the end
-            due = (step % cfg.save_steps == 0) if cfg.save_steps else do_eval
-            if due or new_best or step == total or stopped_early:
-                state = {"step": step, "best": best, "best_step": best_step, "bad_evals": bad_evals,
-                         "total": total, "history": self.history, "last_eval": last_eval,
-                         "metric_for_best": self.best_metric_name, "stopped_early": stopped_early,
-                         "config": cfg.to_dict()}
-                acc.wait_for_everyone()
-                # every process gathers (a collective with sharded parameters); the main one writes
-                path = ckpt.save_checkpoint(out_dir / f"checkpoint-{step}", model=acc.unwrap_model(model),
-                                            alignment=self.alignment, optimizer=optimizer,
-                                            scheduler=scheduler, state=state, write=acc.is_main_process)
-                if new_best:
-                    best_path = path
-                if acc.is_main_process:
-                    ckpt.rotate(out_dir, cfg.save_total_limit, best_path)
-                acc.wait_for_everyone()
-            if stopped_early:
-                break
-        bar.close()
-        elapsed = time.perf_counter() - t0
-
-        # restore the best weights, then write the final adapter
-        final = dict(last_eval)
-        train_losses = [r["loss"] for r in self.history if r["split"] == "train"]
-        if train_losses:
-            final["train/loss"] = train_losses[-1]
-        if cfg.load_best_model_at_end and best_step is not None and best_step != step:
-            from safetensors.torch import load_file
-            ckpt.load_trainable_state(acc.unwrap_model(model),
-                                      load_file(str(out_dir / f"checkpoint-{best_step}" / "trainable.safetensors")))
-            final = next(r for r in reversed(self.history) if r["split"] == "eval" and r["step"] == best_step)
-            final = {**{k: v for k, v in final.items() if k not in ("step", "split")},
-                     "train/loss": final.get("train/loss", train_losses[-1] if train_losses else float("nan"))}
-        acc.wait_for_everyone()
-        unwrapped = acc.unwrap_model(model)
-        # with sharded parameters every process takes part in the gather; otherwise only the writer
-        weights = (ckpt.trainable_state(unwrapped)
-                   if acc.is_main_process or ckpt.is_sharded(unwrapped) else None)
-        if not acc.is_main_process:
-            ckpt.write_adapter(unwrapped, out_dir / ".tmp-final" / "adapter", weights, write=False)
-        else:
-            final_dir = out_dir / "final"
-            tmp = out_dir / ".tmp-final"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            ckpt.write_adapter(unwrapped, tmp / "adapter", weights, write=True)
-            from safetensors.torch import save_file
-            save_file(weights, str(tmp / "trainable.safetensors"))
-            summary = {"step": step, "total_steps": total, "stopped_early": stopped_early,
-                       "best_step": best_step, "metric_for_best": self.best_metric_name, "best": best,
-                       "final_metrics": final, "seconds": elapsed,
-                       "seconds_per_step": elapsed / max(1, steps_done)}
-            ckpt.write_json(tmp / "summary.json", summary)
-            shutil.rmtree(final_dir, ignore_errors=True)
-            tmp.rename(final_dir)
-            ckpt.write_json(out_dir / "summary.json", summary)
-            if cfg.plot:
-                from .plots import plot_history
-                plot_history(self.history, out_dir / "training_curves.png")
-        if cfg.report_to:
-            acc.end_training()
-        if tap is not None:
-            tap.remove()
-        self.summary = {"step": step, "stopped_early": stopped_early, "best_step": best_step,
-                        "final_metrics": final, "seconds": elapsed}
-        return final
+def _make_config(config: TrainConfig | None, overrides: Mapping[str, Any]) -> TrainConfig:
+    """``config`` with keyword overrides applied; an unknown or renamed keyword names the valid one."""
+    return TrainConfig.from_dict(dict(overrides)) if config is None else config.replace(**overrides)

@@ -28,22 +28,17 @@ from typing import Any, ClassVar, Literal, Mapping, Sequence
 import yaml
 
 from ..align.registry import REGULARIZERS, init_params, regularizer_names
-from ..align.schedule import SCHEDULES
-from ..align.scope import SCOPES
-from ..features import POOLINGS
+from ..align.schedule import Schedule
+from ..align.scope import Scope
+from ..features import Pooling
 from ..core.fields import field
 from ..methods.base import ALIASES, METHODS, build_config, method_names
-from ..quant.load import QUANT_STORAGES
+from ..quant.load import QuantStorage
 from ._fields import REQUIRED, as_dict, build, check_fields, check_keys, choices, describe, hints
 from .config import Task, TrainConfig
-from .data import FORMATS
+from .data import Format
 
 # Literal types over the tuples' one home (the lower layers own the lists).
-Pooling = Literal[POOLINGS]
-Schedule = Literal[SCHEDULES]
-Scope = Literal[SCOPES]
-Format = Literal[FORMATS]
-QuantStorage = Literal[QUANT_STORAGES]
 Dtype = Literal["float32", "bfloat16", "float16"]  # torch dtype names for model.dtype
 Truncation = Literal["right", "left"]  # which end of a long text is cut off
 Balance = Literal["none", "oversample"]

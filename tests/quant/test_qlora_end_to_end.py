@@ -26,7 +26,7 @@ def test_load_wrap_train_with_coral_save_load_merge(saved_tiny, tmp_path, kind):
 
     source, target = token_batch(seed=1, batch=4), token_batch(seed=2, batch=4)
     coral = peftadapt.align.build("coral")  # paper scale 1 / (4 d^2)
-    opt = make_optimizer(trainable, "adamw8bit", lr=1e-2)
+    opt = make_optimizer(trainable, "adamw_8bit", lr=1e-2)
     tap = peftadapt.FeatureTap(model, pooling="mean")
     before = [p.detach().clone() for p in trainable]
     task_losses, coral_losses = [], []

@@ -1,0 +1,87 @@
+"""Evaluation: loss, accuracy and macro-F1 of a classifier; loss and perplexity of a causal LM.
+
+The recipe (:class:`~peftadapt.train.loop.Trainer`) calls :func:`evaluate_model`
+at each evaluation step; ``peftadapt eval`` calls it on a saved adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import TextData, as_text_data, check_tokenizer, collate, tokenize
+
+# metrics where smaller is better (the best checkpoint is the lowest)
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def metric_names(eval_sets: Sequence[str], task: str) -> list[str]:
+    """``<set>/<metric>`` for every eval set: what :func:`evaluate_model` returns."""
+    per = ["loss", "accuracy", "macro_f1"] if task == "classification" else ["loss", "perplexity"]
+    return [f"{n}/{m}" for n in eval_sets for m in per]
+
+
+def macro_f1(preds: Sequence[int], labels: Sequence[int]) -> float:
+    """Unweighted mean of per-class F1 over the classes present in labels or predictions."""
+    classes = sorted(set(preds) | set(labels))
+    f1s = []
+    for c in classes:
+        tp = sum(1 for p, y in zip(preds, labels) if p == c and y == c)
+        fp = sum(1 for p, y in zip(preds, labels) if p == c and y != c)
+        fn = sum(1 for p, y in zip(preds, labels) if p != c and y == c)
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return sum(f1s) / len(f1s)
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, tokenizer, data: Mapping[str, TextData], *, task: str = "classification",
+                   max_length: int = 128, batch_size: int = 32, accelerator=None,
+                   progress: bool = False) -> dict[str, float]:
+    """Evaluate ``model`` on each named dataset: ``{"<set>/<metric>": value}``.
+
+    Classifiers: loss (mean cross-entropy), accuracy, macro_f1. Causal LMs:
+    loss (mean next-token NLL over all real tokens) and perplexity = exp(loss).
+    """
+    check_tokenizer(tokenizer)
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
+    was_training = model.training
+    model.eval()
+    out: dict[str, float] = {}
+    for name, d in data.items():
+        d = as_text_data(d, name)
+        if task == "classification" and d.labels is None:
+            raise ValueError(f"eval set {name!r} has no labels; a classifier is evaluated on labeled data")
+        ids = tokenize(d.texts, tokenizer, max_length)
+        preds, nll, count = [], 0.0, 0
+        for i in tqdm(range(0, len(ids), batch_size), desc=f"eval {name}", unit="batch", leave=False,
+                      disable=not progress, dynamic_ncols=True):
+            labels = None if d.labels is None else d.labels[i:i + batch_size]
+            batch = collate(ids[i:i + batch_size], tokenizer.pad_token_id, labels, task)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            y = batch.pop("labels", None)
+            with autocast():
+                logits = model(**batch).logits.float()
+            if task == "classification":
+                preds += logits.argmax(-1).tolist()
+                nll += float(F.cross_entropy(logits, y, reduction="sum"))
+                count += len(y)
+            else:  # next-token loss, summed over real tokens
+                nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                             y[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"))
+                count += int((y[:, 1:] != -100).sum())
+        loss = nll / max(1, count)
+        out[f"{name}/loss"] = loss
+        if task == "classification":
+            out[f"{name}/accuracy"] = sum(int(p == t) for p, t in zip(preds, d.labels)) / len(preds)
+            out[f"{name}/macro_f1"] = macro_f1(preds, d.labels)
+        else:
+            out[f"{name}/perplexity"] = math.exp(min(loss, 50.0))
+    model.train(was_training)
+    return out
