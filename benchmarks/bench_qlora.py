@@ -51,26 +51,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from peftadapt.bench.models import LLAMA_SIZES
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
-# Llama-architecture configs. vocab 32000 (Llama-2) for the small ones, 128256 (Llama-3) for 8B/70B.
-SIZES = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1000),  # a smoke test of the script itself
-    "50m": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-                num_key_value_heads=8, vocab_size=32000),
-    "150m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                 num_key_value_heads=12, vocab_size=32000),
-    "400m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
-                 num_key_value_heads=16, vocab_size=32000),
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=20, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=32000),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
-    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
-}
+# Llama-architecture shapes: the package's one size table (peftadapt.bench.models.LLAMA_SIZES).
+SIZES = LLAMA_SIZES
 MODES = ("qlora", "qlora_coral", "peft_qlora", "peft_qlora_coral", "lora16", "full")
 
 # The CPU matrix: (size, mode, storage dtype of unquantized params). qlora/peft_qlora in bf16 storage show

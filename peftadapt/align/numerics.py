@@ -34,11 +34,15 @@ def full_precision(*tensors: torch.Tensor) -> Iterator[None]:
 
 
 def check_progress(p: object) -> float:
-    """``p`` as a float in [0, 1] (the fraction of training done), or a TypeError / ValueError."""
-    try:
-        p = float(p)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise TypeError(f"progress must be a number in [0, 1], got {p!r}") from None
-    if not (0.0 <= p <= 1.0) or math.isnan(p):
-        raise ValueError(f"progress must be in [0, 1] (fraction of training done), got {p}")
-    return p
+    """``p`` as a float in [0, 1] (the fraction of training done, ``step / total_steps``);
+    a ValueError for anything else (a bool or a string is not a progress)."""
+    value = None
+    if not isinstance(p, (bool, str)):
+        try:
+            value = float(p)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            value = None
+    if value is None or math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"progress must be in [0, 1] (the fraction of training done, step / total_steps), "
+                         f"got {p!r}")
+    return value

@@ -15,21 +15,18 @@ scheduled weight (:class:`~peftadapt.align.Term`).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn as nn
 
+from ..core.hf import is_causal_lm
 from ..features import FeatureTap
+from .numerics import check_progress
 from .regularizer import Regularizer
 from .terms import Alignment, Term
 
 __all__ = ["DomainAdaptation", "as_alignment", "check_alignment"]
-
-# transformers' causal-LM class names end like this (LlamaForCausalLM, GPT2LMHeadModel)
-_CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-
 
 def as_alignment(regularizers: Any) -> Alignment | None:
     """None / an empty list -> None; an :class:`Alignment` as is; a :class:`Term`,
@@ -41,29 +38,16 @@ def as_alignment(regularizers: Any) -> Alignment | None:
     return Alignment(regularizers if isinstance(regularizers, (list, tuple)) else [regularizers])
 
 
-def _is_causal_lm(model: nn.Module) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return type(base).__name__.endswith(_CAUSAL_LM_SUFFIXES)
-
-
 def check_alignment(alignment: Alignment, model: nn.Module, causal_lm: bool | None = None) -> None:
     """Reject terms that read class logits (CDAN, CDAN+E, entropy) on a causal LM: its
     logits are per token over the vocabulary, not per example over classes.
     ``causal_lm=None`` infers it from the model's class name."""
     if causal_lm is None:
-        causal_lm = _is_causal_lm(model)
+        causal_lm = is_causal_lm(model)
     if causal_lm and alignment.needs_logits:
         names = [t.name for t in alignment.terms if getattr(t.regularizer, "needs_logits", False)]
         raise ValueError(f"regularizers {names} read class logits (cdan, cdan+e, entropy) and need a sequence "
                          "classifier (task='classification'); for a causal LM use mmd, coral or dann")
-
-
-def _check_progress(progress: Any) -> float:
-    if isinstance(progress, bool) or not isinstance(progress, (int, float)) or math.isnan(progress) \
-            or not 0.0 <= progress <= 1.0:
-        raise ValueError(f"progress must be a number in [0, 1], the fraction of training done "
-                         f"(step / total_steps), got {progress!r}")
-    return float(progress)
 
 
 def _check_batch(batch: Any, what: str) -> Mapping[str, Any]:
@@ -137,7 +121,7 @@ class DomainAdaptation:
 
     def weights(self, progress: float) -> dict[str, float]:
         """{term name: lambda_k(progress)} (host floats: a schedule, no device sync)."""
-        return self.alignment.weights(_check_progress(progress))
+        return self.alignment.weights(check_progress(progress))
 
     def active(self, progress: float) -> bool:
         """Whether some term is on at ``progress`` (only then is a target batch needed)."""
@@ -156,7 +140,7 @@ class DomainAdaptation:
         the module to call for the forward when it is a wrapper of the tapped model
         (Accelerate / DDP); default the tapped model.
         """
-        p = _check_progress(progress)
+        p = check_progress(progress)
         self._check_open()
         source_batch = _check_batch(source_batch, "source_batch")
         out = (model or self.model)(**source_batch)
@@ -180,7 +164,7 @@ class DomainAdaptation:
         with ``reg_loss`` a 0-dim tensor (zero and graph-free while every term is off)
         and ``logs`` as in :meth:`loss` without ``task_loss``.
         """
-        p = _check_progress(progress)
+        p = check_progress(progress)
         self._check_open()
         weights = self.alignment.weights(p)
         logs: dict[str, Any] = {}

@@ -19,7 +19,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from ..core.hf import check_transformers_model, classifier_heads, unwrap, wrapped_reason
-from ..methods._peft import task_type_of
+from ..methods.peft_support import task_type_of
 from ..methods.prefix import prefix_task_type
 from ..quant import is_quantized, merge_quantized
 

@@ -31,7 +31,7 @@ from . import memory_model as mm
 from . import report as R
 from .harness import make_spec
 from .models import LLAMA_SIZES, llama_config, resolve_model
-from .report import _mib, _params, method_label, model_label
+from .report import fmt_mib, fmt_params, method_label, model_label
 from .runner import run_specs
 
 _SUB = ("memory", "speed", "peers")
@@ -190,9 +190,9 @@ def analytic_table(specs: list[dict[str, Any]]) -> str:
                                attention="eager" if s["attn"] == "eager" else arch.sdpa_kernel(s["device"]),
                                r=M.DEFAULTS["r"], reduction_factor=M.DEFAULTS["reduction_factor"],
                                prefix_tokens=M.DEFAULTS["prefix_tokens"])
-        rows.append(f"| {model_label(s['model'])} ({_params(arch.total_params())}) | {method_label(s)} | "
-                    f"{s['batch']} x {s['seq']} | {_params(a['trainable'])} | {_mib(a['weights'])} | "
-                    f"{_mib(a['grads'] + a['optimizer'])} | {_mib(a['activations'])} | {_mib(a['total'])} |")
+        rows.append(f"| {model_label(s['model'])} ({fmt_params(arch.total_params())}) | {method_label(s)} | "
+                    f"{s['batch']} x {s['seq']} | {fmt_params(a['trainable'])} | {fmt_mib(a['weights'])} | "
+                    f"{fmt_mib(a['grads'] + a['optimizer'])} | {fmt_mib(a['activations'])} | {fmt_mib(a['total'])} |")
     return "\n".join(rows)
 
 

@@ -12,14 +12,17 @@ from typing import Any
 
 import torch
 
-# name -> LlamaConfig fields; "tiny" is for tests only
-LLAMA_SIZES: dict[str, dict[str, int]] = {
+# name -> LlamaConfig fields; "tiny" is for tests only. The one size table: benchmarks/ scripts import it.
+# vocab 32000 (Llama-2) for the small ones, 128256 (Llama-3) for 8b / 70b.
+LLAMA_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512),
     "8m": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=344, num_attention_heads=4,
                num_key_value_heads=4, vocab_size=32000),
     "20m": dict(hidden_size=256, num_hidden_layers=4, intermediate_size=688, num_attention_heads=4,
                 num_key_value_heads=4, vocab_size=32000),
+    "50m": dict(hidden_size=512, num_hidden_layers=8, intermediate_size=1408, num_attention_heads=8,
+                num_key_value_heads=8, vocab_size=32000),
     "60m": dict(hidden_size=512, num_hidden_layers=8, intermediate_size=1376, num_attention_heads=8,
                 num_key_value_heads=8, vocab_size=32000),
     "150m": dict(hidden_size=768, num_hidden_layers=12, intermediate_size=2048, num_attention_heads=12,
@@ -31,6 +34,11 @@ LLAMA_SIZES: dict[str, dict[str, int]] = {
     # Llama-2-7B's shape: for the analytic model and GPUs (``--analytic`` prints its estimate anywhere)
     "7b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008, num_attention_heads=32,
                num_key_value_heads=32, vocab_size=32000),
+    # Llama-3-8B / -70B shapes (bench_qlora.py on a GPU)
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "70b": dict(hidden_size=8192, num_hidden_layers=80, intermediate_size=28672, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
 }
 HEADS = ("causal", "seqcls")
 

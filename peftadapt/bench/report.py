@@ -6,10 +6,11 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections import defaultdict
 from typing import Any
+
+from ..core import io
 
 MiB = 2**20
 
@@ -82,11 +83,11 @@ def model_label(model: str) -> str:
     return parts[-1]
 
 
-def _mib(b) -> str:
+def fmt_mib(b) -> str:
     return "-" if b is None else f"{b / MiB:,.1f}"
 
 
-def _params(n) -> str:
+def fmt_params(n) -> str:
     if n is None:
         return "-"
     for unit, d in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -125,10 +126,10 @@ def results_table(results: list[dict[str, Any]]) -> str:
         r0 = ok[0]
         est = "~" if r0.get("saved_is_estimate") else ""
         rows.append(
-            f"| {head} | {method_label(s)} | {s['impl']} | {s['batch']} x {s['seq']} | {_params(r0['trainable_params'])} "
-            f"| {_mib(med('peak_bytes'))} | {_mib(r0['analytic']['total'])} | {med('ratio_measured_analytic'):.2f} "
-            f"| {_mib(r0['saved_tensors_bytes'])} | {med('median_step_s'):.3f} | {med('tokens_per_s'):,.0f} "
-            f"| {est}{_mib(r0['saved_bytes'])} |")
+            f"| {head} | {method_label(s)} | {s['impl']} | {s['batch']} x {s['seq']} | {fmt_params(r0['trainable_params'])} "
+            f"| {fmt_mib(med('peak_bytes'))} | {fmt_mib(r0['analytic']['total'])} | {med('ratio_measured_analytic'):.2f} "
+            f"| {fmt_mib(r0['saved_tensors_bytes'])} | {med('median_step_s'):.3f} | {med('tokens_per_s'):,.0f} "
+            f"| {est}{fmt_mib(r0['saved_bytes'])} |")
     return "\n".join(rows)
 
 
@@ -212,8 +213,8 @@ def peers_table(ratios: list[dict[str, Any]], time_target: float = 1.02, mem_tar
         rows.append(f"| {r['method']} | {r['peer']} | {model}, {r['batch']} x {r['seq']} | {r['transformers']} "
                     f"| {r['pairs']} | {r['peftadapt_step_s']:.3f} | {r['peer_step_s']:.3f} "
                     f"| {r['time_ratio']:.3f} ({lo:.2f} to {hi:.2f}) | {'-' if fastest is None else f'{fastest:.3f}'} "
-                    f"| {_mib(r['peftadapt_peak_bytes'])} | {_mib(r['peer_peak_bytes'])} | {r['memory_ratio']:.3f} "
-                    f"| {_params(r['peftadapt_trainable'])} / {_params(r['peer_trainable'])} | {met} |")
+                    f"| {fmt_mib(r['peftadapt_peak_bytes'])} | {fmt_mib(r['peer_peak_bytes'])} | {r['memory_ratio']:.3f} "
+                    f"| {fmt_params(r['peftadapt_trainable'])} / {fmt_params(r['peer_trainable'])} | {met} |")
     return "\n".join(rows)
 
 
@@ -281,12 +282,14 @@ def plot(results: list[dict[str, Any]], x: str, y: str, path: str, *, xlabel: st
 
 # -- writing -------------------------------------------------------------------
 def write_atomic(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` atomically (its folder is created)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    io.write_atomic(path, write)
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -29,6 +29,15 @@ OUTPUT_HEADS = CLASSIFIER_HEADS + ("lm_head",)
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
 
 
+# transformers' causal-LM class names end like this (LlamaForCausalLM, GPT2LMHeadModel)
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether the transformers model inside ``model`` is a causal LM (by its class name)."""
+    return type(unwrap(model)).__name__.endswith(CAUSAL_LM_SUFFIXES)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft ``PeftModel`` / peftadapt ``AdaptedModel`` (or ``model``)."""
     for _ in range(4):  # a wrapper of a wrapper at most; never loops on a model returning itself

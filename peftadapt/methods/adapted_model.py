@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from ..core.hf import count_params, validate_adapter_name, wrapped_reason
+from ..core.hf import trainable_and_total, validate_adapter_name, wrapped_reason
 from . import native_format
 from .base import build_config
 from .slots import HeadSlot, Slot, get_parent
@@ -209,13 +209,7 @@ class AdaptedModel(nn.Module):
     # -- parameters --------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; 4-bit weights count as peft counts them."""
-        trainable = total = 0
-        for p in self.parameters():
-            n = count_params(p)
-            total += n
-            if p.requires_grad:
-                trainable += n
-        return trainable, total
+        return trainable_and_total(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch.nn as nn
 
-from . import _peft
+from . import peft_support
 from .base import MethodConfig, field, register_method
 
 _BIASES = ("none", "all", "lora_only")
@@ -62,15 +62,15 @@ class LoRA(MethodConfig):
 
         targets = self.target_modules
         if targets is None:
-            targets = _peft.default_lora_targets(model)
+            targets = peft_support.default_lora_targets(model)
         elif isinstance(targets, (tuple, set)):
             targets = list(targets)
-        _peft.check_targets_exist(model, targets)
+        peft_support.check_targets_exist(model, targets)
         if self.use_dora:
             _check_dora_base(model)
         if self.exclude_modules is not None:
-            _peft.check_targets_exist(model, self.exclude_modules, "exclude_modules")
-        task = _peft.task_type_of(model)
+            peft_support.check_targets_exist(model, self.exclude_modules, "exclude_modules")
+        task = peft_support.task_type_of(model)
         modules_to_save = list(self.modules_to_save or [])
         if not self.train_head and task in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"):
             # peft adds the head to modules_to_save for these task types; a

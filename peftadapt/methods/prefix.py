@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..core.hf import classifier_heads
 from ..quant.prepare import check_prefix_compat
-from . import _peft
+from . import peft_support
 from .base import MethodConfig, field, register_method
 
 # Architectures whose attention does not read past_key_values: prefix tuning
@@ -35,7 +35,7 @@ _NO_KV_CACHE = ("distilbert", "albert", "t5encoder")
 
 def prefix_task_type(model: nn.Module) -> str:
     """The peft task type that makes prefix tuning work for this model here (see module doc)."""
-    task = _peft.task_type_of(model)
+    task = peft_support.task_type_of(model)
     if task is None:
         return "FEATURE_EXTRACTION"
     if task in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"):
@@ -71,7 +71,7 @@ class Prefix(MethodConfig):
                 + (" (encoder-decoder models are not supported by peftadapt's prefix path)" if getattr(model.config, "is_encoder_decoder", False) else "")
                 + "; use 'lora' or 'adapter' instead"
             )
-        own_task = _peft.task_type_of(model)
+        own_task = peft_support.task_type_of(model)
         if own_task not in (None, "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM"):
             raise ValueError(f"prefix tuning supports classifiers, causal LMs and backbones; got a {own_task} model ({type(model).__name__})")
         task = prefix_task_type(model)

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from ..core.hf import OUTPUT_HEADS
 from ._bnb import bnb, check_bits, default_compute_dtype, default_device, guard_4bit_cpu, resolve_dtype
-from .load import _auto_class, bnb_config
+from .load import auto_class, bnb_config
 from .prepare import prepare_for_kbit_training
 
 
@@ -100,7 +100,7 @@ def build_quantized(
     device = torch.device(default_device() if device is None else device)
     compute_dtype = default_compute_dtype(device) if compute_dtype is None else resolve_dtype(compute_dtype, "compute_dtype")
     dtype = compute_dtype if dtype is None else resolve_dtype(dtype, "dtype")
-    cls = _auto_class(task)
+    cls = auto_class(task)
     torch.manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.manual_seed(seed)

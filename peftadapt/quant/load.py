@@ -14,7 +14,7 @@ from .prepare import prepare_for_kbit_training
 TASKS = ("causal", "seqcls", "tokcls", "base")
 
 
-def _auto_class(task):
+def auto_class(task):
     import transformers as tf
 
     if isinstance(task, type):
@@ -162,7 +162,7 @@ def load_quantized(
     looks_local = isinstance(path, os.PathLike) or str(path).startswith(("/", ".", "~"))
     if looks_local and not os.path.isdir(os.path.expanduser(str(path))):
         raise ValueError(f"model folder {str(path)!r} does not exist")
-    cls = _auto_class(task)
+    cls = auto_class(task)
     for k in ("quantization_config", "torch_dtype", "load_in_4bit", "load_in_8bit"):
         if k in from_pretrained_kwargs:
             raise ValueError(f"do not pass {k!r}: load_quantized sets it from bits/quant_type/double_quant/dtype")

@@ -45,19 +45,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..core.io import write_json
+
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from ..core import comm
 from ..core.hf import unwrap
+from ..core.io import write_json
 from ..align.step import DomainAdaptation, as_alignment, check_alignment
 from ..quant.optim import make_optimizer
 from . import checkpoint as ckpt
@@ -442,10 +443,10 @@ class Trainer:
         tmp.mkdir()
         ckpt.write_adapter(unwrapped, tmp / "adapter", weights, write=True)
         save_file(weights, str(tmp / "trainable.safetensors"))
-        ckpt.write_json(tmp / "summary.json", summary)
+        write_json(tmp / "summary.json", summary)
         shutil.rmtree(out_dir / "final", ignore_errors=True)
         tmp.rename(out_dir / "final")
-        ckpt.write_json(out_dir / "summary.json", summary)
+        write_json(out_dir / "summary.json", summary)
         if self.config.plot:
             plot_history(self.history, out_dir / "training_curves.png")
 

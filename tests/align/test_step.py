@@ -157,7 +157,7 @@ def test_bad_input_is_a_value_error_naming_value_and_fix():
     DomainAdaptation(lm, ["mmd"]).remove()  # a causal LM with a feature-only term is fine
     with DomainAdaptation(model, ["mmd"]) as da:
         for bad in (1.5, -0.1, float("nan"), "half", True):
-            with pytest.raises(ValueError, match=r"progress must be a number in \[0, 1\].*got"):
+            with pytest.raises(ValueError, match=r"progress must be in \[0, 1\].*got"):
                 da.loss(src, tgt, progress=bad)
         no_mask = {k: v for k, v in tgt.items() if k != "attention_mask"}
         with pytest.raises(ValueError, match=r"target_batch.*needs an attention_mask.*\['input_ids'\]"):
