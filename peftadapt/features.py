@@ -59,8 +59,12 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str
             return hidden.mean(1)
         return hidden[:, 0] if pooling == "cls" else hidden[:, -1]
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (b, t):
-        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-        raise ValueError(f"attention_mask must have shape (batch, seq) = {(b, t)} to match the tapped features, got {shape}")
+        shape = (
+            tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        )
+        raise ValueError(
+            f"attention_mask must have shape (batch, seq) = {(b, t)} to match the tapped features, got {shape}"
+        )
     mask = attention_mask.to(hidden.device) != 0
     empty = ~mask.any(1)
     if bool(empty.any()):
@@ -102,8 +106,9 @@ class FeatureTap:
     :meth:`remove` (or leaving the ``with`` block) removes the hooks.
     """
 
-    def __init__(self, model: nn.Module, layer: str | nn.Module | None = None, pooling: str = "mean",
-                 capture: str | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, layer: str | nn.Module | None = None, pooling: str = "mean", capture: str | None = None
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"FeatureTap needs an nn.Module, got {type(model).__name__}")
         if pooling not in POOLINGS:
@@ -151,7 +156,7 @@ class FeatureTap:
         wanted = [layer]
         for pre in _WRAPPER_PREFIXES:  # a wrapped name given for a plain model
             if layer.startswith(pre):
-                wanted.append(layer[len(pre):])
+                wanted.append(layer[len(pre) :])
         for w in wanted:
             hits = [n for n in named if n == w or n.endswith("." + w)]
             if hits:
@@ -174,8 +179,10 @@ class FeatureTap:
                 if prefix + norm in named:
                     return prefix + norm
             return f"{stack_name}.{len(stack) - 1}"
-        raise ValueError(f"{type(model).__name__} has no task head ({list(OUTPUT_HEADS)}) and no layer stack; "
-                         f"pass layer='<module name>'")
+        raise ValueError(
+            f"{type(model).__name__} has no task head ({list(OUTPUT_HEADS)}) and no layer stack; "
+            f"pass layer='<module name>'"
+        )
 
     # -- hooks -------------------------------------------------------------------
     def _top_pre(self, module, args, kwargs):
@@ -208,8 +215,10 @@ class FeatureTap:
     def features(self) -> torch.Tensor:
         """The raw captured tensor of the last forward ((B, T, d) or (B, d))."""
         if self._hidden is None:
-            raise RuntimeError(f"FeatureTap: nothing captured from {self.layer_name!r}; run a forward pass first "
-                               f"(or the tap was removed)")
+            raise RuntimeError(
+                f"FeatureTap: nothing captured from {self.layer_name!r}; run a forward pass first "
+                f"(or the tap was removed)"
+            )
         return self._hidden
 
     def pooled(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,8 +24,21 @@ from .core.hf import check_transformers_model, trainable_and_total, unwrap, vali
 from .methods.base import MethodConfig, build_config
 from .quant import cast_trainable_to_fp32, check_prefix_compat, guard_4bit_cpu, is_quantized
 
-__all__ = ["wrap", "add_adapter", "set_adapter", "adapter_names", "load", "save", "merge", "unmerge", "disabled",
-           "trainable_parameters", "print_trainable_parameters", "base_model", "is_wrapped"]
+__all__ = [
+    "wrap",
+    "add_adapter",
+    "set_adapter",
+    "adapter_names",
+    "load",
+    "save",
+    "merge",
+    "unmerge",
+    "disabled",
+    "trainable_parameters",
+    "print_trainable_parameters",
+    "base_model",
+    "is_wrapped",
+]
 
 
 def is_wrapped(model: object) -> bool:
@@ -46,6 +59,7 @@ def _backend(model: object, what: str) -> Backend:
 
 
 # -- wrap ---------------------------------------------------------------------------
+
 
 def wrap(model: nn.Module, method: str | MethodConfig, *, adapter_name: str = "default", **options: Any) -> nn.Module:
     """Adapt a transformers model with a parameter-efficient method.
@@ -81,7 +95,9 @@ def _trainable_in_fp32(wrapped: nn.Module) -> None:
     New head copies (peft's modules_to_save, our head slots) are created in the
     base's dtype; bf16 rounds away updates smaller than 2^-8 of a weight.
     """
-    frozen_half = any(p.is_floating_point() and p.dtype in (torch.float16, torch.bfloat16) for p in wrapped.parameters())
+    frozen_half = any(
+        p.is_floating_point() and p.dtype in (torch.float16, torch.bfloat16) for p in wrapped.parameters()
+    )
     if frozen_half or is_quantized(unwrap(wrapped)):
         cast_trainable_to_fp32(wrapped)
 
@@ -119,6 +135,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
 
 # -- parameters ----------------------------------------------------------------------
 
+
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count as their unpacked size."""
     if hasattr(model, "get_nb_trainable_parameters"):
@@ -133,6 +150,7 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 
 # -- switching adaptation off, merging ----------------------------------------------------
+
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
@@ -164,14 +182,16 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 # -- save / load -----------------------------------------------------------------------
 
+
 def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Save the adapter (not the base model) of a wrapped model to ``path``."""
     _backend(model, "save")
     model.save_pretrained(str(path))  # type: ignore[operator]
 
 
-def load(base: nn.Module, path: str | os.PathLike[str], adapter_name: str | None = None,
-         is_trainable: bool = False) -> nn.Module:
+def load(
+    base: nn.Module, path: str | os.PathLike[str], adapter_name: str | None = None, is_trainable: bool = False
+) -> nn.Module:
     """Load an adapter saved by peftadapt or by plain peft onto ``base``.
 
     ``base`` is the transformers model the adapter was trained on (same

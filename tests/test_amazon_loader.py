@@ -5,11 +5,18 @@ from collections import Counter
 import pytest
 
 from benchmarks.amazon.data import (
-    DOMAINS, default_root, load_domain, load_split, parse_reviews, source_validation, stratified_split,
+    DOMAINS,
+    default_root,
+    load_domain,
+    load_split,
+    parse_reviews,
+    source_validation,
+    stratified_split,
 )
 
-pytestmark = pytest.mark.skipif(not (default_root() / "books").is_dir(),
-                                reason=f"Amazon multi-domain data not found at {default_root()}")
+pytestmark = pytest.mark.skipif(
+    not (default_root() / "books").is_dir(), reason=f"Amazon multi-domain data not found at {default_root()}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +67,11 @@ def test_source_validation_is_stratified(splits):
 
 
 def test_entities_unescaped_and_raw_ampersand_survives():
-    raw = ("<reviews>\n<review>\n<unique_id>\nx1\n</unique_id>\n<rating>\n5.0\n</rating>\n<title>\nPots &amp; pans\n"
-           "</title>\n<review_text>\nSalt & pepper, &quot;great&quot; &#45; really &lt;3\n</review_text>\n</review>\n"
-           "</reviews>\n")
+    raw = (
+        "<reviews>\n<review>\n<unique_id>\nx1\n</unique_id>\n<rating>\n5.0\n</rating>\n<title>\nPots &amp; pans\n"
+        "</title>\n<review_text>\nSalt & pepper, &quot;great&quot; &#45; really &lt;3\n</review_text>\n</review>\n"
+        "</reviews>\n"
+    )
     (r,) = parse_reviews(raw, 1)
     assert r.title == "Pots & pans"
     assert r.text == 'Salt & pepper, "great" - really <3'

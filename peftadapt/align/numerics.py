@@ -43,6 +43,5 @@ def check_progress(p: object) -> float:
         except (TypeError, ValueError):
             value = None
     if value is None or math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"progress must be in [0, 1] (the fraction of training done, step / total_steps), "
-                         f"got {p!r}")
+        raise ValueError(f"progress must be in [0, 1] (the fraction of training done, step / total_steps), got {p!r}")
     return value

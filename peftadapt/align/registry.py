@@ -7,8 +7,15 @@ from typing import Any, Callable, Mapping
 
 from .regularizer import FunctionRegularizer, Regularizer
 
-__all__ = ["REGULARIZERS", "register", "build", "build_with_defaults", "regularizer_names", "init_params",
-           "validate_options"]
+__all__ = [
+    "REGULARIZERS",
+    "register",
+    "build",
+    "build_with_defaults",
+    "regularizer_names",
+    "init_params",
+    "validate_options",
+]
 
 # name -> (class, preset options). Presets let one class serve two names
 # ("cdan" and "cdan+e").
@@ -45,8 +52,7 @@ def register(name: str, obj: Any = None, *, needs_logits: bool = False, override
                 cls.name = key
         elif inspect.isclass(o):
             raise TypeError(
-                f"register({key!r}): {o.__name__} must subclass peftadapt.align.Regularizer "
-                f"(or be a plain function)"
+                f"register({key!r}): {o.__name__} must subclass peftadapt.align.Regularizer (or be a plain function)"
             )
         elif callable(o):
             cls = type(
@@ -77,9 +83,7 @@ def validate_options(name: str, cls: type, options: Mapping[str, Any]) -> None:
     valid = init_params(cls)
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ValueError(
-            f"unknown option(s) {unknown} for regularizer {name!r}; valid options: {sorted(valid)}"
-        )
+        raise ValueError(f"unknown option(s) {unknown} for regularizer {name!r}; valid options: {sorted(valid)}")
 
 
 def build(name: str, **options: Any) -> Regularizer:
@@ -101,14 +105,15 @@ def build(name: str, **options: Any) -> Regularizer:
     validate_options(key, cls, options)
     clash = sorted(k for k in options if k in preset and options[k] != preset[k])
     if clash:
-        raise ValueError(f"regularizer {key!r} fixes option(s) {clash} to {({k: preset[k] for k in clash})}")
+        raise ValueError(f"regularizer {key!r} fixes option(s) {clash} to { ({k: preset[k] for k in clash}) }")
     kwargs = {**preset, **options}
-    missing = [
-        k for k, p in init_params(cls).items() if p.default is inspect.Parameter.empty and k not in kwargs
-    ]
+    missing = [k for k, p in init_params(cls).items() if p.default is inspect.Parameter.empty and k not in kwargs]
     if missing:
-        raise ValueError(f"regularizer {key!r} needs option(s) {missing}; e.g. build({key!r}, "
-                         + ", ".join(f"{k}=..." for k in missing) + ")")
+        raise ValueError(
+            f"regularizer {key!r} needs option(s) {missing}; e.g. build({key!r}, "
+            + ", ".join(f"{k}=..." for k in missing)
+            + ")"
+        )
     reg = cls(**kwargs)
     if preset:
         reg.name = key  # instance-level: "cdan+e" vs "cdan" share a class

@@ -28,6 +28,7 @@ from .terms import Alignment, Term
 
 __all__ = ["DomainAdaptation", "as_alignment", "check_alignment"]
 
+
 def as_alignment(regularizers: Any) -> Alignment | None:
     """None / an empty list -> None; an :class:`Alignment` as is; a :class:`Term`,
     :class:`Regularizer`, registered name, or a list of those -> an :class:`Alignment`."""
@@ -46,20 +47,29 @@ def check_alignment(alignment: Alignment, model: nn.Module, causal_lm: bool | No
         causal_lm = is_causal_lm(model)
     if causal_lm and alignment.needs_logits:
         names = [t.name for t in alignment.terms if getattr(t.regularizer, "needs_logits", False)]
-        raise ValueError(f"regularizers {names} read class logits (cdan, cdan+e, entropy) and need a sequence "
-                         "classifier (task='classification'); for a causal LM use mmd, coral or dann")
+        raise ValueError(
+            f"regularizers {names} read class logits (cdan, cdan+e, entropy) and need a sequence "
+            "classifier (task='classification'); for a causal LM use mmd, coral or dann"
+        )
 
 
 def _check_batch(batch: Any, what: str) -> Mapping[str, Any]:
     if not isinstance(batch, Mapping):
-        raise ValueError(f"{what} must be a mapping of model inputs (the tokenizer's output), "
-                         f"got {type(batch).__name__}")
+        raise ValueError(
+            f"{what} must be a mapping of model inputs (the tokenizer's output), got {type(batch).__name__}"
+        )
     mask = batch.get("attention_mask")
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-        got = f"keys {sorted(batch)}" if mask is None else f"attention_mask of {type(mask).__name__}" + (
-            f" shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else "")
-        raise ValueError(f"{what} needs an attention_mask (batch, seq) so pooling skips the padding; got {got}. "
-                         "Pass the tokenizer's output (return_attention_mask=True)")
+        got = (
+            f"keys {sorted(batch)}"
+            if mask is None
+            else f"attention_mask of {type(mask).__name__}"
+            + (f" shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else "")
+        )
+        raise ValueError(
+            f"{what} needs an attention_mask (batch, seq) so pooling skips the padding; got {got}. "
+            "Pass the tokenizer's output (return_attention_mask=True)"
+        )
     return batch
 
 
@@ -101,13 +111,22 @@ class DomainAdaptation:
     the target batch are dropped (target data is unlabeled).
     """
 
-    def __init__(self, model: nn.Module, regularizers: Alignment | Term | Regularizer | str | Iterable[Any], *,
-                 layer: str | nn.Module | None = None, pooling: str = "mean", causal_lm: bool | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        regularizers: Alignment | Term | Regularizer | str | Iterable[Any],
+        *,
+        layer: str | nn.Module | None = None,
+        pooling: str = "mean",
+        causal_lm: bool | None = None,
+    ):
         alignment = as_alignment(regularizers)
         if alignment is None:
-            raise ValueError(f"DomainAdaptation needs at least one term, got regularizers={regularizers!r}; "
-                             "e.g. regularizers=[Term('mmd', weight=0.3)] (without terms, train on the task "
-                             "loss alone: no DomainAdaptation needed)")
+            raise ValueError(
+                f"DomainAdaptation needs at least one term, got regularizers={regularizers!r}; "
+                "e.g. regularizers=[Term('mmd', weight=0.3)] (without terms, train on the task "
+                "loss alone: no DomainAdaptation needed)"
+            )
         check_alignment(alignment, model, causal_lm)
         self.model = model
         self.alignment = alignment
@@ -128,8 +147,14 @@ class DomainAdaptation:
         return any(w > 0 for w in self.weights(progress).values())
 
     # -- the step ----------------------------------------------------------------------
-    def loss(self, source_batch: Mapping[str, Any], target_batch: Mapping[str, Any] | None,
-             progress: float, *, model: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    def loss(
+        self,
+        source_batch: Mapping[str, Any],
+        target_batch: Mapping[str, Any] | None,
+        progress: float,
+        *,
+        model: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Source forward, target forward (if a term is on), and the total loss.
 
         Returns ``(loss, logs)``: ``loss`` with its graph, ready for ``backward``;
@@ -146,16 +171,24 @@ class DomainAdaptation:
         out = (model or self.model)(**source_batch)
         task_loss = getattr(out, "loss", None)
         if task_loss is None:
-            raise ValueError(f"the source forward returned no loss: source_batch needs labels (keys: "
-                             f"{sorted(source_batch)}); class ids for a classifier, token ids for a causal LM")
+            raise ValueError(
+                f"the source forward returned no loss: source_batch needs labels (keys: "
+                f"{sorted(source_batch)}); class ids for a classifier, token ids for a causal LM"
+            )
         on = self.active(p)
         reg_loss, logs = self.alignment_loss(out, source_batch["attention_mask"], target_batch, p, model=model)
         loss = task_loss + reg_loss if on else task_loss
         return loss, {"task_loss": task_loss.detach(), **logs}
 
-    def alignment_loss(self, source_outputs: Any, source_attention_mask: torch.Tensor,
-                       target_batch: Mapping[str, Any] | None, progress: float, *,
-                       model: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    def alignment_loss(
+        self,
+        source_outputs: Any,
+        source_attention_mask: torch.Tensor,
+        target_batch: Mapping[str, Any] | None,
+        progress: float,
+        *,
+        model: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         """``sum_k lambda_k(p) D_k`` for a caller that already ran the source forward
         through the tapped model (e.g. transformers' ``Trainer.compute_loss``), right
         before this call: the tap still holds that forward's features.
@@ -183,8 +216,9 @@ class DomainAdaptation:
         total, raw = None, {}
         for term in self.alignment.terms:
             logits = getattr(term.regularizer, "needs_logits", False)
-            weighted, value = term(fs, ft, source_outputs.logits if logits else None,
-                                   out_t.logits if logits else None, progress=p)
+            weighted, value = term(
+                fs, ft, source_outputs.logits if logits else None, out_t.logits if logits else None, progress=p
+            )
             if weighted is None:  # off at this progress
                 continue
             raw[term.name] = value.detach()
@@ -197,9 +231,11 @@ class DomainAdaptation:
     def _pooled(self, mask: torch.Tensor, domain: str) -> torch.Tensor:
         captured = self.tap.features
         if captured.shape[0] != mask.shape[0]:
-            raise ValueError(f"the tap holds features of {captured.shape[0]} examples but the {domain} "
-                             f"attention_mask has {mask.shape[0]} rows: run the {domain} forward through the "
-                             "tapped model right before this call")
+            raise ValueError(
+                f"the tap holds features of {captured.shape[0]} examples but the {domain} "
+                f"attention_mask has {mask.shape[0]} rows: run the {domain} forward through the "
+                "tapped model right before this call"
+            )
         return self.tap.pooled(mask)
 
     def _check_open(self) -> None:

@@ -39,9 +39,16 @@ class Term(nn.Module):
             MMD / CORAL, local for per-sample losses); see :mod:`peftadapt.align.scope`.
     """
 
-    def __init__(self, regularizer: Regularizer | str, weight: float = 1.0,
-                 schedule: str | Callable[[float], float] = "constant", warmup: float = 0.0,
-                 start: float = 0.0, name: str | None = None, scope: str = "auto") -> None:
+    def __init__(
+        self,
+        regularizer: Regularizer | str,
+        weight: float = 1.0,
+        schedule: str | Callable[[float], float] = "constant",
+        warmup: float = 0.0,
+        start: float = 0.0,
+        name: str | None = None,
+        scope: str = "auto",
+    ) -> None:
         super().__init__()
         reg = build(regularizer) if isinstance(regularizer, str) else regularizer
         if not isinstance(reg, nn.Module):
@@ -76,8 +83,9 @@ class Term(nn.Module):
             self.regularizer.set_progress(progress)
         if w == 0.0:
             return None, None
-        fs, ft, source_logits, target_logits = gather_inputs(self.scope, self.regularizer, fs, ft,
-                                                             source_logits, target_logits)
+        fs, ft, source_logits, target_logits = gather_inputs(
+            self.scope, self.regularizer, fs, ft, source_logits, target_logits
+        )
         raw = self.regularizer(fs, ft, source_logits, target_logits)
         return w * raw, raw
 
@@ -147,6 +155,5 @@ class Alignment(nn.Module):
             total = weighted if total is None else total + weighted
         if total is None:
             ref = fs if isinstance(fs, torch.Tensor) else None
-            total = torch.zeros((), device=ref.device if ref is not None else None,
-                                dtype=torch.float32)
+            total = torch.zeros((), device=ref.device if ref is not None else None, dtype=torch.float32)
         return total, values

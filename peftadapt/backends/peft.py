@@ -111,9 +111,13 @@ class PeftBackend:
                 raise ValueError("load() onto a model that already carries adapters: pass the wrapped model itself")
             from peft import PeftModel
 
-            loaded: nn.Module = PeftModel.from_pretrained(base, str(path), adapter_name=adapter_name,
-                                                          is_trainable=is_trainable,
-                                                          config=_peft_config_here(target, cfg, shapes))
+            loaded: nn.Module = PeftModel.from_pretrained(
+                base,
+                str(path),
+                adapter_name=adapter_name,
+                is_trainable=is_trainable,
+                config=_peft_config_here(target, cfg, shapes),
+            )
             return loaded
         except RuntimeError as e:  # size mismatches that slipped past our checks
             raise ValueError(f"the adapter in {path} does not fit this {target.config.model_type} model: {e}") from e
@@ -154,7 +158,10 @@ def _read_safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     file = path / WEIGHTS_FILE
     if not file.is_file():
         others = sorted(p.name for p in path.glob("adapter_model*"))
-        raise FileNotFoundError(f"missing adapter weights {file}" + (f" (found {others}; peftadapt reads safetensors only)" if others else ""))
+        raise FileNotFoundError(
+            f"missing adapter weights {file}"
+            + (f" (found {others}; peftadapt reads safetensors only)" if others else "")
+        )
     try:
         with safe_open(str(file), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -187,7 +194,7 @@ def _check_peft_adapter_fits(model: nn.Module, cfg: dict, shapes: dict, path: Pa
     for key, shape in shapes.items():
         if not key.startswith("base_model.model."):
             continue
-        rest = key[len("base_model.model."):]
+        rest = key[len("base_model.model.") :]
         for tag in (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".lora_embedding_A", ".lora_embedding_B"):
             if tag in rest:
                 mod_name = rest.split(tag)[0]

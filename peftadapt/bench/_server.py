@@ -25,8 +25,11 @@ def _preload(extra: list[str]) -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
     from transformers import (  # noqa: F401
-        AutoModelForCausalLM, AutoModelForSequenceClassification, BertForSequenceClassification,
-        LlamaForCausalLM, LlamaForSequenceClassification,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        BertForSequenceClassification,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
     )
 
     for mod in ["peft"] + extra:

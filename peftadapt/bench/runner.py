@@ -27,8 +27,9 @@ _SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_server.py")
 class Server:
     """One fork server under ``python`` (default: this interpreter)."""
 
-    def __init__(self, python: str | None = None, env: dict[str, str] | None = None, stderr=None,
-                 preload: tuple[str, ...] = ()):
+    def __init__(
+        self, python: str | None = None, env: dict[str, str] | None = None, stderr=None, preload: tuple[str, ...] = ()
+    ):
         self.python = python or sys.executable
         e = dict(os.environ)
         e.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,8 +40,13 @@ class Server:
         e.setdefault("PYTHONWARNINGS", "ignore")
         if env:
             e.update(env)
-        self.proc = subprocess.Popen([self.python, _SERVER, *preload], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=stderr if stderr is not None else subprocess.DEVNULL, env=e)
+        self.proc = subprocess.Popen(
+            [self.python, _SERVER, *preload],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr if stderr is not None else subprocess.DEVNULL,
+            env=e,
+        )
         first = self.proc.stdout.readline()
         if not first:
             raise RuntimeError(f"benchmark server under {self.python} failed to start (exit {self.proc.wait()})")
@@ -68,8 +74,15 @@ class Server:
         self.close()
 
 
-def run_specs(specs: Iterable[dict[str, Any]], *, reps: int = 1, pythons: dict[str, str] | None = None,
-              log: Callable[[str], None] | None = print, stderr=None, keep_servers: bool = False) -> list[dict[str, Any]]:
+def run_specs(
+    specs: Iterable[dict[str, Any]],
+    *,
+    reps: int = 1,
+    pythons: dict[str, str] | None = None,
+    log: Callable[[str], None] | None = print,
+    stderr=None,
+    keep_servers: bool = False,
+) -> list[dict[str, Any]]:
     """Measure every spec ``reps`` times, cycling through the list (interleaved repetitions).
 
     ``pythons`` maps an environment label to a Python executable; a spec's
@@ -141,11 +154,15 @@ def _preloads(specs: list[dict[str, Any]]) -> tuple[str, ...]:
 
 def _one_line(res: dict[str, Any], done: int, total: int) -> str:
     s = res["spec"]
-    tag = (f"[{done}/{total}] {res.get('env', 'main')}:{s.get('impl', '?')} {s.get('method')} "
-           f"{model_label(s.get('model', '?'))} q={s.get('quant')} b={s.get('batch')} s={s.get('seq')} ckpt={s.get('grad_ckpt')} "
-           f"reg={s.get('regularizer')}")
+    tag = (
+        f"[{done}/{total}] {res.get('env', 'main')}:{s.get('impl', '?')} {s.get('method')} "
+        f"{model_label(s.get('model', '?'))} q={s.get('quant')} b={s.get('batch')} s={s.get('seq')} ckpt={s.get('grad_ckpt')} "
+        f"reg={s.get('regularizer')}"
+    )
     if res.get("error"):
         return f"{tag}: ERROR {res['error'][:200]}"
-    return (f"{tag}: {res['median_step_s']:.3f} s/step, peak {res['peak_bytes'] / 2**20:.1f} MiB "
-            f"(analytic {res['analytic']['total'] / 2**20:.1f}, x{res['ratio_measured_analytic']:.2f}), "
-            f"trainable {res['trainable_params']:,}")
+    return (
+        f"{tag}: {res['median_step_s']:.3f} s/step, peak {res['peak_bytes'] / 2**20:.1f} MiB "
+        f"(analytic {res['analytic']['total'] / 2**20:.1f}, x{res['ratio_measured_analytic']:.2f}), "
+        f"trainable {res['trainable_params']:,}"
+    )

@@ -105,11 +105,12 @@ def validate_adapter_name(name: Any) -> None:
     non-empty string of letters, digits, '_' or '-'. A name prefixes module paths and saved
     weight keys, so '.' (a path separator), '/' or spaces would break them."""
     if isinstance(name, str) and "." in name:
-        raise ValueError(f"adapter name {name!r} may not contain '.' (it prefixes the saved weight keys); "
-                         "use letters, digits, '_' or '-'")
+        raise ValueError(
+            f"adapter name {name!r} may not contain '.' (it prefixes the saved weight keys); "
+            "use letters, digits, '_' or '-'"
+        )
     if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"adapter name must be a non-empty string of letters, digits, '_' or '-'; got {name!r}")
-
 
 
 def wrapped_reason(model: nn.Module) -> str | None:

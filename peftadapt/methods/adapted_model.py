@@ -213,7 +213,9 @@ class AdaptedModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """The tensors one adapter owns, keyed as in the saved file."""
@@ -244,7 +246,10 @@ class AdaptedModel(nn.Module):
             enable(activation_checkpointing_kwargs=kw, **kwargs)
         else:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw, **kwargs)
-        if not getattr(self.model, "_require_grads_hooks", None) and getattr(self.model, "_require_grads_hook", None) is None:
+        if (
+            not getattr(self.model, "_require_grads_hooks", None)
+            and getattr(self.model, "_require_grads_hook", None) is None
+        ):
             self.model.enable_input_require_grads()
 
     def gradient_checkpointing_disable(self) -> None:
@@ -269,8 +274,9 @@ class AdaptedModel(nn.Module):
         native_format.save_adapters(self, save_directory, names)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike[str], adapter_name: str | None = None,
-                        is_trainable: bool = False) -> "AdaptedModel":
+    def from_pretrained(
+        cls, model: nn.Module, path: str | os.PathLike[str], adapter_name: str | None = None, is_trainable: bool = False
+    ) -> "AdaptedModel":
         """Wrap ``model`` and load saved adapter(s) into it.
 
         ``adapter_name=None`` loads every saved adapter under its saved name;
@@ -289,8 +295,9 @@ class AdaptedModel(nn.Module):
             wrapped.eval()
         return wrapped
 
-    def load_adapter(self, path: str | os.PathLike[str], adapter_name: str | None = None,
-                     is_trainable: bool = False) -> "AdaptedModel":
+    def load_adapter(
+        self, path: str | os.PathLike[str], adapter_name: str | None = None, is_trainable: bool = False
+    ) -> "AdaptedModel":
         """Load saved adapter(s) into this model (see :meth:`from_pretrained`); returns ``self``.
 
         The active adapter stays; a model with none yet activates the saved
@@ -300,5 +307,4 @@ class AdaptedModel(nn.Module):
         return self
 
     def __repr__(self) -> str:
-        return (f"AdaptedModel(active_adapter={self._active!r}, adapters={self.adapter_names},\n"
-                f"  model={self.model!r})")
+        return f"AdaptedModel(active_adapter={self._active!r}, adapters={self.adapter_names},\n  model={self.model!r})"

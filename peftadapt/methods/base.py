@@ -56,10 +56,7 @@ class MethodConfig:
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(options) - set(valid))
         if unknown:
-            raise ValueError(
-                f"unknown option(s) {unknown} for method {cls.method!r}; "
-                f"valid options: {valid}"
-            )
+            raise ValueError(f"unknown option(s) {unknown} for method {cls.method!r}; valid options: {valid}")
         cfg = cls(**options)
         cfg.validate()
         return cfg
@@ -97,8 +94,7 @@ def build_config(method: "str | MethodConfig", **options: Any) -> MethodConfig:
         return method
     if not isinstance(method, str):
         raise TypeError(
-            f"method must be a name or a MethodConfig, got {type(method).__name__}; "
-            f"valid names: {method_names()}"
+            f"method must be a name or a MethodConfig, got {type(method).__name__}; valid names: {method_names()}"
         )
     key = method.lower()
     if key in ALIASES:

@@ -27,9 +27,13 @@ class LoRA(MethodConfig):
     backend: ClassVar[str] = "peft"
 
     r: int = field(8, "rank of the update B A")
-    alpha: float | None = field(None, "scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rslora); default 2*r")
+    alpha: float | None = field(
+        None, "scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rslora); default 2*r"
+    )
     dropout: float = field(0.0, "dropout on the LoRA branch input")
-    target_modules: Any = field(None, "None: per-architecture default (attention q/v); 'all-linear'; a list of module names; or a regex string")
+    target_modules: Any = field(
+        None, "None: per-architecture default (attention q/v); 'all-linear'; a list of module names; or a regex string"
+    )
     exclude_modules: Any = field(None, "module names (or a regex) never to adapt")
     layers: list[int] | None = field(None, "adapt only these layer indices (default: all)")
     use_dora: bool = field(False, "DoRA: weight-decomposed low-rank adaptation")
@@ -53,7 +57,9 @@ class LoRA(MethodConfig):
         tm = self.target_modules
         if tm is not None and not isinstance(tm, str):
             if not (isinstance(tm, (list, tuple, set)) and tm and all(isinstance(t, str) for t in tm)):
-                raise TypeError(f"target_modules must be None, 'all-linear', a regex string or a non-empty list of names; got {tm!r}")
+                raise TypeError(
+                    f"target_modules must be None, 'all-linear', a regex string or a non-empty list of names; got {tm!r}"
+                )
         if self.layers is not None and not all(isinstance(i, int) and i >= 0 for i in self.layers):
             raise ValueError(f"layers must be a list of non-negative layer indices, got {self.layers!r}")
 
@@ -109,12 +115,14 @@ def _check_dora_base(model: nn.Module) -> None:
     forward. Plain peft does the same (``get_peft_model(..., LoraConfig(use_dora=True))``;
     checked on a tiny Llama), so refuse up front with the ways out. Not checked on a GPU."""
     for name, mod in model.named_modules():
-        if type(mod).__name__ == "Linear8bitLt" and getattr(mod.weight, "device", None) is not None \
-                and mod.weight.device.type == "cpu":
+        if (
+            type(mod).__name__ == "Linear8bitLt"
+            and getattr(mod.weight, "device", None) is not None
+            and mod.weight.device.type == "cpu"
+        ):
             raise ValueError(
                 f"DoRA on an 8-bit base on the CPU fails at the second training step ({name!r} is a CPU "
                 "bitsandbytes Linear8bitLt; peft 0.21 / bitsandbytes 0.50 lose the 8-bit scales, state.SCB, "
                 "after the first step). Use a 4-bit base (load_quantized(..., bits=4): DoRA works there), "
                 "or plain LoRA on the 8-bit base."
             )
-

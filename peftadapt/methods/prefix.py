@@ -51,15 +51,25 @@ class Prefix(MethodConfig):
     backend: ClassVar[str] = "peft"
 
     num_virtual_tokens: int = field(20, "number of virtual prefix positions per layer")
-    prefix_projection: bool = field(False, "reparameterise the prefix through a 2-layer MLP (more stable, more params while training)")
+    prefix_projection: bool = field(
+        False, "reparameterise the prefix through a 2-layer MLP (more stable, more params while training)"
+    )
     projection_hidden_size: int | None = field(None, "hidden size of that MLP (default: the model's hidden size)")
     train_head: bool = field(True, "train the task head (classifier / score) when the model has one")
 
     def validate(self) -> None:
-        if not isinstance(self.num_virtual_tokens, int) or isinstance(self.num_virtual_tokens, bool) or self.num_virtual_tokens < 1:
+        if (
+            not isinstance(self.num_virtual_tokens, int)
+            or isinstance(self.num_virtual_tokens, bool)
+            or self.num_virtual_tokens < 1
+        ):
             raise ValueError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
-        if self.projection_hidden_size is not None and (not isinstance(self.projection_hidden_size, int) or self.projection_hidden_size < 1):
-            raise ValueError(f"projection_hidden_size must be a positive integer or None, got {self.projection_hidden_size!r}")
+        if self.projection_hidden_size is not None and (
+            not isinstance(self.projection_hidden_size, int) or self.projection_hidden_size < 1
+        ):
+            raise ValueError(
+                f"projection_hidden_size must be a positive integer or None, got {self.projection_hidden_size!r}"
+            )
 
     def peft_config(self, model: nn.Module):
         from peft import PrefixTuningConfig
@@ -68,12 +78,18 @@ class Prefix(MethodConfig):
         if mt in _NO_KV_CACHE or getattr(model.config, "is_encoder_decoder", False):
             raise ValueError(
                 f"prefix tuning cannot be applied to a {mt!r} model: its attention takes no past_key_values"
-                + (" (encoder-decoder models are not supported by peftadapt's prefix path)" if getattr(model.config, "is_encoder_decoder", False) else "")
+                + (
+                    " (encoder-decoder models are not supported by peftadapt's prefix path)"
+                    if getattr(model.config, "is_encoder_decoder", False)
+                    else ""
+                )
                 + "; use 'lora' or 'adapter' instead"
             )
         own_task = peft_support.task_type_of(model)
         if own_task not in (None, "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM"):
-            raise ValueError(f"prefix tuning supports classifiers, causal LMs and backbones; got a {own_task} model ({type(model).__name__})")
+            raise ValueError(
+                f"prefix tuning supports classifiers, causal LMs and backbones; got a {own_task} model ({type(model).__name__})"
+            )
         task = prefix_task_type(model)
         heads = classifier_heads(model)
         modules_to_save = None

@@ -26,6 +26,17 @@ from .prepare import (
 from ._bnb import guard_4bit_cpu, is_quantized, quant_bits, tensor_bytes
 
 __all__ = [
-    "load_quantized", "build_quantized", "prepare_for_kbit_training", "merge_quantized", "make_optimizer",
-    "cast_trainable_to_fp32", "guard_4bit_cpu", "check_prefix_compat", "bnb_config", "is_quantized", "quant_bits", "tensor_bytes", "OPTIMIZERS",
+    "load_quantized",
+    "build_quantized",
+    "prepare_for_kbit_training",
+    "merge_quantized",
+    "make_optimizer",
+    "cast_trainable_to_fp32",
+    "guard_4bit_cpu",
+    "check_prefix_compat",
+    "bnb_config",
+    "is_quantized",
+    "quant_bits",
+    "tensor_bytes",
+    "OPTIMIZERS",
 ]

@@ -16,9 +16,14 @@ import torch.nn as nn
 BITS = (4, 8)
 QUANT_TYPES = ("nf4", "fp4")
 _DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
 }
 
 
@@ -129,8 +134,12 @@ def _unpack_cpu_layout(weight) -> None:
 
 def _misaligned_on_cpu(A: torch.Tensor, qs) -> bool:
     """True where bitsandbytes' AVX512 CPU dequantization kernel would read the wrong absmax."""
-    return (A.device.type == "cpu" and qs is not None and not getattr(qs, "packing_format_for_cpu", False)
-            and qs.shape[-1] % qs.blocksize != 0)
+    return (
+        A.device.type == "cpu"
+        and qs is not None
+        and not getattr(qs, "packing_format_for_cpu", False)
+        and qs.shape[-1] % qs.blocksize != 0
+    )
 
 
 def _dequantize_4bit_torch(A: torch.Tensor, qs) -> torch.Tensor:

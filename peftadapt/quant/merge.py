@@ -112,7 +112,11 @@ def merge_quantized(model: nn.Module, dtype: Any = "bf16", adapter_names: list[s
             "not linear in the base weight and cannot be merged"
         )
     if peft_config:
-        bad = {n: str(c.peft_type) for n, c in peft_config.items() if str(getattr(c.peft_type, "value", c.peft_type)) != "LORA"}
+        bad = {
+            n: str(c.peft_type)
+            for n, c in peft_config.items()
+            if str(getattr(c.peft_type, "value", c.peft_type)) != "LORA"
+        }
         if bad:
             raise ValueError(
                 f"merge_quantized merges LoRA-family adapters (lora, dora, rslora); adapters {bad} cannot be merged"

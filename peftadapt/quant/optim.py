@@ -85,8 +85,7 @@ def make_optimizer(
 
     b = bnb()
     tensors = [t for g in params for t in (g["params"] if isinstance(g, dict) else [g])]
-    on_cpu = (torch.device(device).type == "cpu" if device is not None
-              else any(t.device.type == "cpu" for t in tensors))
+    on_cpu = torch.device(device).type == "cpu" if device is not None else any(t.device.type == "cpu" for t in tensors)
     if on_cpu and not _bnb_cpu_optim_ok():
         raise ValueError(
             f"optimizer {name!r} needs a GPU with this bitsandbytes ({b.__version__}): its 8-bit/paged optimizers "

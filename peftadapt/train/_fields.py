@@ -71,8 +71,7 @@ def unknown_key(key: str, where: str, valid: list[str], renamed: Mapping[str, st
     return ValueError(f"unknown key {where}.{key}{hint} ({why}valid keys in {where}: {valid})")
 
 
-def check_keys(raw: Mapping[str, Any], valid: list[str], where: str,
-               renamed: Mapping[str, str] | None = None) -> None:
+def check_keys(raw: Mapping[str, Any], valid: list[str], where: str, renamed: Mapping[str, str] | None = None) -> None:
     for key in raw:
         if key not in valid:
             raise unknown_key(key, where, valid, renamed)
@@ -118,7 +117,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         except ValueError:
             pass
     ok = (isinstance(value, tp) and not (isinstance(value, bool) and tp is not bool)) or (
-        tp is float and isinstance(value, int) and not isinstance(value, bool))
+        tp is float and isinstance(value, int) and not isinstance(value, bool)
+    )
     if not ok:
         raise ValueError(f"{key}: expected {describe(tp)}, got {value!r}")
     return float(value) if tp is float else value

@@ -40,9 +40,17 @@ def macro_f1(preds: Sequence[int], labels: Sequence[int]) -> float:
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, tokenizer, data: Mapping[str, TextData], *, task: str = "classification",
-                   max_length: int = 128, batch_size: int = 32, accelerator=None,
-                   progress: bool = False) -> dict[str, float]:
+def evaluate_model(
+    model: nn.Module,
+    tokenizer,
+    data: Mapping[str, TextData],
+    *,
+    task: str = "classification",
+    max_length: int = 128,
+    batch_size: int = 32,
+    accelerator=None,
+    progress: bool = False,
+) -> dict[str, float]:
     """Evaluate ``model`` on each named dataset: ``{"<set>/<metric>": value}``.
 
     Classifiers: loss (mean cross-entropy), accuracy, macro_f1. Causal LMs:
@@ -60,10 +68,16 @@ def evaluate_model(model: nn.Module, tokenizer, data: Mapping[str, TextData], *,
             raise ValueError(f"eval set {name!r} has no labels; a classifier is evaluated on labeled data")
         ids = tokenize(d.texts, tokenizer, max_length)
         preds, nll, count = [], 0.0, 0
-        for i in tqdm(range(0, len(ids), batch_size), desc=f"eval {name}", unit="batch", leave=False,
-                      disable=not progress, dynamic_ncols=True):
-            labels = None if d.labels is None else d.labels[i:i + batch_size]
-            batch = collate(ids[i:i + batch_size], tokenizer.pad_token_id, labels, task)
+        for i in tqdm(
+            range(0, len(ids), batch_size),
+            desc=f"eval {name}",
+            unit="batch",
+            leave=False,
+            disable=not progress,
+            dynamic_ncols=True,
+        ):
+            labels = None if d.labels is None else d.labels[i : i + batch_size]
+            batch = collate(ids[i : i + batch_size], tokenizer.pad_token_id, labels, task)
             batch = {k: v.to(device) for k, v in batch.items()}
             y = batch.pop("labels", None)
             with autocast():
@@ -73,8 +87,14 @@ def evaluate_model(model: nn.Module, tokenizer, data: Mapping[str, TextData], *,
                 nll += float(F.cross_entropy(logits, y, reduction="sum"))
                 count += len(y)
             else:  # next-token loss, summed over real tokens
-                nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                             y[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"))
+                nll += float(
+                    F.cross_entropy(
+                        logits[:, :-1].reshape(-1, logits.shape[-1]),
+                        y[:, 1:].reshape(-1),
+                        ignore_index=-100,
+                        reduction="sum",
+                    )
+                )
                 count += int((y[:, 1:] != -100).sum())
         loss = nll / max(1, count)
         out[f"{name}/loss"] = loss

@@ -54,21 +54,40 @@ def plot_history(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path
     return Path(path)
 
 
-def plot_bars(values: Mapping[str, float], path: str | Path, *, title: str, ylabel: str,
-              baseline: str | None = None, errors: Mapping[str, float] | None = None,
-              references: Mapping[str, float] | None = None) -> Path:
+def plot_bars(
+    values: Mapping[str, float],
+    path: str | Path,
+    *,
+    title: str,
+    ylabel: str,
+    baseline: str | None = None,
+    errors: Mapping[str, float] | None = None,
+    references: Mapping[str, float] | None = None,
+) -> Path:
     """One bar per run; a dashed line at the ``baseline`` run's value and a dotted,
     labeled line per ``references`` entry (e.g. the majority-class accuracy)."""
     plt = _pyplot()
     names = list(values)
     fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 4))
     yerr = [errors.get(n, 0.0) for n in names] if errors else None
-    bars = ax.bar(names, [values[n] for n in names], yerr=yerr, capsize=4,
-                  color=["#888888" if n == baseline else "#3b75af" for n in names])
+    bars = ax.bar(
+        names,
+        [values[n] for n in names],
+        yerr=yerr,
+        capsize=4,
+        color=["#888888" if n == baseline else "#3b75af" for n in names],
+    )
     for b, n in zip(bars, names):
         top = b.get_height() + (errors.get(n, 0.0) if errors else 0.0)  # above the error bar
-        ax.annotate(f"{values[n]:.3f}", (b.get_x() + b.get_width() / 2, top),
-                    ha="center", va="bottom", fontsize=9, xytext=(0, 2), textcoords="offset points")
+        ax.annotate(
+            f"{values[n]:.3f}",
+            (b.get_x() + b.get_width() / 2, top),
+            ha="center",
+            va="bottom",
+            fontsize=9,
+            xytext=(0, 2),
+            textcoords="offset points",
+        )
     if baseline is not None and baseline in values:
         ax.axhline(values[baseline], ls="--", color="#555555", lw=1)
     for label, v in (references or {}).items():

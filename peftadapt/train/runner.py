@@ -28,9 +28,18 @@ def load_data(run: RunConfig, num_labels: int | None) -> tuple[TextData, TextDat
     data, cls = run.data, run.model.task == "classification"
 
     def read(spec: DatasetSpec, name: str, labeled: bool) -> TextData:
-        return load_text_data(spec.path, text=spec.text, label=spec.label if labeled else None, labels=data.labels,
-                              num_labels=num_labels, name=name, format=spec.format, split=spec.split,
-                              where=spec.where, where_not=spec.where_not)
+        return load_text_data(
+            spec.path,
+            text=spec.text,
+            label=spec.label if labeled else None,
+            labels=data.labels,
+            num_labels=num_labels,
+            name=name,
+            format=spec.format,
+            split=spec.split,
+            where=spec.where,
+            where_not=spec.where_not,
+        )
 
     source = read(data.source, "data.source", cls)
     target = None
@@ -69,8 +78,13 @@ def load_base_model(mcfg: ModelConfig, num_labels: int | None, gradient_checkpoi
     if mcfg.quantize:
         if mcfg.quant_storage:
             kwargs["quant_storage"] = mcfg.quant_storage
-        return quant.load_quantized(path, bits=mcfg.quantize, task="seqcls" if task == "classification" else "causal",
-                              gradient_checkpointing=gradient_checkpointing, **kwargs)
+        return quant.load_quantized(
+            path,
+            bits=mcfg.quantize,
+            task="seqcls" if task == "classification" else "causal",
+            gradient_checkpointing=gradient_checkpointing,
+            **kwargs,
+        )
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
@@ -104,8 +118,17 @@ def build_alignment(terms: list[TermConfig], *, width: int | None, num_labels: i
         name = t.name.lower()
         reg = build_with_defaults(name, {"in_features": width, "num_classes": num_labels}, **t.options)
         unique = sum(x.name.lower() == name for x in terms) == 1
-        built.append(Term(reg, weight=t.weight, schedule=t.schedule, warmup=t.warmup, start=t.start,
-                          scope=t.scope, name=name if unique else f"{name}_{i}"))
+        built.append(
+            Term(
+                reg,
+                weight=t.weight,
+                schedule=t.schedule,
+                warmup=t.warmup,
+                start=t.start,
+                scope=t.scope,
+                name=name if unique else f"{name}_{i}",
+            )
+        )
     return Alignment(built)
 
 
@@ -129,9 +152,19 @@ def build_trainer(run: RunConfig):
     if run.regularizers:
         width = feature_width(model, tokenizer, feats.layer, feats.pooling)
         alignment = build_alignment(run.regularizers, width=width, num_labels=nl)
-    return Trainer(model, tokenizer, source, target=target, eval=evals, regularizers=alignment,
-                   config=training, task=task, max_length=run.data.max_length,
-                   feature_layer=feats.layer, pooling=feats.pooling)
+    return Trainer(
+        model,
+        tokenizer,
+        source,
+        target=target,
+        eval=evals,
+        regularizers=alignment,
+        config=training,
+        task=task,
+        max_length=run.data.max_length,
+        feature_layer=feats.layer,
+        pooling=feats.pooling,
+    )
 
 
 def evaluate_checkpoint(run: RunConfig, checkpoint: str | Path) -> dict[str, float]:
@@ -142,8 +175,10 @@ def evaluate_checkpoint(run: RunConfig, checkpoint: str | Path) -> dict[str, flo
         raise FileNotFoundError(f"--checkpoint: folder not found: {str(ck)!r}")
     adapter = ck / "adapter" if (ck / "adapter").is_dir() else ck
     if not adapter.is_dir() or not any(adapter.iterdir()):
-        raise ValueError(f"--checkpoint: {str(ck)!r} holds no adapter (expected an adapter/ folder "
-                         "written by peftadapt train, e.g. OUTPUT_DIR/final)")
+        raise ValueError(
+            f"--checkpoint: {str(ck)!r} holds no adapter (expected an adapter/ folder "
+            "written by peftadapt train, e.g. OUTPUT_DIR/final)"
+        )
     nl = run.num_labels
     _, _, evals = load_data(run, nl)
     if not evals:
@@ -154,5 +189,11 @@ def evaluate_checkpoint(run: RunConfig, checkpoint: str | Path) -> dict[str, flo
     base = load_base_model(run.model, nl)
     model = load_adapter(base, str(adapter))
     training = run.training
-    return evaluate_model(model, tokenizer, evals, task=run.model.task, max_length=run.data.max_length,
-                          batch_size=training.per_device_eval_batch_size or 2 * training.per_device_train_batch_size)
+    return evaluate_model(
+        model,
+        tokenizer,
+        evals,
+        task=run.model.task,
+        max_length=run.data.max_length,
+        batch_size=training.per_device_eval_batch_size or 2 * training.per_device_train_batch_size,
+    )

@@ -34,8 +34,12 @@ def mmd_linear(x, y, h, mults):
     tot = 0.0
     for i in range(m2):
         a, b = 2 * i, 2 * i + 1
-        tot += (gauss_sum(x[a], x[b], h, mults) + gauss_sum(y[a], y[b], h, mults)
-                - gauss_sum(x[a], y[b], h, mults) - gauss_sum(x[b], y[a], h, mults))
+        tot += (
+            gauss_sum(x[a], x[b], h, mults)
+            + gauss_sum(y[a], y[b], h, mults)
+            - gauss_sum(x[a], y[b], h, mults)
+            - gauss_sum(x[b], y[a], h, mults)
+        )
     return tot / m2
 
 

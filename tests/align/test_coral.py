@@ -8,8 +8,10 @@ from . import _ref
 
 def _data(m, n, d, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(m, d, generator=g, dtype=torch.float64),
-            torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2.0, d, dtype=torch.float64))
+    return (
+        torch.randn(m, d, generator=g, dtype=torch.float64),
+        torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2.0, d, dtype=torch.float64),
+    )
 
 
 @pytest.mark.parametrize("m,n,d", [(5, 7, 3), (4, 4, 9), (12, 3, 2)])
@@ -30,7 +32,7 @@ def test_gram_form_equals_direct_dxd_at_llm_width():
     g = torch.Generator().manual_seed(0)
     xs = torch.randn(16, 4096, generator=g, dtype=torch.float64)
     xt = torch.randn(24, 4096, generator=g, dtype=torch.float64) * 1.3 + 0.2
-    direct = (torch.cov(xs.T) - torch.cov(xt.T)).pow(2).sum() / (4 * 4096 ** 2)
+    direct = (torch.cov(xs.T) - torch.cov(xt.T)).pow(2).sum() / (4 * 4096**2)
     assert CORAL()(xs, xt).item() == pytest.approx(direct.item(), rel=1e-9)
     # fp32 path agrees with the fp64 direct formula too
     assert CORAL()(xs.float(), xt.float()).item() == pytest.approx(direct.item(), rel=1e-4)

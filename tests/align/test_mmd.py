@@ -10,8 +10,10 @@ MULTS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 def _data(m=6, n=5, d=4, shift=0.0, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(m, d, generator=g, dtype=torch.float64),
-            torch.randn(n, d, generator=g, dtype=torch.float64) + shift)
+    return (
+        torch.randn(m, d, generator=g, dtype=torch.float64),
+        torch.randn(n, d, generator=g, dtype=torch.float64) + shift,
+    )
 
 
 def test_unbiased_matches_gretton_formula_unequal_batches():

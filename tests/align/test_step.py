@@ -64,8 +64,9 @@ def test_loss_and_adapter_gradients_equal_the_hand_computation():
     assert logs["reg/mmd"].item() == pytest.approx(mmd.item(), abs=1e-6)
     assert logs["reg_loss"].item() == pytest.approx(w * mmd.item(), abs=1e-6)
     assert logs["weight/mmd"] == w
-    assert all(isinstance(logs[k], torch.Tensor) and not logs[k].requires_grad
-               for k in ("task_loss", "reg_loss", "reg/mmd"))
+    assert all(
+        isinstance(logs[k], torch.Tensor) and not logs[k].requires_grad for k in ("task_loss", "reg_loss", "reg/mmd")
+    )
     got, exp = _lora_grads(model), _lora_grads(ref)
     assert got.keys() == exp.keys() and len(got) >= 4
     for n in exp:

@@ -11,16 +11,19 @@ from peftadapt.methods.base import build_config
 from tests.conftest import make_tiny, token_batch
 
 
-@pytest.mark.parametrize("kind, head, expected", [
-    ("bert", "seqcls", ["classifier"]),
-    ("bert", "tokcls", ["classifier"]),
-    ("bert", "base", []),
-    ("llama", "seqcls", ["score"]),
-    ("llama", "causal", ["lm_head"]),
-    ("gpt2", "seqcls", ["score"]),
-    ("gpt2", "causal", ["lm_head"]),
-    ("qwen2", "base", []),
-])
+@pytest.mark.parametrize(
+    "kind, head, expected",
+    [
+        ("bert", "seqcls", ["classifier"]),
+        ("bert", "tokcls", ["classifier"]),
+        ("bert", "base", []),
+        ("llama", "seqcls", ["score"]),
+        ("llama", "causal", ["lm_head"]),
+        ("gpt2", "seqcls", ["score"]),
+        ("gpt2", "causal", ["lm_head"]),
+        ("qwen2", "base", []),
+    ],
+)
 def test_find_task_head(kind, head, expected):
     assert find_task_head(make_tiny(kind, head)) == expected
 

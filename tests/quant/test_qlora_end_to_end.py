@@ -82,8 +82,9 @@ def _adapted_4bit(folder, **lora):
 
     torch.manual_seed(0)
     base = load_quantized(folder, bits=4, device="cpu")
-    return get_peft_model(base, LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"],
-                                           init_lora_weights=False, **lora))
+    return get_peft_model(
+        base, LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False, **lora)
+    )
 
 
 @pytest.mark.parametrize("dtype,tol", [("fp32", 1e-4), ("bf16", 2e-2), ("fp16", 5e-3)])
@@ -109,8 +110,10 @@ def test_merge_dora_and_8bit(saved_tiny):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    eight = get_peft_model(load_quantized(folder, bits=8, device="cpu"),
-                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    eight = get_peft_model(
+        load_quantized(folder, bits=8, device="cpu"),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     ref = _logits(eight, batch)
     # LLM.int8() also quantizes the activations, the merged dense model does not: a looser match
     rel = (_logits(merge_quantized(eight, dtype="fp32"), batch) - ref).abs().max() / ref.abs().max()
@@ -146,8 +149,10 @@ def test_dora_on_a_cpu_8bit_base_is_refused_with_the_ways_out(saved_tiny):
     batch = token_batch()
     with pytest.raises(ValueError, match=r"DoRA on an 8-bit base.*4-bit base.*plain LoRA"):
         peftadapt.wrap(load_quantized(folder, bits=8, device="cpu"), "dora", r=4)
-    plain = get_peft_model(load_quantized(folder, bits=8, device="cpu", prepare=False),
-                           LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "v_proj"]))
+    plain = get_peft_model(
+        load_quantized(folder, bits=8, device="cpu", prepare=False),
+        LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "v_proj"]),
+    )
     plain.train()
     plain(**batch, labels=batch["input_ids"]).loss.backward()  # the first step works
     with pytest.raises(AttributeError):

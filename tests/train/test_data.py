@@ -47,8 +47,9 @@ def test_string_labels_map_through_the_label_list_and_filters(tmp_path):
         load_text_data(tmp_path / "d.csv", label="label")
     with pytest.raises(ValueError, match=r"'neutral'.*not in the label list"):
         load_text_data(tmp_path / "d.csv", label="label", labels=["negative", "positive"])
-    d = load_text_data(tmp_path / "d.csv", label="label", labels=["negative", "positive"],
-                       where_not={"label": "neutral"})
+    d = load_text_data(
+        tmp_path / "d.csv", label="label", labels=["negative", "positive"], where_not={"label": "neutral"}
+    )
     assert d.texts == ["a", "b", "d"] and d.labels == [1, 0, 1]
 
 

@@ -26,16 +26,19 @@ def error(raw, **kw) -> str:
     return str(e.value)
 
 
-@pytest.mark.parametrize("raw, key, suggestion", [
-    (cfg(training={"learnig_rate": 1.0}), "training.learnig_rate", "learning_rate"),
-    (cfg(data={"source": {"path": "s", "lable": "y"}}), "data.source.lable", "label"),
-    (cfg(data={"source": {"path": "s", "label": "y"}, "max_lenght": 9}), "data.max_lenght", "max_length"),
-    (cfg(model={"path": "m", "taks": "causal_lm"}), "model.taks", "task"),
-    (cfg(features={"poling": "cls"}), "features.poling", "pooling"),
-    (cfg(method={"name": "lora", "alpah": 8}), "method.alpah", "alpha"),
-    (cfg(regularizers=[{"name": "mmd", "bandwith": 1.0}]), "regularizers[0].bandwith", "bandwidth"),
-    (cfg(regularizers=[{"name": "mmd", "wieght": 1.0}]), "regularizers[0].wieght", "weight"),
-])
+@pytest.mark.parametrize(
+    "raw, key, suggestion",
+    [
+        (cfg(training={"learnig_rate": 1.0}), "training.learnig_rate", "learning_rate"),
+        (cfg(data={"source": {"path": "s", "lable": "y"}}), "data.source.lable", "label"),
+        (cfg(data={"source": {"path": "s", "label": "y"}, "max_lenght": 9}), "data.max_lenght", "max_length"),
+        (cfg(model={"path": "m", "taks": "causal_lm"}), "model.taks", "task"),
+        (cfg(features={"poling": "cls"}), "features.poling", "pooling"),
+        (cfg(method={"name": "lora", "alpah": 8}), "method.alpah", "alpha"),
+        (cfg(regularizers=[{"name": "mmd", "bandwith": 1.0}]), "regularizers[0].bandwith", "bandwidth"),
+        (cfg(regularizers=[{"name": "mmd", "wieght": 1.0}]), "regularizers[0].wieght", "weight"),
+    ],
+)
 def test_unknown_key_names_section_and_closest_valid_name(raw, key, suggestion):
     msg = error(raw)
     assert f"unknown key {key}; did you mean {suggestion}?" in msg, msg
@@ -80,10 +83,15 @@ def test_values_are_checked_against_their_annotation():
 
 
 def test_overrides_output_dir_and_round_trip(tmp_path):
-    raw = cfg(regularizers=[{"name": "dann", "weight": 0.1, "scope": "global", "hidden_size": 16}],
-              method={"name": "lora", "r": 4})
-    run = load_run_config(raw, overrides=["training.learning_rate=1e-2", "regularizers.0.weight=0.5",
-                                          "method.r=8", "features.pooling=cls"], output_dir=str(tmp_path))
+    raw = cfg(
+        regularizers=[{"name": "dann", "weight": 0.1, "scope": "global", "hidden_size": 16}],
+        method={"name": "lora", "r": 4},
+    )
+    run = load_run_config(
+        raw,
+        overrides=["training.learning_rate=1e-2", "regularizers.0.weight=0.5", "method.r=8", "features.pooling=cls"],
+        output_dir=str(tmp_path),
+    )
     assert run.training.learning_rate == 1e-2 and run.training.output_dir == str(tmp_path)
     term = run.regularizers[0]
     assert (term.name, term.weight, term.scope, term.options) == ("dann", 0.5, "global", {"hidden_size": 16})
