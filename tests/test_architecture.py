@@ -74,7 +74,13 @@ def _imports() -> list[tuple[str, str, int, bool, str]]:
         tree = ast.parse("\n".join(lines))
         is_package = path.name == "__init__.py"
 
-        def visit(node: ast.AST, in_function: bool) -> None:
+        def visit(
+            node: ast.AST,
+            in_function: bool,
+            module: str = module,
+            lines: list[str] = lines,
+            is_package: bool = is_package,
+        ) -> None:
             for child in ast.iter_child_nodes(node):
                 if isinstance(child, (ast.Import, ast.ImportFrom)):
                     context = "\n".join(lines[max(0, child.lineno - 2) : child.lineno])
@@ -95,9 +101,9 @@ def _layer(module: str) -> tuple[int, str]:
     best = None
     for i, entries in enumerate(LAYERS):
         for entry in entries:
-            if module == entry or (entry != "peftadapt" and module.startswith(entry + ".")):
-                if best is None or len(entry) > len(best[1]):
-                    best = (i, entry)
+            owns = module == entry or (entry != "peftadapt" and module.startswith(entry + "."))
+            if owns and (best is None or len(entry) > len(best[1])):
+                best = (i, entry)
     assert best is not None, f"module {module} is in no layer: add it to LAYERS (and docs/architecture.md)"
     return best
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from peftadapt.bench import memory_model as mm
-from peftadapt.bench.harness import make_spec, run
 from peftadapt.bench import report as R
 from peftadapt.bench.cli import main
+from peftadapt.bench.harness import make_spec, run
 
 from .conftest import make_tiny
 
@@ -77,7 +77,7 @@ def test_analytic_memory_orders_methods_and_options():
 
 def test_analytic_rejects_bad_values_with_the_choices():
     arch = mm.Arch.from_config(make_tiny("llama", "causal").config, "causal")
-    with pytest.raises(ValueError, match="valid choices.*lora"):
+    with pytest.raises(ValueError, match=r"valid choices.*lora"):
         mm.analytic_memory(arch, "lorax", batch=1, seq=8)
     with pytest.raises(ValueError, match="quant"):
         mm.weight_bytes(arch, quant="3bit")
@@ -126,7 +126,7 @@ def test_full_finetuning_trains_and_stores_more_than_peft(tiny_runs):
         assert r["analytic"]["total"] < full["analytic"]["total"]
     assert full["state_bytes"]["optimizer"] == 8 * full["trainable_params"]
     # the analytic trainable count agrees with the wrapped model
-    arch = mm.Arch.from_config(make_tiny("llama", "causal", **{}).config, "causal")
+    arch = mm.Arch.from_config(make_tiny("llama", "causal").config, "causal")
     from peftadapt.bench.models import llama_config
 
     arch = mm.Arch.from_config(llama_config("tiny"), "causal")
@@ -206,7 +206,7 @@ def test_cli_dry_run_and_bad_values(capsys):
     assert (
         main(["memory", "--models", "llama-tiny", "--methods", "full,lora", "--quant", "none,4bit", "--dry-run"]) == 0
     )
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
     assert len(lines) == 3  # full is skipped on the 4-bit base
     assert main(["memory", "--models", "llama-3t", "--dry-run"]) == 2
     assert "valid models" in capsys.readouterr().err
@@ -232,7 +232,7 @@ def test_cli_analytic_needs_no_model(capsys):
         )
         == 0
     )
-    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| llama-7b")]
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| llama-7b")]
     assert len(rows) == 3 and "6.74B" in rows[0]
     total = {r.split("|")[2].strip(): float(r.split("|")[-2].replace(",", "")) for r in rows}
     assert total["lora (4bit)"] < total["lora"] < total["full"]

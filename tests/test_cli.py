@@ -1,10 +1,8 @@
 """The ``peftadapt`` command: train / eval end to end on a tiny config, errors, bench, demo smoke."""
 
 import importlib.util
-import math
 import json
-import sys
-import types
+import math
 
 import pytest
 import yaml
@@ -92,14 +90,13 @@ def test_demo_data_split():
 
 
 def test_balance_classes_oversamples_the_minority_deterministically():
-    from peftadapt.train.data import balance_classes
-    from peftadapt.train.data import TextData
+    from peftadapt.train.data import TextData, balance_classes
 
     d = TextData(["p1", "p2", "p3", "p4", "p5", "n1", "n2"], [1, 1, 1, 1, 1, 0, 0], name="s")
     b = balance_classes(d)
     assert b.labels.count(0) == b.labels.count(1) == 5
-    assert sorted(t for t, y in zip(b.texts, b.labels) if y == 0) == ["n1", "n1", "n1", "n2", "n2"]
-    assert all(t[0] == ("p" if y else "n") for t, y in zip(b.texts, b.labels))  # pairs stay aligned
+    assert sorted(t for t, y in zip(b.texts, b.labels, strict=True) if y == 0) == ["n1", "n1", "n1", "n2", "n2"]
+    assert all(t[0] == ("p" if y else "n") for t, y in zip(b.texts, b.labels, strict=True))  # pairs stay aligned
     assert balance_classes(d).texts == b.texts
 
 

@@ -134,7 +134,7 @@ def test_explicit_mask_and_bad_arguments():
     assert torch.equal(full[:2], masked[:2]) and not torch.allclose(full[2], masked[2])
     with pytest.raises(ValueError, match=r"valid poolings: \['mean', 'cls', 'last'\]"):
         FeatureTap(m, pooling="max")
-    with pytest.raises(ValueError, match="no module named 'encoder.layer.9'"):
+    with pytest.raises(ValueError, match=r"no module named 'encoder.layer.9'"):
         FeatureTap(m, layer="encoder.layer.9")
     with pytest.raises(ValueError, match="ambiguous"):
         FeatureTap(m, layer="self_attn")

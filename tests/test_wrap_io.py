@@ -125,7 +125,7 @@ def test_targets_that_match_nothing():
 
 def test_wrapping_twice_is_refused():
     model = peftadapt.wrap(make_tiny(), "lora")
-    with pytest.raises(ValueError, match="already wrapped.*add_adapter"):
+    with pytest.raises(ValueError, match=r"already wrapped.*add_adapter"):
         peftadapt.wrap(model, "lora")
     inner = model.get_base_model()  # the transformers model now carries LoRA layers
     with pytest.raises(ValueError, match="already wrapped"):
@@ -134,9 +134,9 @@ def test_wrapping_twice_is_refused():
 
 def test_load_for_other_hidden_size_or_architecture(tmp_path):
     _trained_lora().save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="different hidden size.*takes 48 inputs.*expects 32"):
+    with pytest.raises(ValueError, match=r"different hidden size.*takes 48 inputs.*expects 32"):
         peftadapt.load(make_tiny("llama", "causal", hidden_size=48), tmp_path)
-    with pytest.raises(ValueError, match="different architecture.*gpt2"):
+    with pytest.raises(ValueError, match=r"different architecture.*gpt2"):
         peftadapt.load(make_tiny("gpt2", "causal"), tmp_path)
 
 
@@ -151,7 +151,7 @@ def test_load_classifier_with_other_num_labels(tmp_path):
 def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="no adapter folder"):
         peftadapt.load(make_tiny(), tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="expected adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match=r"expected adapter_config.json"):
         peftadapt.load(make_tiny(), tmp_path)
     _trained_lora().save_pretrained(tmp_path)
     weights = tmp_path / "adapter_model.safetensors"

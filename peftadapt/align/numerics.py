@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
-__all__ = ["stat_dtype", "full_precision", "check_progress"]
+__all__ = ["check_progress", "full_precision", "stat_dtype"]
 
 
 def stat_dtype(x: torch.Tensor) -> torch.dtype:

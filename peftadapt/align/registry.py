@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .regularizer import FunctionRegularizer, Regularizer
 
 __all__ = [
     "REGULARIZERS",
-    "register",
     "build",
     "build_with_defaults",
-    "regularizer_names",
     "init_params",
+    "register",
+    "regularizer_names",
     "validate_options",
 ]
 

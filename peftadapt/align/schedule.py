@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, get_args
+from collections.abc import Callable
+from typing import Literal, get_args
 
 from .numerics import check_progress
 
-__all__ = ["Schedule", "SCHEDULES", "schedule_weight", "dann_ramp"]
+__all__ = ["SCHEDULES", "Schedule", "dann_ramp", "schedule_weight"]
 
 Schedule = Literal["constant", "linear", "dann"]
 SCHEDULES: tuple[str, ...] = get_args(Schedule)

@@ -30,7 +30,7 @@ import torch
 
 from ..core.comm import gather, is_distributed
 
-__all__ = ["Scope", "SCOPES", "check_scope", "default_scope", "resolve_scope", "gather_inputs"]
+__all__ = ["SCOPES", "Scope", "check_scope", "default_scope", "gather_inputs", "resolve_scope"]
 
 Scope = Literal["auto", "local", "global"]
 SCOPES: tuple[str, ...] = get_args(Scope)

@@ -15,7 +15,8 @@ scheduled weight (:class:`~peftadapt.align.Term`).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -255,17 +256,17 @@ class DomainAdaptation:
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         self.alignment.load_state_dict(state)
 
-    def to(self, device: torch.device | str) -> "DomainAdaptation":
+    def to(self, device: torch.device | str) -> DomainAdaptation:
         """Move the terms (discriminators) to ``device``; the model is the caller's."""
         self.alignment.to(device)
         return self
 
-    def train(self, mode: bool = True) -> "DomainAdaptation":
+    def train(self, mode: bool = True) -> DomainAdaptation:
         """Train / eval mode of the terms (discriminator dropout); the model is the caller's."""
         self.alignment.train(mode)
         return self
 
-    def eval(self) -> "DomainAdaptation":
+    def eval(self) -> DomainAdaptation:
         return self.train(False)
 
     # -- hooks ---------------------------------------------------------------------------
@@ -274,7 +275,7 @@ class DomainAdaptation:
         self.tap.remove()
         self._removed = True
 
-    def __enter__(self) -> "DomainAdaptation":
+    def __enter__(self) -> DomainAdaptation:
         return self
 
     def __exit__(self, *exc: Any) -> None:

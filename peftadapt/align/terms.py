@@ -7,7 +7,7 @@ Training minimises ``L_task(source) + sum_k lambda_k(p) * D_k(f_s, f_t[, g_s, g_
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -17,7 +17,7 @@ from .regularizer import Regularizer
 from .schedule import SCHEDULES, schedule_weight
 from .scope import check_scope, gather_inputs
 
-__all__ = ["Term", "Alignment"]
+__all__ = ["Alignment", "Term"]
 
 
 class Term(nn.Module):

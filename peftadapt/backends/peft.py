@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch.nn as nn
 from safetensors import safe_open
@@ -23,7 +24,7 @@ from ..methods.peft_support import task_type_of
 from ..methods.prefix import prefix_task_type
 from ..quant import is_quantized, merge_quantized
 
-__all__ = ["PeftBackend", "CONFIG_FILE", "WEIGHTS_FILE", "is_peft_model"]
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "PeftBackend", "is_peft_model"]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -164,7 +165,8 @@ def _read_safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         )
     try:
         with safe_open(str(file), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            # safe_open has keys() but is not iterable
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise ValueError(f"corrupt adapter weights {file}: {e}") from e
 

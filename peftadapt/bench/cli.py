@@ -25,9 +25,9 @@ import sys
 import time
 from typing import Any
 
-from . import methods as M
 from ..align import build
 from . import memory_model as mm
+from . import methods as M
 from . import report as R
 from .harness import make_spec
 from .models import LLAMA_SIZES, llama_config, resolve_model
@@ -249,8 +249,10 @@ def analytic_table(specs: list[dict[str, Any]]) -> str:
     """The analytic memory model for each spec, as a Markdown table (no model is built)."""
 
     rows = [
-        "| model | method | batch x seq | trainable | weights MiB | grads + optimizer MiB | activations MiB "
-        "| total MiB |",
+        (
+            "| model | method | batch x seq | trainable | weights MiB | grads + optimizer MiB | activations MiB "
+            "| total MiB |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     for s in specs:

@@ -31,7 +31,7 @@ without hooks. Peak memory is taken over the timed steps only:
 
 from __future__ import annotations
 
-import os
+import contextlib
 import resource
 import statistics
 import tempfile
@@ -151,10 +151,8 @@ class SavedTensorMeter:
         # parameters and buffers are saved by reference (a linear saves its weight): not activations
         self._exclude = set()
         for t in exclude:
-            try:
+            with contextlib.suppress(RuntimeError, NotImplementedError):
                 self._exclude.add(t.untyped_storage().data_ptr())
-            except (RuntimeError, NotImplementedError):
-                pass
 
     def _pack(self, t):
         try:

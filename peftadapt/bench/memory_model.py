@@ -51,8 +51,8 @@ plus one layer's activations, recomputed during the backward pass.
 Outside the layers: the final norm input (h), the head's input (h, if the head
 is trainable), and for a causal LM the logits and the log-softmax output
 (2 * vocab per token) and, transiently, the gradient of the logits (vocab per
-token). A regularizer's target batch adds its layer activations (no logits). Transient buffers inside the backward pass and allocator slack are
-not modelled; the measured/analytic ratio shows them.
+token). A regularizer's target batch adds its layer activations (no logits). Transient buffers inside the
+backward pass and allocator slack are not modelled; the measured/analytic ratio shows them.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class Arch:
     attn_dropout: float = 0.0  # attention-probability dropout (BERT: 0.1); decides SDPA's CPU kernel
 
     @classmethod
-    def from_config(cls, config: Any, head: str = "causal") -> "Arch":
+    def from_config(cls, config: Any, head: str = "causal") -> Arch:
         """Read an ``Arch`` off a transformers config (Llama/Mistral/Qwen2-like or BERT-like)."""
         mt = getattr(config, "model_type", "")
         family = "bert" if mt in ("bert", "roberta", "xlm-roberta", "distilbert", "electra") else "llama"

@@ -117,7 +117,7 @@ def _accepted(method: str, opts: dict[str, Any]) -> dict[str, Any]:
     }
     out = {}
     for k, v in opts.items():
-        for cand in [k] + synonyms.get(k, []):
+        for cand in [k, *synonyms.get(k, [])]:
             if cand in names:
                 out[cand] = v
                 break

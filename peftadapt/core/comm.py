@@ -23,20 +23,20 @@ is an unbiased estimate of the same gradient.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
 from .autograd import scale_grad
 
 __all__ = [
-    "is_distributed",
-    "world_size",
-    "rank",
     "all_gather_fixed",
-    "gather",
-    "broadcast_parameters",
     "average_gradients",
+    "broadcast_parameters",
+    "gather",
+    "is_distributed",
+    "rank",
+    "world_size",
 ]
 
 
@@ -97,8 +97,8 @@ def gather(x: torch.Tensor, *, grad_factor: float | None = None) -> torch.Tensor
     top = max(sizes)
     send = x.detach()
     if send.shape[0] < top:  # pad to the largest shard: all_gather moves equal shapes
-        send = torch.cat([send, send.new_zeros((top - send.shape[0],) + tuple(send.shape[1:]))], 0)
-    parts = [p[:s] for p, s in zip(all_gather_fixed(send), sizes)]
+        send = torch.cat([send, send.new_zeros((top - send.shape[0], *send.shape[1:]))], 0)
+    parts = [p[:s] for p, s in zip(all_gather_fixed(send), sizes, strict=True)]
     factor = float(n if grad_factor is None else grad_factor)
     parts[r] = scale_grad(x, factor) if x.requires_grad else x
     return torch.cat(parts, 0)
@@ -143,7 +143,7 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
             for p in ps
         ]
         flags = torch.tensor([float(p.grad is not None) for p in ps], dtype=dtype, device=device)
-        buf = torch.cat(parts + [flags])
+        buf = torch.cat([*parts, flags])
         torch.distributed.all_reduce(buf)
         buf /= n
         offset = 0

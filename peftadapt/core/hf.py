@@ -9,9 +9,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import sys
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -22,9 +21,9 @@ CLASSIFIER_HEADS = ("classifier", "score", "qa_outputs")
 # Language-model heads: vocabulary-sized and usually tied to the input embeddings.
 LM_HEAD_NAMES = ("lm_head", "cls", "vocab_transform", "vocab_layer_norm", "vocab_projector")
 # Every head module, in the order a model applies them (DistilBERT: pre_classifier, then classifier).
-HEAD_NAMES = ("pre_classifier",) + CLASSIFIER_HEADS + LM_HEAD_NAMES
+HEAD_NAMES = ("pre_classifier", *CLASSIFIER_HEADS, *LM_HEAD_NAMES)
 # The last projection of each kind of head (feature taps read its input; quantization skips it).
-OUTPUT_HEADS = CLASSIFIER_HEADS + ("lm_head",)
+OUTPUT_HEADS = (*CLASSIFIER_HEADS, "lm_head")
 # Final norms that produce the last hidden state in decoder stacks.
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
 

@@ -16,13 +16,13 @@ from .lora import LoRA
 from .prefix import Prefix
 
 __all__ = [
+    "METHODS",
     "AdaptedModel",
     "Adapter",
     "Head",
     "LoRA",
-    "Prefix",
-    "METHODS",
     "MethodConfig",
+    "Prefix",
     "build_config",
     "method_names",
     "register_method",

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -186,7 +187,7 @@ class AdaptedModel(nn.Module):
                 slot.active = None
             yield
         finally:
-            for slot, active in zip(slots, saved):
+            for slot, active in zip(slots, saved, strict=False):
                 slot.active = active
 
     def unwrap(self) -> nn.Module:
@@ -276,7 +277,7 @@ class AdaptedModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls, model: nn.Module, path: str | os.PathLike[str], adapter_name: str | None = None, is_trainable: bool = False
-    ) -> "AdaptedModel":
+    ) -> AdaptedModel:
         """Wrap ``model`` and load saved adapter(s) into it.
 
         ``adapter_name=None`` loads every saved adapter under its saved name;
@@ -297,7 +298,7 @@ class AdaptedModel(nn.Module):
 
     def load_adapter(
         self, path: str | os.PathLike[str], adapter_name: str | None = None, is_trainable: bool = False
-    ) -> "AdaptedModel":
+    ) -> AdaptedModel:
         """Load saved adapter(s) into this model (see :meth:`from_pretrained`); returns ``self``.
 
         The active adapter stays; a model with none yet activates the saved

@@ -161,13 +161,12 @@ class Adapter(MethodConfig):
         if not isinstance(self.style, str) or self.style.lower() not in STYLES:
             raise ValueError(f"unknown adapter style {self.style!r}; valid styles: {list(STYLES)}")
         self.style = self.style.lower()
-        if self.bottleneck_size is not None:
-            if (
-                isinstance(self.bottleneck_size, bool)
-                or not isinstance(self.bottleneck_size, int)
-                or self.bottleneck_size < 1
-            ):
-                raise ValueError(f"bottleneck_size must be a positive integer or None, got {self.bottleneck_size!r}")
+        if self.bottleneck_size is not None and (
+            isinstance(self.bottleneck_size, bool)
+            or not isinstance(self.bottleneck_size, int)
+            or self.bottleneck_size < 1
+        ):
+            raise ValueError(f"bottleneck_size must be a positive integer or None, got {self.bottleneck_size!r}")
         if (
             isinstance(self.reduction_factor, bool)
             or not isinstance(self.reduction_factor, (int, float))
@@ -251,7 +250,7 @@ class Adapter(MethodConfig):
         for name in self.injection_points(hf):
             module = hf.get_submodule(name)
             base = module.base_layer if isinstance(module, Slot) else module
-            hidden = _out_features(base) or getattr(hf.config, "hidden_size")
+            hidden = _out_features(base) or hf.config.hidden_size
             self.bottleneck(hidden)
             plan.append((name, base, hidden))
         return plan

@@ -16,9 +16,9 @@ import torch.nn as nn
 
 from ..core.fields import field, help_of
 
-__all__ = ["METHODS", "ALIASES", "MethodConfig", "register_method", "method_names", "build_config", "field"]
+__all__ = ["ALIASES", "METHODS", "MethodConfig", "build_config", "field", "method_names", "register_method"]
 
-METHODS: dict[str, type["MethodConfig"]] = {}
+METHODS: dict[str, type[MethodConfig]] = {}
 # Aliases: a name that maps to a config class with some options preset.
 ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
 
@@ -52,7 +52,7 @@ class MethodConfig:
 
     # -- construction ------------------------------------------------------
     @classmethod
-    def from_options(cls, **options: Any) -> "MethodConfig":
+    def from_options(cls, **options: Any) -> MethodConfig:
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(options) - set(valid))
         if unknown:
@@ -83,7 +83,7 @@ class MethodConfig:
         raise NotImplementedError
 
 
-def build_config(method: "str | MethodConfig", **options: Any) -> MethodConfig:
+def build_config(method: str | MethodConfig, **options: Any) -> MethodConfig:
     """Turn ``("lora", r=8)`` or ``LoRA(r=8)`` into a validated config."""
     if isinstance(method, MethodConfig):
         if options:

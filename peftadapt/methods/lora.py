@@ -55,11 +55,14 @@ class LoRA(MethodConfig):
         if self.init not in _INITS:
             raise ValueError(f"init={self.init!r} is not valid; choose one of {list(_INITS)}")
         tm = self.target_modules
-        if tm is not None and not isinstance(tm, str):
-            if not (isinstance(tm, (list, tuple, set)) and tm and all(isinstance(t, str) for t in tm)):
-                raise TypeError(
-                    f"target_modules must be None, 'all-linear', a regex string or a non-empty list of names; got {tm!r}"
-                )
+        if (
+            tm is not None
+            and not isinstance(tm, str)
+            and not (isinstance(tm, (list, tuple, set)) and tm and all(isinstance(t, str) for t in tm))
+        ):
+            raise TypeError(
+                f"target_modules must be None, 'all-linear', a regex string or a non-empty list of names; got {tm!r}"
+            )
         if self.layers is not None and not all(isinstance(i, int) and i >= 0 for i in self.layers):
             raise ValueError(f"layers must be a list of non-negative layer indices, got {self.layers!r}")
 

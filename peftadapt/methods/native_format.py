@@ -31,13 +31,13 @@ from .slots import AdapterSlot, HeadSlot
 
 __all__ = [
     "CONFIG_NAME",
-    "WEIGHTS_NAME",
     "FORMAT",
     "FORMAT_VERSION",
+    "WEIGHTS_NAME",
     "base_info",
-    "save_adapters",
-    "read_config",
     "load_adapters",
+    "read_config",
+    "save_adapters",
 ]
 
 CONFIG_NAME = "peftadapt_config.json"

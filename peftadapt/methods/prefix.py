@@ -88,7 +88,8 @@ class Prefix(MethodConfig):
         own_task = peft_support.task_type_of(model)
         if own_task not in (None, "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM"):
             raise ValueError(
-                f"prefix tuning supports classifiers, causal LMs and backbones; got a {own_task} model ({type(model).__name__})"
+                f"prefix tuning supports classifiers, causal LMs and backbones; got a {own_task} model "
+                f"({type(model).__name__})"
             )
         task = prefix_task_type(model)
         heads = classifier_heads(model)

@@ -15,7 +15,7 @@ import copy
 
 import torch.nn as nn
 
-__all__ = ["Slot", "AdapterSlot", "HeadSlot", "get_parent", "add_head_copies"]
+__all__ = ["AdapterSlot", "HeadSlot", "Slot", "add_head_copies", "get_parent"]
 
 
 class Slot(nn.Module):
@@ -63,7 +63,7 @@ class AdapterSlot(Slot):
             return out
         adapter = self.adapters[self.active]
         if isinstance(out, tuple):  # a sublayer returning (hidden, extras...)
-            return (adapter(out[0]),) + out[1:]
+            return (adapter(out[0]), *out[1:])
         return adapter(out)
 
 

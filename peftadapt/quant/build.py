@@ -132,7 +132,7 @@ def build_quantized(
         )
 
     with torch.no_grad():
-        for mname, module in model.named_modules():
+        for _mname, module in model.named_modules():
             for pname, p in list(module.named_parameters(recurse=False)):
                 if p.device.type != "meta":
                     continue

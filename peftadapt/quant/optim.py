@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Iterable, Literal, get_args
+from collections.abc import Iterable
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -39,7 +40,7 @@ _BNB_CLASS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit", "
 _UNPAGED = {"paged_adamw_8bit": "AdamW8bit", "paged_adamw_32bit": "AdamW32bit"}  # bitsandbytes classes
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bnb_cpu_optim_ok() -> bool:
     """Whether this bitsandbytes can step an 8-bit optimizer on CPU tensors (tried once)."""
     b = bnb()

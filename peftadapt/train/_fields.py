@@ -19,12 +19,13 @@ import difflib
 import functools
 import types
 import typing
-from typing import Any, Literal, Mapping, get_args, get_origin
+from collections.abc import Mapping
+from typing import Any, Literal, get_args, get_origin
 
 REQUIRED = dataclasses.MISSING  # field(REQUIRED, "help"): a key the run file must give
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hints(cls: type) -> dict[str, Any]:
     """The resolved annotations of a dataclass (cached: read on every construction)."""
     return typing.get_type_hints(cls)
@@ -164,7 +165,7 @@ def build(cls: type, raw: Any, where: str) -> Any:
         elif f.default is REQUIRED and f.default_factory is REQUIRED:
             raise ValueError(f"{where}.{name} is required: {f.metadata.get('help', '')}")
     if not hasattr(cls, "__post_init__"):  # sections check themselves on construction
-        obj = cls(**{n: v for n, v in kwargs.items()})
+        obj = cls(**kwargs)
         check_fields(obj, where)
         return obj
     return cls(**kwargs)

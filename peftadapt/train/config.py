@@ -149,12 +149,12 @@ class TrainConfig:
         need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0 or null")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Like ``TrainConfig(**d)``, but an unknown or renamed key names the valid one."""
         check_keys(d, [f.name for f in dataclasses.fields(cls)], cls._where, RENAMED)
         return cls(**d)
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (checked like :meth:`from_dict`)."""
         return self.from_dict({**self.to_dict(), **changes})
 

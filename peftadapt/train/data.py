@@ -17,8 +17,9 @@ import dataclasses
 import json
 import os
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence, get_args
+from typing import Any, Literal, get_args
 
 import torch
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -32,9 +32,9 @@ def macro_f1(preds: Sequence[int], labels: Sequence[int]) -> float:
     classes = sorted(set(preds) | set(labels))
     f1s = []
     for c in classes:
-        tp = sum(1 for p, y in zip(preds, labels) if p == c and y == c)
-        fp = sum(1 for p, y in zip(preds, labels) if p == c and y != c)
-        fn = sum(1 for p, y in zip(preds, labels) if p != c and y == c)
+        tp = sum(1 for p, y in zip(preds, labels, strict=False) if p == c and y == c)
+        fp = sum(1 for p, y in zip(preds, labels, strict=False) if p == c and y != c)
+        fn = sum(1 for p, y in zip(preds, labels, strict=False) if p != c and y == c)
         f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
     return sum(f1s) / len(f1s)
 
@@ -99,7 +99,7 @@ def evaluate_model(
         loss = nll / max(1, count)
         out[f"{name}/loss"] = loss
         if task == "classification":
-            out[f"{name}/accuracy"] = sum(int(p == t) for p, t in zip(preds, d.labels)) / len(preds)
+            out[f"{name}/accuracy"] = sum(int(p == t) for p, t in zip(preds, d.labels, strict=False)) / len(preds)
             out[f"{name}/macro_f1"] = macro_f1(preds, d.labels)
         else:
             out[f"{name}/perplexity"] = math.exp(min(loss, 50.0))

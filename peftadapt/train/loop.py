@@ -34,18 +34,19 @@ import math
 import shutil
 import time
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..align.step import DomainAdaptation, as_alignment, check_alignment
 from ..core import comm
 from ..core.hf import unwrap
 from ..core.io import write_json
-from ..align.step import DomainAdaptation, as_alignment, check_alignment
 from ..quant.optim import make_optimizer
 from . import checkpoint as ckpt
 from . import preflight
@@ -580,10 +581,7 @@ class Trainer:
 
         mp = self.config.mixed_precision
         if mp == "auto":
-            if torch.cuda.is_available():
-                mp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-            else:
-                mp = "no"
+            mp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if torch.cuda.is_available() else "no"
         kwargs: dict[str, Any] = {"mixed_precision": mp}
         if self.config.report_to:
             for tracker in self.config.report_to:  # a clear error instead of Accelerate's
@@ -654,7 +652,7 @@ class Trainer:
             torch.tensor([float(record[k]) for k in keys], dtype=torch.float64, device=self.accelerator.device),
             reduction="mean",
         )
-        for k, v in zip(keys, vals.tolist()):
+        for k, v in zip(keys, vals.tolist(), strict=False):
             record[k] = v
         record["loss"] = record["task_loss"] + record.get("reg_loss", 0.0)
 

@@ -17,7 +17,8 @@ import hashlib
 import json
 import os
 import warnings
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -26,17 +27,17 @@ from ..core.comm import all_gather_fixed, is_distributed
 
 __all__ = [
     "batch_sizes",
-    "per_process_batch",
-    "shard_sizes",
-    "config_fingerprint",
-    "check_same_config",
-    "check_min_batch",
-    "check_run",
     "check_backend",
     "check_launch",
+    "check_min_batch",
+    "check_run",
+    "check_same_config",
     "check_same_resume_step",
-    "preflight",
+    "config_fingerprint",
     "digest_rows",
+    "per_process_batch",
+    "preflight",
+    "shard_sizes",
 ]
 
 
@@ -284,7 +285,7 @@ def preflight(trainer: Any, accelerator: Any, source: Any, target: Any | None) -
     fp = {}
     if world > 1:  # hashing the data costs a little; only worth it with several processes
         fp = config_fingerprint(
-            training={k: v for k, v in dataclasses.asdict(cfg).items()},
+            training=dict(dataclasses.asdict(cfg).items()),
             task=trainer.task,
             max_length=trainer.max_length,
             features=[trainer.feature_layer, trainer.pooling],

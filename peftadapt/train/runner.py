@@ -14,11 +14,12 @@ from typing import Any
 
 import torch
 
+from .. import quant
 from ..align import Alignment, Term
 from ..align.registry import build_with_defaults
 from ..features import FeatureTap
-from .. import quant
-from ..wrap import load as load_adapter, wrap
+from ..wrap import load as load_adapter
+from ..wrap import wrap
 from .data import TextData, balance_classes, check_tokenizer, collate, load_text_data, tokenize
 from .loop import Trainer, evaluate_model
 from .schema import DatasetSpec, ModelConfig, RunConfig, TermConfig

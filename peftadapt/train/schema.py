@@ -22,16 +22,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import yaml
 
 from ..align.registry import REGULARIZERS, init_params, regularizer_names
 from ..align.schedule import Schedule
 from ..align.scope import Scope
-from ..features import Pooling
 from ..core.fields import field
+from ..features import Pooling
 from ..methods.base import ALIASES, METHODS, build_config, method_names
 from ..quant.load import QuantStorage
 from ._fields import REQUIRED, as_dict, build, check_fields, check_keys, choices, describe, hints

@@ -8,7 +8,7 @@ import torch
 
 
 def gauss_sum(x, y, h, mults):
-    sq = sum((float(a) - float(b)) ** 2 for a, b in zip(x, y))
+    sq = sum((float(a) - float(b)) ** 2 for a, b in zip(x, y, strict=True))
     return sum(math.exp(-sq / (c * h)) for c in mults)
 
 
@@ -17,7 +17,7 @@ def pair_sq_dists(z):
     out = []
     for i in range(len(z)):
         for j in range(i + 1, len(z)):
-            out.append(sum((float(a) - float(b)) ** 2 for a, b in zip(z[i], z[j])))
+            out.append(sum((float(a) - float(b)) ** 2 for a, b in zip(z[i], z[j], strict=True)))
     return out
 
 

@@ -22,7 +22,7 @@ def _disc_ref(disc: DomainDiscriminator, rows):
         h = [float(v) for v in r]
         for k, lin in enumerate(linears):
             w, b = lin.weight.double().tolist(), lin.bias.double().tolist()
-            h = [sum(wi * hi for wi, hi in zip(w[o], h)) + b[o] for o in range(len(w))]
+            h = [sum(wi * hi for wi, hi in zip(w[o], h, strict=True)) + b[o] for o in range(len(w))]
             if k < len(linears) - 1:
                 h = [max(0.0, v) for v in h]
         out.append(h[0])
@@ -32,8 +32,8 @@ def _disc_ref(disc: DomainDiscriminator, rows):
 def _bce_domain_ref(logit_s, logit_t, w_s=None, w_t=None):
     w_s = w_s or [1.0] * len(logit_s)
     w_t = w_t or [1.0] * len(logit_t)
-    src = sum(w * -math.log(_ref.sigmoid(v)) for w, v in zip(w_s, logit_s)) / sum(w_s)
-    tgt = sum(w * -math.log(1 - _ref.sigmoid(v)) for w, v in zip(w_t, logit_t)) / sum(w_t)
+    src = sum(w * -math.log(_ref.sigmoid(v)) for w, v in zip(w_s, logit_s, strict=True)) / sum(w_s)
+    tgt = sum(w * -math.log(1 - _ref.sigmoid(v)) for w, v in zip(w_t, logit_t, strict=True)) / sum(w_t)
     return 0.5 * (src + tgt)
 
 

@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 
@@ -52,7 +54,7 @@ def test_zero_for_identical_batch_translation_invariant_grows_with_covariance():
     assert coral(x, x).item() == 0.0
     assert coral(x, x + 5.0).item() == pytest.approx(0.0, abs=1e-8)  # second-order only: no mean term
     vals = [coral(x, x * s).item() for s in (1.0, 1.2, 1.5, 2.0)]
-    assert all(b > a for a, b in zip(vals, vals[1:])), vals
+    assert all(b > a for a, b in itertools.pairwise(vals)), vals
     # Gradient pushes the target covariance toward the source's.
     xt = (x * 2.0).requires_grad_(True)
     coral(x, xt).backward()

@@ -101,7 +101,7 @@ def test_the_target_forward_runs_only_while_a_term_is_on():
     calls.clear()
     _, logs = da.loss(src, tgt, progress=0.75)
     assert calls == [4, 5] and "reg/mmd" in logs and logs["weight/mmd"] == 0.4
-    with pytest.raises(ValueError, match="target_batch .*a term is on"):
+    with pytest.raises(ValueError, match=r"target_batch .*a term is on"):
         da.loss(src, None, progress=0.75)
     da.remove()
 
@@ -123,7 +123,7 @@ def test_logits_reach_only_the_terms_that_read_them():
     cdan = build("cdan", in_features=32, num_classes=2, hidden_size=8)
     with DomainAdaptation(model, [Term(Spy("plain", False)), Term(Spy("logits", True)), Term(cdan)]) as da:
         _, logs = da.loss(src, tgt, progress=0.0)
-        assert len(da.parameters()) == len([p for p in cdan.parameters()]) > 0
+        assert len(da.parameters()) == len(list(cdan.parameters())) > 0
     assert seen == {"plain": (False, False), "logits": (True, True)}
     assert {"reg/plain", "reg/logits", "reg/cdan"} <= set(logs)
 

@@ -38,8 +38,8 @@ def inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 # rows of the source / target batch that each of 2 processes holds
 SHARDS = {
-    "equal": ([range(0, 4), range(4, 8)], [range(0, 3), range(3, 6)]),
-    "unequal": ([range(0, 5), range(5, 8)], [range(0, 4), range(4, 6)]),
+    "equal": ([range(4), range(4, 8)], [range(3), range(3, 6)]),
+    "unequal": ([range(5), range(5, 8)], [range(4), range(4, 6)]),
 }
 
 
@@ -98,7 +98,7 @@ def run(case: str, shard: str | None, rank: int = 0, world: int = 1, fsdp: bool 
     f, logits = net(torch.cat([xs, xt]))
     fs, ft = f[: len(xs)], f[len(xs) :]
     ls, lt = logits[: len(xs)], logits[len(xs) :]
-    loss, raw = term(fs, ft, ls, lt, progress=0.5)
+    loss, _raw = term(fs, ft, ls, lt, progress=0.5)
     loss.backward()
 
     def full(g):  # an FSDP2 gradient is a sharded DTensor: gather the whole tensor

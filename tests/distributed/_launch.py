@@ -59,7 +59,7 @@ def launch(scenario: str, out: Path, world: int = 2, timeout: float = 150.0, **a
             "TOKENIZERS_PARALLELISM": "false",
             "CUDA_VISIBLE_DEVICES": "",
         }
-        log = open(out / f"rank{r}.log", "w")
+        log = open(out / f"rank{r}.log", "w")  # noqa: SIM115 - held open by the child; closed in the finally below
         procs.append(
             (
                 subprocess.Popen(
@@ -79,9 +79,11 @@ def launch(scenario: str, out: Path, world: int = 2, timeout: float = 150.0, **a
         for p, _ in procs:
             p.kill()
         logs = "\n".join(f"--- rank {r}\n" + (out / f"rank{r}.log").read_text()[-3000:] for r in range(world))
-        raise AssertionError(f"{scenario!r} on {world} processes did not finish in {timeout:.0f} s (hang?)\n{logs}")
+        raise AssertionError(
+            f"{scenario!r} on {world} processes did not finish in {timeout:.0f} s (hang?)\n{logs}"
+        ) from None
     finally:
-        for p, log in procs:
+        for _, log in procs:
             log.close()
     results = []
     for r, (p, _) in enumerate(procs):

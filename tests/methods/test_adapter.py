@@ -353,9 +353,9 @@ def test_reduction_factor_too_large_for_hidden_size():
 
 def test_wrapping_a_wrapped_model_points_to_add_adapter():
     wrapped = Adapter().apply(make_tiny("bert", "seqcls"))
-    with pytest.raises(ValueError, match="already a peftadapt AdaptedModel.*add_adapter"):
+    with pytest.raises(ValueError, match=r"already a peftadapt AdaptedModel.*add_adapter"):
         Adapter().apply(wrapped)
-    with pytest.raises(ValueError, match="already has peftadapt adapter modules.*add_adapter"):
+    with pytest.raises(ValueError, match=r"already has peftadapt adapter modules.*add_adapter"):
         Adapter().apply(wrapped.model)  # the HF model with adapters injected
 
 
@@ -363,16 +363,15 @@ def test_wrapping_a_peft_model_points_to_add_adapter():
     peft = pytest.importorskip("peft")
     model = make_tiny("llama", "causal")
     pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="peft PeftModel.*add_adapter"):
+    with pytest.raises(ValueError, match=r"peft PeftModel.*add_adapter"):
         Adapter().apply(pm)
-    with pytest.raises(ValueError, match="peft adapter layers.*add_adapter"):
+    with pytest.raises(ValueError, match=r"peft adapter layers.*add_adapter"):
         Adapter().apply(pm.get_base_model())
 
 
 def test_adapters_on_a_4bit_base_train_in_float32():
     pytest.importorskip("bitsandbytes")
     from peftadapt.quant import build_quantized
-
     from tests.conftest import _tiny_config
 
     model = build_quantized(_tiny_config("llama"), 4, task="causal", device="cpu")
@@ -407,7 +406,9 @@ def test_bottleneck_forward_and_grads_match_the_formula(x_dtype, scaling):
     assert torch.allclose(y, ref, atol=tol, rtol=0)
     w = torch.randn_like(y)
     params = [x, a.up.weight, a.up.bias, a.down.weight, a.down.bias]
-    for g, r in zip(torch.autograd.grad((y * w).sum(), params), torch.autograd.grad((ref * w).sum(), params)):
+    for g, r in zip(
+        torch.autograd.grad((y * w).sum(), params), torch.autograd.grad((ref * w).sum(), params), strict=True
+    ):
         assert torch.allclose(g, r, atol=tol * 10, rtol=0)
 
 

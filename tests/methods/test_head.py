@@ -91,7 +91,7 @@ def test_head_modules_option_and_errors():
 
 def test_model_without_head_suggests_a_classification_model():
     model = make_tiny("bert", "base")
-    with pytest.raises(ValueError, match="has no task head.*ForSequenceClassification"):
+    with pytest.raises(ValueError, match=r"has no task head.*ForSequenceClassification"):
         Head().apply(model)
     assert not any(getattr(m, "_peftadapt_injected", False) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())  # untouched

@@ -51,7 +51,8 @@ _SCRIPT = textwrap.dedent(
     ids = torch.randint(1, cfg.vocab_size, (1, 16))
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    grads = [p.grad.abs().sum().item() for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]  # B gets the first gradient (A is multiplied by B = 0)
+    # B gets the first gradient (A is multiplied by B = 0)
+    grads = [p.grad.abs().sum().item() for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
     print(json.dumps({"growth": (peak - base) * 1024, "bytes": sum(tensor_bytes(model).values()),
                       "loss": loss.item(), "grads": grads}))
     """

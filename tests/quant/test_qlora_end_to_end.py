@@ -46,7 +46,7 @@ def test_load_wrap_train_with_coral_save_load_merge(saved_tiny, tmp_path, kind):
     assert all(torch.isfinite(torch.tensor(task_losses + coral_losses)))
     assert task_losses[-1] < task_losses[0] - 1.0, task_losses
     assert 0 < coral_losses[-1] < 0.6 * coral_losses[0], coral_losses  # the alignment term is optimized too
-    assert all(not torch.equal(a, b) for a, b in zip(before, trainable))
+    assert all(not torch.equal(a, b) for a, b in zip(before, trainable, strict=True))
 
     eval_batch = token_batch(seed=3)
     adapted = _logits(model, eval_batch)
@@ -142,8 +142,9 @@ def test_dora_on_a_cpu_8bit_base_is_refused_with_the_ways_out(saved_tiny):
     """peft + bitsandbytes fail at the second DoRA training step on a CPU 8-bit base (the 8-bit
     scales are gone); wrap refuses up front. The failure itself is checked, so this test notices
     when a new peft / bitsandbytes fixes it and the refusal can go."""
-    import peftadapt
     from peft import LoraConfig, get_peft_model
+
+    import peftadapt
 
     folder, _ = saved_tiny("llama")
     batch = token_batch()

@@ -12,8 +12,8 @@ import pytest
 from ..conftest import make_tiny
 
 VOCAB = 30522  # the MiniLM (BERT uncased) tokenizer
-POS = "good great fine nice lovely superb helpful calm".split()
-NEG = "bad awful terrible poor nasty horrible useless painful".split()
+POS = ["good", "great", "fine", "nice", "lovely", "superb", "helpful", "calm"]
+NEG = ["bad", "awful", "terrible", "poor", "nasty", "horrible", "useless", "painful"]
 
 
 def sentiment(n: int, seed: int, words: int = 5):

@@ -90,7 +90,7 @@ def test_yaml_file_paths_resolve_relative_to_the_config(tmp_path):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg(data={"source": {"path": "train.csv", "label": "label"}})))
     out = load_run_config(tmp_path / "run.yaml")
     assert out.data.source.path == str(tmp_path / "train.csv")
-    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+    with pytest.raises(FileNotFoundError, match=r"nope.yaml"):
         load_run_config(tmp_path / "nope.yaml")
     (tmp_path / "bad.yaml").write_text("model: [unclosed")
     with pytest.raises(ValueError, match="not valid YAML"):
@@ -98,7 +98,7 @@ def test_yaml_file_paths_resolve_relative_to_the_config(tmp_path):
 
 
 def test_trainconfig_direct_validation():
-    with pytest.raises(ValueError, match="training.warmup_ratio"):
+    with pytest.raises(ValueError, match=r"training.warmup_ratio"):
         TrainConfig(warmup_ratio=1.5)
     assert TrainConfig(report_to="tensorboard").report_to == ["tensorboard"]
     assert set(TrainConfig.help()) == set(TrainConfig().to_dict())

@@ -1,7 +1,6 @@
 """A run killed with SIGKILL mid-checkpoint and resumed ends exactly like an uninterrupted run."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap

@@ -49,7 +49,7 @@ def test_unknown_key_names_section_and_closest_valid_name(raw, key, suggestion):
 def test_every_renamed_training_key_names_its_new_name(old, new):
     msg = error(cfg(training={old: 1}))
     assert f"unknown key training.{old}; did you mean {new}? (renamed;" in msg, msg
-    assert new in [f for f in TrainConfig.help()]
+    assert new in list(TrainConfig.help())
 
 
 def test_renamed_keys_are_refused_by_the_python_trainer_too(minilm_tokenizer):
@@ -57,7 +57,7 @@ def test_renamed_keys_are_refused_by_the_python_trainer_too(minilm_tokenizer):
 
     from .conftest import text_data, tiny_classifier
 
-    with pytest.raises(ValueError, match="unknown key training.lr; did you mean learning_rate"):
+    with pytest.raises(ValueError, match=r"unknown key training.lr; did you mean learning_rate"):
         Trainer(tiny_classifier(), minilm_tokenizer, text_data(4, 0), lr=0.1)
     assert TrainConfig.from_dict({"learning_rate": 0.1}).replace(save_steps=3).save_steps == 3
 
@@ -100,7 +100,7 @@ def test_overrides_output_dir_and_round_trip(tmp_path):
     assert load_run_config(raw, overrides={"training.save_steps": 5}).training.save_steps == 5
     again = load_run_config(run.to_dict())
     assert isinstance(again, RunConfig) and again == run
-    with pytest.raises(ValueError, match="expected SECTION.KEY=VALUE"):
+    with pytest.raises(ValueError, match=r"expected SECTION.KEY=VALUE"):
         load_run_config(raw, overrides=["learning_rate"])
 
 

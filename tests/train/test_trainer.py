@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from peftadapt.align import Term, build
-from peftadapt.train import TextData, Trainer
+from peftadapt.train import Trainer
 from peftadapt.train.checkpoint import list_checkpoints, trainable_state
 from peftadapt.train.loop import _lr_lambda, macro_f1
 
@@ -149,14 +149,14 @@ def test_alignment_terms_schedules_and_discriminator_lr(tok, tmp_path):
         **FAST,
     )
     tr.train()
-    disc_group = [g for g in tr.optimizer.param_groups if abs(g["initial_lr"] - 0.05) < 1e-12][0]
+    disc_group = next(g for g in tr.optimizer.param_groups if abs(g["initial_lr"] - 0.05) < 1e-12)
     assert {id(p) for p in disc_group["params"]} == {id(p) for p in dann.parameters()}
     train = [r for r in tr.history if r["split"] == "train"]
     # DANN is off before half of training, MMD ramps linearly from 0
     assert [("reg/dann" in r) for r in train] == [False, False, True, True]
     assert [r["weight/mmd"] for r in train] == pytest.approx([0.0, 0.05, 0.1, 0.15])
     assert all(r["loss"] == pytest.approx(r["task_loss"] + r["reg_loss"], abs=1e-6) for r in train)
-    assert any(not torch.equal(a, b) for a, b in zip(before, dann.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, dann.parameters(), strict=True))
 
 
 def test_logit_regularizers_rejected_for_causal_lm(tok, tmp_path):
