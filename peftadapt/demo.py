@@ -200,7 +200,7 @@ def run_demo(
     # barely varies (std ~0.06), so it trains too: the head then learns in tens of steps, not hundreds
     model = wrap(base, "lora", r=8, alpha=16, modules_to_save=["pooler"])
 
-    common = dict(
+    common: dict[str, Any] = dict(
         max_length=L,
         per_device_train_batch_size=B,
         per_device_eval_batch_size=64,

@@ -238,10 +238,13 @@ class CDAN(_Adversarial):
         loss = cdan(f_s, f_t, logits_s, logits_t)
     """
 
+    random_f: torch.Tensor  # buffers of the randomized map (registered only when randomized)
+    random_g: torch.Tensor
+
     needs_logits = True
 
-    @property  # type: ignore[override]
-    def batch_statistic(self) -> bool:
+    @property
+    def batch_statistic(self) -> bool:  # type: ignore[override]  # per instance; the base's class attribute is never assigned
         """CDAN+E normalises its per-sample weights over the batch: a batch statistic; plain CDAN is not."""
         return bool(self.entropy)
 

@@ -41,8 +41,8 @@ class Entropy(Regularizer):
 
     needs_logits = True
 
-    @property  # type: ignore[override]
-    def batch_statistic(self) -> bool:
+    @property
+    def batch_statistic(self) -> bool:  # type: ignore[override]  # per instance; the base's class attribute is never assigned
         """The diversity term (entropy of the mean prediction) is a batch statistic; the mean
         per-sample entropy alone is not."""
         return bool(self.diversity)

@@ -106,7 +106,10 @@ class MMD(Regularizer):
         return h.clamp_min(torch.finfo(z.dtype).tiny)
 
     def _kernel(self, sq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return sum(torch.exp(-sq / (c * h)) for c in self.kernel_multipliers)
+        out = torch.exp(-sq / (self.kernel_multipliers[0] * h))  # kernel_multipliers is non-empty (checked)
+        for c in self.kernel_multipliers[1:]:
+            out = out + torch.exp(-sq / (c * h))
+        return out
 
     def forward(self, source_features, target_features, source_logits=None, target_logits=None):
         fs, ft = self.check_features(source_features, target_features)

@@ -71,7 +71,7 @@ def register(name: str, obj: Any = None, *, needs_logits: bool = False, override
     return deco if obj is None else deco(obj)
 
 
-def init_params(cls: type) -> dict[str, inspect.Parameter]:
+def init_params(cls: type[Any]) -> dict[str, inspect.Parameter]:
     sig = inspect.signature(cls.__init__)
     return {
         k: p

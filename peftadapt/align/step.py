@@ -215,7 +215,7 @@ class DomainAdaptation:
         ft = self._pooled(target_batch["attention_mask"], "target")
         self.tap.clear()  # the features live on in the graph; the tap need not hold them
         total, raw = None, {}
-        for term in self.alignment.terms:
+        for term in self.alignment.members:
             logits = getattr(term.regularizer, "needs_logits", False)
             weighted, value = term(
                 fs, ft, source_outputs.logits if logits else None, out_t.logits if logits else None, progress=p
@@ -224,6 +224,7 @@ class DomainAdaptation:
                 continue
             raw[term.name] = value.detach()
             total = weighted if total is None else total + weighted
+        assert total is not None  # a term is on at this progress (checked above), so one added its loss
         logs["reg_loss"] = total.detach()
         logs.update({f"reg/{k}": v for k, v in raw.items()})
         logs.update({f"weight/{k}": w for k, w in weights.items()})
@@ -282,5 +283,5 @@ class DomainAdaptation:
         self.remove()
 
     def __repr__(self) -> str:
-        terms = ", ".join(t.name for t in self.alignment.terms)
+        terms = ", ".join(t.name for t in self.alignment.members)
         return f"DomainAdaptation(terms=[{terms}], layer={self.tap.layer_name!r}, pooling={self.tap.pooling!r})"

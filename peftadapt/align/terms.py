@@ -69,7 +69,7 @@ class Term(nn.Module):
         self.schedule = schedule
         self.warmup = float(warmup)
         self.start = float(start)
-        self.name = name or getattr(reg, "name", type(reg).__name__.lower())
+        self.name: str = name if name else getattr(reg, "name", type(reg).__name__.lower())
         self.scope = check_scope(scope)
 
     def weight_at(self, progress: float) -> float:
@@ -121,33 +121,38 @@ class Alignment(nn.Module):
         self.terms = nn.ModuleList(built)
 
     @property
+    def members(self) -> list[Term]:
+        """The terms, typed (iterating the ModuleList yields plain ``nn.Module``)."""
+        return [t for t in self.terms if isinstance(t, Term)]
+
+    @property
     def needs_logits(self) -> bool:
-        return any(getattr(t.regularizer, "needs_logits", False) for t in self.terms)
+        return any(getattr(t.regularizer, "needs_logits", False) for t in self.members)
 
     @property
     def has_parameters(self) -> bool:
         return any(p.requires_grad for p in self.parameters())
 
     def set_progress(self, p: float) -> None:
-        for t in self.terms:
+        for t in self.members:
             t.regularizer.set_progress(p)
 
     def set_default_scope(self, scope: str) -> None:
         """Give every term left on ``scope="auto"`` the run-wide ``scope`` (``TrainConfig.align_scope``)."""
         if check_scope(scope) == "auto":
             return
-        for t in self.terms:
+        for t in self.members:
             if t.scope == "auto":
                 t.scope = scope
 
     def weights(self, progress: float) -> dict[str, float]:
         """{term name: effective weight at this progress}."""
-        return {t.name: t.weight_at(progress) for t in self.terms}
+        return {t.name: t.weight_at(progress) for t in self.members}
 
     def forward(self, fs, ft, ls=None, lt=None, progress: float = 0.0):
         total = None
         values: dict[str, float] = {}
-        for t in self.terms:
+        for t in self.members:
             weighted, raw = t(fs, ft, ls, lt, progress=progress)
             if weighted is None:
                 continue

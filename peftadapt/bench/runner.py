@@ -48,21 +48,23 @@ class Server:
             stderr=stderr if stderr is not None else subprocess.DEVNULL,
             env=e,
         )
-        first = self.proc.stdout.readline()
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # both are pipes (above)
+        self._stdin, self._stdout = self.proc.stdin, self.proc.stdout
+        first = self._stdout.readline()
         if not first:
             raise RuntimeError(f"benchmark server under {self.python} failed to start (exit {self.proc.wait()})")
 
     def measure(self, spec: dict[str, Any]) -> dict[str, Any]:
-        self.proc.stdin.write((json.dumps(spec) + "\n").encode())
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
+        self._stdin.write((json.dumps(spec) + "\n").encode())
+        self._stdin.flush()
+        line = self._stdout.readline()
         if not line:
             return {"spec": spec, "error": f"server under {self.python} died (exit {self.proc.poll()})"}
         return json.loads(line)
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.stdin.close()
+            self._stdin.close()
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:

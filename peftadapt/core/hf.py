@@ -10,10 +10,13 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
+
+if TYPE_CHECKING:  # for annotations only: the package does not import transformers at import time
+    from transformers import PretrainedConfig
 
 # Top-level attribute names transformers gives its task heads. The final projection of a
 # classifier-like head: its *input* is the feature the classifier reads.
@@ -48,6 +51,11 @@ def unwrap(model: nn.Module) -> nn.Module:
             break
         model = inner
     return model
+
+
+def hf_config(model: nn.Module) -> PretrainedConfig:
+    """``model.config``, typed: torch annotates every dynamic module attribute as ``Tensor | Module``."""
+    return model.config  # type: ignore[return-value]  # torch types Module.__getattr__ as Tensor | Module
 
 
 def find_task_head(model: nn.Module) -> list[str]:

@@ -142,7 +142,7 @@ def load_rows(
 
 
 def encode_labels(
-    raw: Sequence[Any], *, labels: Sequence[str] | None = None, num_labels: int | None = None, name: str = "data"
+    raw: Sequence[Any], *, labels: Sequence[str | int] | None = None, num_labels: int | None = None, name: str = "data"
 ) -> list[int]:
     """Map raw labels to ``0..num_labels-1``.
 
@@ -195,7 +195,7 @@ def load_text_data(
     split: str | None = None,
     where: dict[str, Any] | None = None,
     where_not: dict[str, Any] | None = None,
-    labels: Sequence[str] | None = None,
+    labels: Sequence[str | int] | None = None,
     num_labels: int | None = None,
     name: str = "data",
 ) -> TextData:

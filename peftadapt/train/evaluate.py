@@ -64,7 +64,8 @@ def evaluate_model(
     out: dict[str, float] = {}
     for name, d in data.items():
         d = as_text_data(d, name)
-        if task == "classification" and d.labels is None:
+        gold = d.labels
+        if task == "classification" and gold is None:
             raise ValueError(f"eval set {name!r} has no labels; a classifier is evaluated on labeled data")
         ids = tokenize(d.texts, tokenizer, max_length)
         preds, nll, count = [], 0.0, 0
@@ -76,10 +77,10 @@ def evaluate_model(
             disable=not progress,
             dynamic_ncols=True,
         ):
-            labels = None if d.labels is None else d.labels[i : i + batch_size]
+            labels = None if gold is None else gold[i : i + batch_size]
             batch = collate(ids[i : i + batch_size], tokenizer.pad_token_id, labels, task)
             batch = {k: v.to(device) for k, v in batch.items()}
-            y = batch.pop("labels", None)
+            y = batch.pop("labels")  # collate sets them: class ids (checked above) or, for a causal LM, the tokens
             with autocast():
                 logits = model(**batch).logits.float()
             if task == "classification":
@@ -98,9 +99,9 @@ def evaluate_model(
                 count += int((y[:, 1:] != -100).sum())
         loss = nll / max(1, count)
         out[f"{name}/loss"] = loss
-        if task == "classification":
-            out[f"{name}/accuracy"] = sum(int(p == t) for p, t in zip(preds, d.labels, strict=False)) / len(preds)
-            out[f"{name}/macro_f1"] = macro_f1(preds, d.labels)
+        if task == "classification" and gold is not None:  # gold is set for a classifier (checked above)
+            out[f"{name}/accuracy"] = sum(int(p == t) for p, t in zip(preds, gold, strict=False)) / len(preds)
+            out[f"{name}/macro_f1"] = macro_f1(preds, gold)
         else:
             out[f"{name}/perplexity"] = math.exp(min(loss, 50.0))
     model.train(was_training)

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from ..align.step import DomainAdaptation, as_alignment, check_alignment
 from ..core import comm
-from ..core.hf import unwrap
+from ..core.hf import hf_config, unwrap
 from ..core.io import write_json
 from ..quant.optim import make_optimizer
 from . import checkpoint as ckpt
@@ -153,10 +153,11 @@ class Trainer:
         check_tokenizer(tokenizer)
         self.base = unwrap(model)
         if task == "classification":
-            self.num_labels = int(getattr(self.base.config, "num_labels", 2))
-            if getattr(self.base.config, "pad_token_id", None) is None:
+            hf_cfg = hf_config(self.base)
+            self.num_labels = int(getattr(hf_cfg, "num_labels", 2))
+            if getattr(hf_cfg, "pad_token_id", None) is None:
                 # decoder classifiers find each row's last token through the pad id
-                self.base.config.pad_token_id = tokenizer.pad_token_id
+                hf_cfg.pad_token_id = tokenizer.pad_token_id
 
         self.train_data = as_text_data(train, "train")
         self.target_data = None if target is None else as_text_data(target, "target")
@@ -181,7 +182,8 @@ class Trainer:
             raise ValueError("the model has no trainable parameters; wrap it first: peftadapt.wrap(model, 'lora')")
         self._pick_best_metric()
         self.history: list[dict[str, Any]] = []
-        self.accelerator = None
+        # an accelerate.Accelerator from setup() on (accelerate ships no types, so Any loses nothing)
+        self.accelerator: Any = None
         self.da: DomainAdaptation | None = None
 
     def _pick_best_metric(self) -> None:
@@ -255,8 +257,8 @@ class Trainer:
         set_seed(cfg.seed)
         self.accelerator = self._make_accelerator()
         if cfg.gradient_checkpointing:
-            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.base.config.use_cache = False
+            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]  # torch types Module attributes as Tensor | Module
+            hf_config(self.base).use_cache = False
         self._setup_data()
         self._setup_alignment()
         self._setup_optimizer()
@@ -285,7 +287,7 @@ class Trainer:
             world=acc.num_processes,
         )
         self._target = None
-        if self.alignment is not None:
+        if self.alignment is not None and self.target_data is not None:  # both or neither (checked in __init__)
             self._target = BatchStream(
                 tokenize(self.target_data.texts, self.tokenizer, self.max_length),
                 None,
@@ -407,7 +409,8 @@ class Trainer:
         for micro in range(cfg.gradient_accumulation_steps):
             m = st.step * cfg.gradient_accumulation_steps + micro
             batch = self._batch_to(self._source.batch(m))
-            target = self._batch_to(self._target.batch(m)) if need_target else None
+            # need_target implies alignment, hence a target stream
+            target = self._batch_to(self._target.batch(m)) if need_target and self._target is not None else None
             with acc.autocast():
                 if self.da is None:
                     loss = self._train_model(**batch).loss
@@ -438,6 +441,7 @@ class Trainer:
         st.last_eval = self.evaluate()
         self._log({"step": st.step, "split": "eval", **st.last_eval})
         self._train_model.train()
+        assert self.best_metric_name is not None  # evaluation runs only with eval data, which picks one
         value = st.last_eval[self.best_metric_name]
         if self._is_better(value, st.best):
             st.best, st.best_step, st.bad_evals = value, st.step, 0
@@ -487,10 +491,11 @@ class Trainer:
         train_losses = [r["loss"] for r in self.history if r["split"] == "train"]
         if train_losses:
             final["train/loss"] = train_losses[-1]
-        if cfg.load_best_model_at_end and st.best_step is not None and st.best_step != st.step:
+        best_path = self._best_path()  # None iff st.best_step is None
+        if cfg.load_best_model_at_end and best_path is not None and st.best_step != st.step:
             ckpt.load_trainable_state(
                 self.accelerator.unwrap_model(self._train_model),
-                load_file(str(self._best_path() / "trainable.safetensors")),
+                load_file(str(best_path / "trainable.safetensors")),
             )
             best = next(r for r in reversed(self.history) if r["split"] == "eval" and r["step"] == st.best_step)
             final = {
@@ -530,6 +535,7 @@ class Trainer:
         if not acc.is_main_process:
             ckpt.write_adapter(unwrapped, out_dir / ".tmp-final" / "adapter", weights, write=False)
             return
+        assert weights is not None  # gathered above on the main process
         tmp = out_dir / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()

@@ -25,6 +25,13 @@ from .loop import Trainer, evaluate_model
 from .schema import DatasetSpec, ModelConfig, RunConfig, TermConfig
 
 
+def _labels(d: TextData) -> list[int]:
+    """The labels of a classifier's data set (read with its label column, so present)."""
+    if d.labels is None:
+        raise ValueError(f"{d.name}: no labels; a classifier needs a label column")
+    return d.labels
+
+
 def load_data(run: RunConfig, num_labels: int | None) -> tuple[TextData, TextData | None, dict[str, TextData]]:
     data, cls = run.data, run.model.task == "classification"
 
@@ -141,7 +148,7 @@ def build_trainer(run: RunConfig):
     nl = run.num_labels
     source, target, evals = load_data(run, nl)
     if task == "classification" and nl is None:
-        nl = max(2, max(source.labels) + 1)  # integer labels without a list: 0..max
+        nl = max(2, max(_labels(source)) + 1)  # integer labels without a list: 0..max
     if run.data.balance == "oversample":
         source = balance_classes(source)
     tokenizer = load_tokenizer(run.model, run.data.truncation)
@@ -185,7 +192,7 @@ def evaluate_checkpoint(run: RunConfig, checkpoint: str | Path) -> dict[str, flo
     if not evals:
         raise ValueError("eval needs data.eval in the config: {name: {path: ..., text: ..., label: ...}}")
     if run.model.task == "classification" and nl is None:
-        nl = max(2, max(max(d.labels) for d in evals.values()) + 1)
+        nl = max(2, max(max(_labels(d)) for d in evals.values()) + 1)
     tokenizer = load_tokenizer(run.model, run.data.truncation)  # as in training
     base = load_base_model(run.model, nl)
     model = load_adapter(base, str(adapter))
