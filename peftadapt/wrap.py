@@ -140,7 +140,8 @@ def set_adapter(model: nn.Module, name: str) -> None:
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count as their unpacked size."""
     if hasattr(model, "get_nb_trainable_parameters"):
-        t, n = model.get_nb_trainable_parameters()
+        # torch types Module attributes as Tensor | Module
+        t, n = model.get_nb_trainable_parameters()  # type: ignore[operator]
         return int(t), int(n)
     return trainable_and_total(model)
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch.nn as nn
 from safetensors import safe_open
 
-from ..core.hf import check_transformers_model, classifier_heads, unwrap, wrapped_reason
+from ..core.hf import check_transformers_model, classifier_heads, hf_config, unwrap, wrapped_reason
 from ..methods.peft_support import task_type_of
 from ..methods.prefix import prefix_task_type
 from ..quant import is_quantized, merge_quantized
@@ -121,7 +121,9 @@ class PeftBackend:
             )
             return loaded
         except RuntimeError as e:  # size mismatches that slipped past our checks
-            raise ValueError(f"the adapter in {path} does not fit this {target.config.model_type} model: {e}") from e
+            raise ValueError(
+                f"the adapter in {path} does not fit this {hf_config(target).model_type} model: {e}"
+            ) from e
 
 
 def _merged(model: nn.Module) -> bool:
@@ -173,19 +175,22 @@ def _read_safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def _in_out(mod: nn.Module) -> tuple[int, int] | None:
     if hasattr(mod, "in_features") and hasattr(mod, "out_features"):
-        return int(mod.in_features), int(mod.out_features)
+        # torch types Module attributes as Tensor | Module
+        return int(mod.in_features), int(mod.out_features)  # type: ignore[arg-type]
     if type(mod).__name__ == "Conv1D":  # GPT-2: weight is (in, out)
-        return int(mod.weight.shape[0]), int(mod.weight.shape[1])
+        # torch types Module attributes as Tensor | Module
+        return int(mod.weight.shape[0]), int(mod.weight.shape[1])  # type: ignore[index]
     return None
 
 
 def _check_peft_adapter_fits(model: nn.Module, cfg: dict, shapes: dict, path: Path) -> None:
-    mt = model.config.model_type
+    config = hf_config(model)
+    mt = config.model_type
     ptype = cfg.get("peft_type")
     if ptype is None:
         raise ValueError(f"{path / CONFIG_FILE} has no 'peft_type'; it is not a peft adapter config")
     if ptype == "PREFIX_TUNING":
-        want = {"num_layers": model.config.num_hidden_layers, "token_dim": model.config.hidden_size}
+        want = {"num_layers": config.num_hidden_layers, "token_dim": config.hidden_size}
         bad = {k: (cfg.get(k), v) for k, v in want.items() if cfg.get(k) not in (None, v)}
         if bad:
             raise ValueError(

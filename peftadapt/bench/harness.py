@@ -291,6 +291,7 @@ def _measure(spec: dict[str, Any], prime: bool, measure: bool) -> dict[str, Any]
             if reg is None:
                 loss = model(**src).loss
             else:
+                assert feats is not None  # made with reg (above)
                 out_s, fs = feats.forward(model, src)
                 out_t, ft = feats.forward(model, tgt)
                 if getattr(reg, "needs_logits", False):

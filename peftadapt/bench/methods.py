@@ -125,12 +125,12 @@ def _accepted(method: str, opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def _apply_peft(model, method: str, head: str):
-    from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
+    from peft import LoraConfig, PeftConfig, PrefixTuningConfig, TaskType, get_peft_model
 
     task = TaskType.CAUSAL_LM if head == "causal" else TaskType.SEQ_CLS
     d = DEFAULTS
     if method in ("lora", "dora"):
-        cfg = LoraConfig(
+        cfg: PeftConfig = LoraConfig(
             r=d["r"],
             lora_alpha=d["alpha"],
             lora_dropout=0.0,

@@ -211,6 +211,8 @@ def build_model(
         if quant is None:
             m.train()
             return m
+        if tmpdir is None:
+            raise ValueError(f"a quantized {name!r} is saved and reloaded through a folder: pass tmpdir=")
         folder = os.path.join(tmpdir, "tinybase")
         m.save_pretrained(folder)
         del m

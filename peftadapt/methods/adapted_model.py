@@ -69,7 +69,8 @@ class AdaptedModel(nn.Module):
         """Generate with the active adapter (causal LMs); forwarded to ``model.generate``."""
         if not hasattr(self.model, "generate"):
             raise AttributeError(f"{type(self.model).__name__} has no generate(); use a *ForCausalLM model")
-        return self.model.generate(*args, **kwargs)
+        # torch types Module attributes as Tensor | Module
+        return self.model.generate(*args, **kwargs)  # type: ignore[operator]
 
     def __getattr__(self, name: str):
         try:
@@ -246,17 +247,21 @@ class AdaptedModel(nn.Module):
         if enable is not None:
             enable(activation_checkpointing_kwargs=kw, **kwargs)
         else:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw, **kwargs)
+            # torch types Module attributes as Tensor | Module
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw, **kwargs)  # type: ignore[operator]
         if (
             not getattr(self.model, "_require_grads_hooks", None)
             and getattr(self.model, "_require_grads_hook", None) is None
         ):
-            self.model.enable_input_require_grads()
+            # torch types Module attributes as Tensor | Module
+            self.model.enable_input_require_grads()  # type: ignore[operator]
 
     def gradient_checkpointing_disable(self) -> None:
         disable = getattr(self.model, "activation_checkpointing_disable", None)
-        (disable or self.model.gradient_checkpointing_disable)()
-        self.model.disable_input_require_grads()
+        # torch types Module attributes as Tensor | Module
+        (disable or self.model.gradient_checkpointing_disable)()  # type: ignore[operator]
+        # torch types Module attributes as Tensor | Module
+        self.model.disable_input_require_grads()  # type: ignore[operator]
 
     # -- save / load -------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike[str], adapter_names: list[str] | None = None) -> None:

@@ -29,12 +29,13 @@ Placement, as in the papers:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from ..core.hf import LM_HEAD_NAMES, find_task_head
+from ..core.hf import LM_HEAD_NAMES, find_task_head, hf_config
 from .adapted_model import AdaptedModel, check_unwrapped
 from .base import MethodConfig, field, register_method
 from .slots import AdapterSlot, Slot, add_head_copies, get_parent
@@ -43,7 +44,7 @@ STYLES = ("houlsby", "pfeiffer")
 PLACEMENTS = ("attention", "ffn")
 _STYLE_PLACEMENT = {"houlsby": ["attention", "ffn"], "pfeiffer": ["ffn"]}
 
-_ACTIVATIONS = {
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
     "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
@@ -250,7 +251,7 @@ class Adapter(MethodConfig):
         for name in self.injection_points(hf):
             module = hf.get_submodule(name)
             base = module.base_layer if isinstance(module, Slot) else module
-            hidden = _out_features(base) or hf.config.hidden_size
+            hidden: int = _out_features(base) or hf_config(hf).hidden_size
             self.bottleneck(hidden)
             plan.append((name, base, hidden))
         return plan

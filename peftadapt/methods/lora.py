@@ -11,15 +11,23 @@ format (``adapter_config.json`` + ``adapter_model.safetensors``).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import torch.nn as nn
 
 from . import peft_support
 from .base import MethodConfig, field, register_method
 
-_BIASES = ("none", "all", "lora_only")
+Bias = Literal["none", "all", "lora_only"]  # peft's LoraConfig.bias
+_BIASES: tuple[Bias, ...] = get_args(Bias)
 _INITS = ("default", "gaussian", "pissa", "olora")
+# our init names -> peft's init_lora_weights
+_PEFT_INIT: dict[str, bool | Literal["gaussian", "pissa", "olora"]] = {
+    "default": True,
+    "gaussian": "gaussian",
+    "pissa": "pissa",
+    "olora": "olora",
+}
 
 
 @register_method("lora", ("dora", {"use_dora": True}), ("rslora", {"use_rslora": True}))
@@ -85,17 +93,19 @@ class LoRA(MethodConfig):
             # peft adds the head to modules_to_save for these task types; a
             # task_type of None keeps the plain model and trains no head.
             task = None
-        init = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}[self.init]
+        init = _PEFT_INIT[self.init]
+        bias = next(b for b in _BIASES if b == self.bias)  # validated in validate(): the Literal it equals
         return LoraConfig(
             r=self.r,
-            lora_alpha=self.alpha if self.alpha is not None else 2 * self.r,
+            # peft annotates lora_alpha as int, but only divides by it (lora_alpha / r): a float is fine
+            lora_alpha=self.alpha if self.alpha is not None else 2 * self.r,  # type: ignore[arg-type]
             lora_dropout=self.dropout,
             target_modules=targets,
             exclude_modules=self.exclude_modules,
             layers_to_transform=self.layers,
             use_dora=self.use_dora,
             use_rslora=self.use_rslora,
-            bias=self.bias,
+            bias=bias,
             init_lora_weights=init,
             task_type=task,
             modules_to_save=modules_to_save or None,
@@ -109,7 +119,7 @@ class LoRA(MethodConfig):
         return get_peft_model(model, self.peft_config(model), adapter_name=adapter_name)
 
     def add_to(self, wrapped: nn.Module, adapter_name: str) -> None:
-        wrapped.add_adapter(adapter_name, self.peft_config(wrapped.get_base_model()))
+        wrapped.add_adapter(adapter_name, self.peft_config(wrapped.get_base_model()))  # type: ignore[operator]  # torch types Module attributes as Tensor | Module
 
 
 def _check_dora_base(model: nn.Module) -> None:

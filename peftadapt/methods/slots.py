@@ -91,7 +91,8 @@ def add_head_copies(wrapped: nn.Module, adapter_name: str, head_names: list[str]
     """Give ``adapter_name`` its own trainable copy of each head module."""
     hf = wrapped.model
     for name in head_names:
-        module = hf.get_submodule(name)
+        # torch types Module attributes as Tensor | Module
+        module = hf.get_submodule(name)  # type: ignore[union-attr]
         if not isinstance(module, HeadSlot):
             slot = HeadSlot(module)
             setattr(hf, name, slot)

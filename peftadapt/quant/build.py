@@ -29,7 +29,8 @@ from .prepare import prepare_for_kbit_training
 
 def _skip_names(model: nn.Module, skip_modules) -> set[str]:
     names = set(skip_modules) if skip_modules else set(OUTPUT_HEADS)
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # torch types Module attributes as Tensor | Module
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # type: ignore[operator]
     for name, m in model.named_modules():
         if out is not None and m is out:
             names.add(name)

@@ -80,7 +80,7 @@ def make_optimizer(
     params = list(params)
     if not params:
         raise ValueError("make_optimizer got no parameters (is anything trainable?)")
-    kwargs = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+    kwargs: dict[str, Any] = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
     if name == "adamw_torch":
         return torch.optim.AdamW(params, **kwargs)
 

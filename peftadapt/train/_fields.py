@@ -58,8 +58,9 @@ def describe(tp: Any) -> str:
         return f"list of {describe(get_args(tp)[0])}"
     if get_origin(tp) is dict:
         return f"mapping of {describe(get_args(tp)[0])} to {describe(get_args(tp)[1])}"
-    if dataclasses.is_dataclass(tp):
-        return "mapping" + (f" or {tp._shorthand}" if getattr(tp, "_shorthand", None) else "")
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        short = getattr(tp, "_shorthand", None)
+        return "mapping" + (f" or {short}" if short else "")
     return "any" if tp is Any else getattr(tp, "__name__", str(tp))
 
 
@@ -99,7 +100,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in get_args(tp) or isinstance(value, bool) != any(isinstance(a, bool) for a in get_args(tp)):
             raise ValueError(f"{key}: {value!r} is not allowed; allowed values: {list(get_args(tp))}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # an annotation: a class
         if isinstance(value, tp):
             check_fields(value, key)
             return value
@@ -128,9 +129,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 def check_fields(obj: Any, where: str) -> None:
     """Check (and coerce in place) every field of a config dataclass, then run its
     ``validate(where)`` (the checks that types cannot say: ranges, cross-field rules)."""
+    cls: type = type(obj)
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        new = coerce(value, hints(type(obj))[f.name], f"{where}.{f.name}" if where else f.name)
+        new = coerce(value, hints(cls)[f.name], f"{where}.{f.name}" if where else f.name)
         if new is not value:
             object.__setattr__(obj, f.name, new)
     if hasattr(obj, "validate"):

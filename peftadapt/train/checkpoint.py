@@ -39,13 +39,16 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..core.io import write_json
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -58,6 +61,7 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             tensors[f"torch_cuda_{i}"] = s
     version, state, gauss = random.getstate()
     np_state = np.random.get_state()
+    assert isinstance(np_state, tuple)  # the legacy (tuple) form: get_state's default
     py = {
         "python": [version, list(state), gauss],
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
@@ -84,7 +88,7 @@ def _dtensor_type():
     return DTensor
 
 
-def _is_dtensor(t: Any) -> bool:
+def _is_dtensor(t: Any) -> TypeGuard[DTensor]:
     cls = _dtensor_type()
     return cls is not None and isinstance(t, cls)
 
@@ -219,6 +223,7 @@ def _full_parameters(model: torch.nn.Module, state: dict[str, torch.Tensor]):
             owner_name, _, leaf = name.rpartition(".")
             owner = model.get_submodule(owner_name) if owner_name else model
             old = owner._parameters[leaf]
+            assert old is not None  # state names registered parameters
             owner._parameters[leaf] = torch.nn.Parameter(full, requires_grad=old.requires_grad)
             swapped.append((owner, leaf, old))
         yield
@@ -239,7 +244,8 @@ def write_adapter(
 
         with FSDP.summon_full_params(model, writeback=False, rank0_only=False):
             if write:
-                model.save_pretrained(str(folder))
+                # torch types Module attributes as Tensor | Module
+                model.save_pretrained(str(folder))  # type: ignore[operator]
         return
     if not write:
         return
@@ -249,7 +255,8 @@ def write_adapter(
             "every process first (a gather on the writing process alone would wait forever)"
         )
     with _full_parameters(model, state or {}):
-        model.save_pretrained(str(folder))
+        # torch types Module attributes as Tensor | Module
+        model.save_pretrained(str(folder))  # type: ignore[operator]
 
 
 def save_checkpoint(
@@ -328,7 +335,7 @@ def load_checkpoint(folder: str | Path, *, model, alignment, optimizer, schedule
 
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     """Complete checkpoints in ``output_dir``, oldest first."""
-    out = []
+    out: list[tuple[int, Path]] = []
     d = Path(output_dir)
     if not d.exists():
         return out
