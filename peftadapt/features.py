@@ -39,7 +39,7 @@ def _first_tensor(x: Any) -> torch.Tensor | None:
     return None
 
 
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: Pooling) -> torch.Tensor:
     """Pool token features (B, T, d) to (B, d); a (B, d) input is returned as is.
 
     - ``"mean"``: mean over positions where the mask is 1.
@@ -105,7 +105,11 @@ class FeatureTap:
     """
 
     def __init__(
-        self, model: nn.Module, layer: str | nn.Module | None = None, pooling: str = "mean", capture: str | None = None
+        self,
+        model: nn.Module,
+        layer: str | nn.Module | None = None,
+        pooling: Pooling = "mean",
+        capture: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"FeatureTap needs an nn.Module, got {type(model).__name__}")

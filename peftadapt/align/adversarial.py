@@ -12,7 +12,7 @@ from ..core.autograd import scale_grad
 from .numerics import check_progress, full_precision, stat_dtype
 from .registry import register
 from .regularizer import Regularizer
-from .schedule import dann_ramp
+from .schedule import Schedule, dann_ramp
 
 _GRL_SCHEDULES = ("dann", "constant")
 
@@ -36,7 +36,7 @@ class GradientReversal(nn.Module):
     where p in [0, 1] is the training progress set by :meth:`set_progress`.
     """
 
-    def __init__(self, schedule: str = "dann", coeff: float = 1.0, gamma: float = 10.0) -> None:
+    def __init__(self, schedule: Schedule = "dann", coeff: float = 1.0, gamma: float = 10.0) -> None:
         super().__init__()
         if schedule not in _GRL_SCHEDULES:
             raise ValueError(f"unknown GRL schedule {schedule!r}; valid: {list(_GRL_SCHEDULES)}")

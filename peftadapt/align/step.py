@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..core.hf import is_causal_lm
-from ..features import FeatureTap
+from ..features import FeatureTap, Pooling
 from .numerics import check_progress
 from .regularizer import Regularizer
 from .terms import Alignment, Term
@@ -118,7 +118,7 @@ class DomainAdaptation:
         regularizers: Alignment | Term | Regularizer | str | Iterable[Any],
         *,
         layer: str | nn.Module | None = None,
-        pooling: str = "mean",
+        pooling: Pooling = "mean",
         causal_lm: bool | None = None,
     ):
         alignment = as_alignment(regularizers)

@@ -14,8 +14,8 @@ import torch.nn as nn
 
 from .registry import build
 from .regularizer import Regularizer
-from .schedule import SCHEDULES, schedule_weight
-from .scope import check_scope, gather_inputs
+from .schedule import SCHEDULES, Schedule, schedule_weight
+from .scope import Scope, check_scope, gather_inputs
 
 __all__ = ["Alignment", "Term"]
 
@@ -43,11 +43,11 @@ class Term(nn.Module):
         self,
         regularizer: Regularizer | str,
         weight: float = 1.0,
-        schedule: str | Callable[[float], float] = "constant",
+        schedule: Schedule | Callable[[float], float] = "constant",
         warmup: float = 0.0,
         start: float = 0.0,
         name: str | None = None,
-        scope: str = "auto",
+        scope: Scope = "auto",
     ) -> None:
         super().__init__()
         reg = build(regularizer) if isinstance(regularizer, str) else regularizer

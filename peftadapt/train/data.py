@@ -23,6 +23,8 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from .config import Task
+
 Format = Literal["csv", "tsv", "jsonl", "hf"]
 FORMATS: tuple[str, ...] = get_args(Format)
 
@@ -115,7 +117,7 @@ def _match(value: Any, allowed: Any) -> bool:
 def load_rows(
     path: str | os.PathLike,
     *,
-    format: str | None = None,
+    format: Format | None = None,
     split: str | None = None,
     where: dict[str, Any] | None = None,
     where_not: dict[str, Any] | None = None,
@@ -191,7 +193,7 @@ def load_text_data(
     *,
     text: str = "text",
     label: str | None = None,
-    format: str | None = None,
+    format: Format | None = None,
     split: str | None = None,
     where: dict[str, Any] | None = None,
     where_not: dict[str, Any] | None = None,
@@ -268,7 +270,10 @@ def tokenize(texts: Iterable[str], tokenizer, max_length: int) -> list[list[int]
 
 
 def collate(
-    ids: Sequence[Sequence[int]], pad_id: int, labels: Sequence[int] | None = None, task: str = "classification"
+    ids: Sequence[Sequence[int]],
+    pad_id: int,
+    labels: Sequence[int] | None = None,
+    task: Task | Literal["target"] = "classification",
 ) -> dict[str, torch.Tensor]:
     """Right-pad ``ids`` into a batch. For ``causal_lm`` the labels are the
     inputs with padded positions set to -100 (the model shifts them)."""
@@ -305,7 +310,7 @@ class BatchStream:
         *,
         seed: int,
         pad_id: int,
-        task: str,
+        task: Task | Literal["target"],  # "target": unlabeled target texts, inputs only
         rank: int = 0,
         world: int = 1,
     ):

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .config import Task
 from .data import TextData, as_text_data, check_tokenizer, collate, tokenize
 
 # metrics where smaller is better (the best checkpoint is the lowest)
@@ -45,7 +46,7 @@ def evaluate_model(
     tokenizer,
     data: Mapping[str, TextData],
     *,
-    task: str = "classification",
+    task: Task = "classification",
     max_length: int = 128,
     batch_size: int = 32,
     accelerator=None,

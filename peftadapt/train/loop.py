@@ -47,10 +47,11 @@ from ..align.step import DomainAdaptation, as_alignment, check_alignment
 from ..core import comm
 from ..core.hf import hf_config, unwrap
 from ..core.io import write_json
+from ..features import Pooling
 from ..quant.optim import make_optimizer
 from . import checkpoint as ckpt
 from . import preflight
-from .config import TASKS, TrainConfig
+from .config import TASKS, Task, TrainConfig
 from .data import (
     BatchStream,
     as_text_data,
@@ -137,10 +138,10 @@ class Trainer:
         eval: Mapping[str, Any] | Any = None,
         regularizers: Any = None,
         config: TrainConfig | None = None,
-        task: str = "classification",
+        task: Task = "classification",
         max_length: int = 128,
         feature_layer: str | None = None,
-        pooling: str = "mean",
+        pooling: Pooling = "mean",
         name: str = "train",
         **overrides: Any,
     ):
