@@ -131,6 +131,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
     names = adapter_names(model)
     if name not in names:
         raise ValueError(f"no adapter named {name!r}; this model has {names}")
+    # torch types Module attributes as Tensor | Module
     model.set_adapter(name)  # type: ignore[operator]
 
 
@@ -188,6 +189,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Save the adapter (not the base model) of a wrapped model to ``path``."""
     _backend(model, "save")
+    # torch types Module attributes as Tensor | Module
     model.save_pretrained(str(path))  # type: ignore[operator]
 
 

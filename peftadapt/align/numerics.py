@@ -39,7 +39,7 @@ def check_progress(p: object) -> float:
     value = None
     if not isinstance(p, (bool, str)):
         try:
-            value = float(p)  # type: ignore[arg-type]
+            value = float(p)  # type: ignore[arg-type]  # any object: float() raising is the check
         except (TypeError, ValueError):
             value = None
     if value is None or math.isnan(value) or not 0.0 <= value <= 1.0:

@@ -106,6 +106,7 @@ class PeftBackend:
         _check_peft_adapter_fits(target, cfg, shapes, path)
         try:
             if self.owns(base):
+                # torch types Module attributes as Tensor | Module
                 base.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)  # type: ignore[operator]
                 return base
             if wrapped_reason(base) is not None:
