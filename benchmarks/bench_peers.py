@@ -64,8 +64,27 @@ def run(argv: list[str] | None = None) -> int:
     py = adapters_python(create=not args.no_venv)
     from peftadapt.bench.cli import main
 
-    cmd = ["peers", "--model", "minilm", "--head", "seqcls", "--batch", args.batch, "--seq", args.seq,
-           "--methods", args.methods, "--reps", args.reps, "--steps", args.steps, "--out", args.out, "--name", "peers_minilm"]
+    cmd = [
+        "peers",
+        "--model",
+        "minilm",
+        "--head",
+        "seqcls",
+        "--batch",
+        args.batch,
+        "--seq",
+        args.seq,
+        "--methods",
+        args.methods,
+        "--reps",
+        args.reps,
+        "--steps",
+        args.steps,
+        "--out",
+        args.out,
+        "--name",
+        "peers_minilm",
+    ]
     if py:
         cmd += ["--adapters-python", py]
     rc = main(cmd, keep_servers=True)

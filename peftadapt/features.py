@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .core.hf import FINAL_NORM_NAMES, OUTPUT_HEADS
 
-__all__ = ["FeatureTap", "Pooling", "POOLINGS", "pool"]
+__all__ = ["POOLINGS", "FeatureTap", "Pooling", "pool"]
 
 Pooling = Literal["mean", "cls", "last"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
@@ -34,12 +34,12 @@ def _first_tensor(x: Any) -> torch.Tensor | None:
         return x
     if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
         return x[0]
-    if hasattr(x, "last_hidden_state") and isinstance(getattr(x, "last_hidden_state"), torch.Tensor):
+    if hasattr(x, "last_hidden_state") and isinstance(x.last_hidden_state, torch.Tensor):
         return x.last_hidden_state
     return None
 
 
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: Pooling) -> torch.Tensor:
     """Pool token features (B, T, d) to (B, d); a (B, d) input is returned as is.
 
     - ``"mean"``: mean over positions where the mask is 1.
@@ -59,8 +59,12 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str
             return hidden.mean(1)
         return hidden[:, 0] if pooling == "cls" else hidden[:, -1]
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (b, t):
-        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-        raise ValueError(f"attention_mask must have shape (batch, seq) = {(b, t)} to match the tapped features, got {shape}")
+        shape = (
+            tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        )
+        raise ValueError(
+            f"attention_mask must have shape (batch, seq) = {(b, t)} to match the tapped features, got {shape}"
+        )
     mask = attention_mask.to(hidden.device) != 0
     empty = ~mask.any(1)
     if bool(empty.any()):
@@ -69,10 +73,8 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str
     if pooling == "mean":
         m = mask.to(hidden.dtype).unsqueeze(-1)
         return (hidden * m).sum(1) / m.sum(1)
-    if pooling == "cls":
-        idx = mask.int().argmax(1)  # first True
-    else:
-        idx = t - 1 - mask.flip(1).int().argmax(1)  # last True
+    # cls: the first True; last: the last True
+    idx = mask.int().argmax(1) if pooling == "cls" else t - 1 - mask.flip(1).int().argmax(1)
     return hidden[rows, idx]
 
 
@@ -102,8 +104,13 @@ class FeatureTap:
     :meth:`remove` (or leaving the ``with`` block) removes the hooks.
     """
 
-    def __init__(self, model: nn.Module, layer: str | nn.Module | None = None, pooling: str = "mean",
-                 capture: str | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str | nn.Module | None = None,
+        pooling: Pooling = "mean",
+        capture: str | None = None,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"FeatureTap needs an nn.Module, got {type(model).__name__}")
         if pooling not in POOLINGS:
@@ -151,7 +158,7 @@ class FeatureTap:
         wanted = [layer]
         for pre in _WRAPPER_PREFIXES:  # a wrapped name given for a plain model
             if layer.startswith(pre):
-                wanted.append(layer[len(pre):])
+                wanted.append(layer[len(pre) :])
         for w in wanted:
             hits = [n for n in named if n == w or n.endswith("." + w)]
             if hits:
@@ -174,8 +181,10 @@ class FeatureTap:
                 if prefix + norm in named:
                     return prefix + norm
             return f"{stack_name}.{len(stack) - 1}"
-        raise ValueError(f"{type(model).__name__} has no task head ({list(OUTPUT_HEADS)}) and no layer stack; "
-                         f"pass layer='<module name>'")
+        raise ValueError(
+            f"{type(model).__name__} has no task head ({list(OUTPUT_HEADS)}) and no layer stack; "
+            f"pass layer='<module name>'"
+        )
 
     # -- hooks -------------------------------------------------------------------
     def _top_pre(self, module, args, kwargs):
@@ -208,8 +217,10 @@ class FeatureTap:
     def features(self) -> torch.Tensor:
         """The raw captured tensor of the last forward ((B, T, d) or (B, d))."""
         if self._hidden is None:
-            raise RuntimeError(f"FeatureTap: nothing captured from {self.layer_name!r}; run a forward pass first "
-                               f"(or the tap was removed)")
+            raise RuntimeError(
+                f"FeatureTap: nothing captured from {self.layer_name!r}; run a forward pass first "
+                f"(or the tap was removed)"
+            )
         return self._hidden
 
     def pooled(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -231,7 +242,7 @@ class FeatureTap:
         self._handles = []
         self.clear()
 
-    def __enter__(self) -> "FeatureTap":
+    def __enter__(self) -> FeatureTap:
         return self
 
     def __exit__(self, *exc) -> None:

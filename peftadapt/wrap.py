@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -24,8 +25,21 @@ from .core.hf import check_transformers_model, trainable_and_total, unwrap, vali
 from .methods.base import MethodConfig, build_config
 from .quant import cast_trainable_to_fp32, check_prefix_compat, guard_4bit_cpu, is_quantized
 
-__all__ = ["wrap", "add_adapter", "set_adapter", "adapter_names", "load", "save", "merge", "unmerge", "disabled",
-           "trainable_parameters", "print_trainable_parameters", "base_model", "is_wrapped"]
+__all__ = [
+    "adapter_names",
+    "add_adapter",
+    "base_model",
+    "disabled",
+    "is_wrapped",
+    "load",
+    "merge",
+    "print_trainable_parameters",
+    "save",
+    "set_adapter",
+    "trainable_parameters",
+    "unmerge",
+    "wrap",
+]
 
 
 def is_wrapped(model: object) -> bool:
@@ -46,6 +60,7 @@ def _backend(model: object, what: str) -> Backend:
 
 
 # -- wrap ---------------------------------------------------------------------------
+
 
 def wrap(model: nn.Module, method: str | MethodConfig, *, adapter_name: str = "default", **options: Any) -> nn.Module:
     """Adapt a transformers model with a parameter-efficient method.
@@ -81,7 +96,9 @@ def _trainable_in_fp32(wrapped: nn.Module) -> None:
     New head copies (peft's modules_to_save, our head slots) are created in the
     base's dtype; bf16 rounds away updates smaller than 2^-8 of a weight.
     """
-    frozen_half = any(p.is_floating_point() and p.dtype in (torch.float16, torch.bfloat16) for p in wrapped.parameters())
+    frozen_half = any(
+        p.is_floating_point() and p.dtype in (torch.float16, torch.bfloat16) for p in wrapped.parameters()
+    )
     if frozen_half or is_quantized(unwrap(wrapped)):
         cast_trainable_to_fp32(wrapped)
 
@@ -114,15 +131,18 @@ def set_adapter(model: nn.Module, name: str) -> None:
     names = adapter_names(model)
     if name not in names:
         raise ValueError(f"no adapter named {name!r}; this model has {names}")
+    # torch types Module attributes as Tensor | Module
     model.set_adapter(name)  # type: ignore[operator]
 
 
 # -- parameters ----------------------------------------------------------------------
 
+
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count as their unpacked size."""
     if hasattr(model, "get_nb_trainable_parameters"):
-        t, n = model.get_nb_trainable_parameters()
+        # torch types Module attributes as Tensor | Module
+        t, n = model.get_nb_trainable_parameters()  # type: ignore[operator]
         return int(t), int(n)
     return trainable_and_total(model)
 
@@ -133,6 +153,7 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 
 # -- switching adaptation off, merging ----------------------------------------------------
+
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
@@ -164,14 +185,17 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 # -- save / load -----------------------------------------------------------------------
 
+
 def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Save the adapter (not the base model) of a wrapped model to ``path``."""
     _backend(model, "save")
+    # torch types Module attributes as Tensor | Module
     model.save_pretrained(str(path))  # type: ignore[operator]
 
 
-def load(base: nn.Module, path: str | os.PathLike[str], adapter_name: str | None = None,
-         is_trainable: bool = False) -> nn.Module:
+def load(
+    base: nn.Module, path: str | os.PathLike[str], adapter_name: str | None = None, is_trainable: bool = False
+) -> nn.Module:
     """Load an adapter saved by peftadapt or by plain peft onto ``base``.
 
     ``base`` is the transformers model the adapter was trained on (same

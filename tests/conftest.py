@@ -23,8 +23,14 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 def _tiny_config(kind: str, **overrides):
     import transformers as tf
 
-    common = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  intermediate_size=64, max_position_embeddings=64)
+    common = dict(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     if kind == "bert":
         cfg = tf.BertConfig(**common)
     elif kind == "llama":

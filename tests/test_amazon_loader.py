@@ -5,11 +5,18 @@ from collections import Counter
 import pytest
 
 from benchmarks.amazon.data import (
-    DOMAINS, default_root, load_domain, load_split, parse_reviews, source_validation, stratified_split,
+    DOMAINS,
+    default_root,
+    load_domain,
+    load_split,
+    parse_reviews,
+    source_validation,
+    stratified_split,
 )
 
-pytestmark = pytest.mark.skipif(not (default_root() / "books").is_dir(),
-                                reason=f"Amazon multi-domain data not found at {default_root()}")
+pytestmark = pytest.mark.skipif(
+    not (default_root() / "books").is_dir(), reason=f"Amazon multi-domain data not found at {default_root()}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +36,7 @@ def test_counts_and_labels_agree_with_ratings():
 
 
 def test_first_review_parsed_in_full():
-    r = [x for x in load_domain("books") if x.label == 1][0]
+    r = next(x for x in load_domain("books") if x.label == 1)
     assert r.title == "One of the best Crichton novels"
     assert r.text.startswith("Sphere by Michael Crichton is an excellant novel.")
     assert r.text.endswith("I would strongly recommend this book")
@@ -55,14 +62,16 @@ def test_source_validation_is_stratified(splits):
     assert len(fit) == 1400 and len(val) == 200
     assert Counter(r.label for r in val) == {0: 100, 1: 100}
     assert {id(r) for r in fit}.isdisjoint({id(r) for r in val})
-    fit2, val2 = source_validation(splits["books"].train)
+    _fit2, val2 = source_validation(splits["books"].train)
     assert [r.uid for r in val2] == [r.uid for r in val]
 
 
 def test_entities_unescaped_and_raw_ampersand_survives():
-    raw = ("<reviews>\n<review>\n<unique_id>\nx1\n</unique_id>\n<rating>\n5.0\n</rating>\n<title>\nPots &amp; pans\n"
-           "</title>\n<review_text>\nSalt & pepper, &quot;great&quot; &#45; really &lt;3\n</review_text>\n</review>\n"
-           "</reviews>\n")
+    raw = (
+        "<reviews>\n<review>\n<unique_id>\nx1\n</unique_id>\n<rating>\n5.0\n</rating>\n<title>\nPots &amp; pans\n"
+        "</title>\n<review_text>\nSalt & pepper, &quot;great&quot; &#45; really &lt;3\n</review_text>\n</review>\n"
+        "</reviews>\n"
+    )
     (r,) = parse_reviews(raw, 1)
     assert r.title == "Pots & pans"
     assert r.text == 'Salt & pepper, "great" - really <3'

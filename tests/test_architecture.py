@@ -74,10 +74,16 @@ def _imports() -> list[tuple[str, str, int, bool, str]]:
         tree = ast.parse("\n".join(lines))
         is_package = path.name == "__init__.py"
 
-        def visit(node: ast.AST, in_function: bool) -> None:
+        def visit(
+            node: ast.AST,
+            in_function: bool,
+            module: str = module,
+            lines: list[str] = lines,
+            is_package: bool = is_package,
+        ) -> None:
             for child in ast.iter_child_nodes(node):
                 if isinstance(child, (ast.Import, ast.ImportFrom)):
-                    context = "\n".join(lines[max(0, child.lineno - 2):child.lineno])
+                    context = "\n".join(lines[max(0, child.lineno - 2) : child.lineno])
                     for target in _resolve(module, child, is_package):
                         if target != module:
                             rows.append((module, target, child.lineno, in_function, context))
@@ -95,9 +101,9 @@ def _layer(module: str) -> tuple[int, str]:
     best = None
     for i, entries in enumerate(LAYERS):
         for entry in entries:
-            if module == entry or (entry != "peftadapt" and module.startswith(entry + ".")):
-                if best is None or len(entry) > len(best[1]):
-                    best = (i, entry)
+            owns = module == entry or (entry != "peftadapt" and module.startswith(entry + "."))
+            if owns and (best is None or len(entry) > len(best[1])):
+                best = (i, entry)
     assert best is not None, f"module {module} is in no layer: add it to LAYERS (and docs/architecture.md)"
     return best
 
@@ -155,8 +161,11 @@ def test_no_import_cycles():
 
 
 def test_first_party_imports_inside_functions_say_why():
-    bad = [f"{importer}:{line} imports {imported} inside a function without a '# {LAZY_MARK} <reason>' comment"
-           for importer, imported, line, inside, context in IMPORTS if inside and LAZY_MARK not in context]
+    bad = [
+        f"{importer}:{line} imports {imported} inside a function without a '# {LAZY_MARK} <reason>' comment"
+        for importer, imported, line, inside, context in IMPORTS
+        if inside and LAZY_MARK not in context
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -168,12 +177,15 @@ def test_the_contract_sees_the_imports_it_checks():
     assert ("peftadapt.align.scope", "peftadapt.core.comm") in edges
 
 
-@pytest.mark.parametrize("importer,imported,bad", [
-    ("peftadapt.core.hf", "peftadapt.align", True),       # upward
-    ("peftadapt.features", "peftadapt.quant", True),      # sideways between siblings
-    ("peftadapt.align.terms", "peftadapt.align.scope", False),
-    ("peftadapt.train.loop", "peftadapt.core.comm", False),
-])
+@pytest.mark.parametrize(
+    "importer,imported,bad",
+    [
+        ("peftadapt.core.hf", "peftadapt.align", True),  # upward
+        ("peftadapt.features", "peftadapt.quant", True),  # sideways between siblings
+        ("peftadapt.align.terms", "peftadapt.align.scope", False),
+        ("peftadapt.train.loop", "peftadapt.core.comm", False),
+    ],
+)
 def test_layer_rule_on_examples(importer, imported, bad):
     (li, own), (lj, other) = _layer(importer), _layer(imported)
     assert (lj < li or (lj == li and own != other)) is bad

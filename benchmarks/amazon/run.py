@@ -101,15 +101,44 @@ ALL_PAIRS = [(s, t) for s in DOMAINS for t in DOMAINS if s != t]
 
 PROFILES = {
     # CPU, 2 cores: 16 warm-ups x (100 + 60) steps + 80 regularizer cells x 60 steps at length 64
-    "quick": Profile("quick", QUICK_PAIRS, [0, 1], max_len=64, adapt_layers=1, warmup_steps=100, adapt_steps=60,
-                     learning_rate=1e-3, discriminator_learning_rate=1e-3),
+    "quick": Profile(
+        "quick",
+        QUICK_PAIRS,
+        [0, 1],
+        max_len=64,
+        adapt_layers=1,
+        warmup_steps=100,
+        adapt_steps=60,
+        learning_rate=1e-3,
+        discriminator_learning_rate=1e-3,
+    ),
     # weight selection: the quick settings on books -> kitchen, seed 0, LoRA, two weights per regularizer
-    "select": Profile("select", [("books", "kitchen")], [0], max_len=64, adapt_layers=1, warmup_steps=100, adapt_steps=60,
-                      learning_rate=1e-3, discriminator_learning_rate=1e-3, methods=["lora"], grid=SELECT_GRID),
+    "select": Profile(
+        "select",
+        [("books", "kitchen")],
+        [0],
+        max_len=64,
+        adapt_layers=1,
+        warmup_steps=100,
+        adapt_steps=60,
+        learning_rate=1e-3,
+        discriminator_learning_rate=1e-3,
+        methods=["lora"],
+        grid=SELECT_GRID,
+    ),
     # GPU: all 12 pairs, 3 seeds, length 256, all 6 layers adapted, ~6 epochs of the 1400 source reviews
-    "full": Profile("full", ALL_PAIRS, [0, 1, 2], max_len=256, adapt_layers=6, batch=32,
-                    warmup_steps=150, adapt_steps=150, learning_rate=2e-4,
-                    discriminator_learning_rate=2e-4),
+    "full": Profile(
+        "full",
+        ALL_PAIRS,
+        [0, 1, 2],
+        max_len=256,
+        adapt_layers=6,
+        batch=32,
+        warmup_steps=150,
+        adapt_steps=150,
+        learning_rate=2e-4,
+        discriminator_learning_rate=2e-4,
+    ),
 }
 
 
@@ -317,7 +346,9 @@ def train_steps(model: TopModel, src: Encoded, steps: int, prof: Profile, seed: 
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": params, "lr": prof.learning_rate}]
     if align is not None and align.has_parameters:
-        groups.append({"params": [p for p in align.parameters() if p.requires_grad], "lr": prof.discriminator_learning_rate})
+        groups.append(
+            {"params": [p for p in align.parameters() if p.requires_grad], "lr": prof.discriminator_learning_rate}
+        )
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
@@ -338,7 +369,7 @@ def train_steps(model: TopModel, src: Encoded, steps: int, prof: Profile, seed: 
             fs, logits_s = model(hs, ms)
             ft, logits_t = model(ht, mt)
             ce = F.cross_entropy(logits_s, ys)
-            reg, vals = align(fs, ft, logits_s, logits_t, progress=step / max(1, steps - 1))
+            reg, _vals = align(fs, ft, logits_s, logits_t, progress=step / max(1, steps - 1))
             loss = ce + reg
             reg_val = float(reg.detach())
         opt.zero_grad(set_to_none=True)
@@ -432,10 +463,16 @@ def run(prof: Profile, device: str, out: Path, log=print) -> dict:
     results = json.loads(out.read_text()) if out.exists() else {}
     cells = results.setdefault("cells", {})
     old_meta = results.get("meta", {})
-    command = " ".join(["python -m benchmarks.amazon.run"] + sys.argv[1:])
+    command = " ".join(["python -m benchmarks.amazon.run", *sys.argv[1:]])
     env = " ".join(f"{k}={os.environ[k]}" for k in ("TORCH_THREADS",) if k in os.environ)
-    commands = list(dict.fromkeys(old_meta.get("commands", [old_meta["command"]] if "command" in old_meta else [])
-                                  + [f"{env} {command}".strip()]))
+    commands = list(
+        dict.fromkeys(
+            [
+                *old_meta.get("commands", [old_meta["command"]] if "command" in old_meta else []),
+                f"{env} {command}".strip(),
+            ]
+        )
+    )
     results["meta"] = {
         "profile": asdict(prof), "device": device, "torch": torch.__version__, "python": platform.python_version(),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus", "frozen_weights": FROZEN_WEIGHTS,
@@ -454,7 +491,7 @@ def run(prof: Profile, device: str, out: Path, log=print) -> dict:
                 targets = [t for s, t in prof.pairs if s == source]
                 # 1) source-only: warm-up + A more source steps; evaluated on every target and
                 #    on the source's own test reviews (the oracle of pairs whose target is `source`).
-                so_keys = [_cell_key(source, t, method, "source-only", 0.0, seed) for t in targets + [source]]
+                so_keys = [_cell_key(source, t, method, "source-only", 0.0, seed) for t in [*targets, source]]
                 so_keys = [k.replace(f"{source}>{source}", f"oracle>{source}") for k in so_keys]
                 warm = None
                 if not all(k in cells for k in so_keys):
@@ -463,7 +500,7 @@ def run(prof: Profile, device: str, out: Path, log=print) -> dict:
                     torch.manual_seed(2000 + seed)  # the same dropout stream as the regularizer branches
                     stats = train_steps(warm, enc[source], prof.adapt_steps, prof, seed + 1, device)
                     dt = time.time() - t0 + tw
-                    for t, k in zip(targets + [source], so_keys):
+                    for t, k in zip([*targets, source], so_keys, strict=False):
                         cells[k] = {"acc": accuracy(warm, enc[t], enc[t].test, device),
                                     "src_val": accuracy(warm, enc[source], enc[source].val, device),
                                     "seconds": dt, "ce": stats["ce"]}
@@ -506,7 +543,7 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/amazon_<profile>.json)")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=None, help="subset of methods")
-    ap.add_argument("--regs", nargs="+", choices=REGULARIZERS + ("none",), default=None,
+    ap.add_argument("--regs", nargs="+", choices=(*REGULARIZERS, "none"), default=None,
                     help="subset of regularizers; 'none': only the warm-ups, source-only and oracle cells")
     ap.add_argument("--seeds", nargs="+", type=int, default=None)
     ap.add_argument("--pairs", nargs="+", default=None, help="e.g. books:kitchen dvd:books")

@@ -23,8 +23,24 @@ from .step import DomainAdaptation
 from .terms import Alignment, Term
 
 __all__ = [
-    "Regularizer", "register", "build", "regularizer_names", "REGULARIZERS",
-    "Term", "Alignment", "DomainAdaptation", "schedule_weight", "dann_ramp", "SCHEDULES", "SCOPES",
-    "MMD", "CORAL", "DANN", "CDAN", "Entropy",
-    "GradientReversal", "grad_reverse", "DomainDiscriminator",
+    "CDAN",
+    "CORAL",
+    "DANN",
+    "MMD",
+    "REGULARIZERS",
+    "SCHEDULES",
+    "SCOPES",
+    "Alignment",
+    "DomainAdaptation",
+    "DomainDiscriminator",
+    "Entropy",
+    "GradientReversal",
+    "Regularizer",
+    "Term",
+    "build",
+    "dann_ramp",
+    "grad_reverse",
+    "register",
+    "regularizer_names",
+    "schedule_weight",
 ]

@@ -12,7 +12,7 @@ from ..core.autograd import scale_grad
 from .numerics import check_progress, full_precision, stat_dtype
 from .registry import register
 from .regularizer import Regularizer
-from .schedule import dann_ramp
+from .schedule import Schedule, dann_ramp
 
 _GRL_SCHEDULES = ("dann", "constant")
 
@@ -36,7 +36,7 @@ class GradientReversal(nn.Module):
     where p in [0, 1] is the training progress set by :meth:`set_progress`.
     """
 
-    def __init__(self, schedule: str = "dann", coeff: float = 1.0, gamma: float = 10.0) -> None:
+    def __init__(self, schedule: Schedule = "dann", coeff: float = 1.0, gamma: float = 10.0) -> None:
         super().__init__()
         if schedule not in _GRL_SCHEDULES:
             raise ValueError(f"unknown GRL schedule {schedule!r}; valid: {list(_GRL_SCHEDULES)}")
@@ -132,8 +132,10 @@ class _Adversarial(Regularizer):
         # BCE sees fp32 logits (its own weights are small, cost is negligible).
         w = next(self.discriminator.parameters())
         if w.device != z.device:
-            raise ValueError(f"{self._label()}: features are on {z.device} but the discriminator is on {w.device}; "
-                             f"move the regularizer with .to({str(z.device)!r})")
+            raise ValueError(
+                f"{self._label()}: features are on {z.device} but the discriminator is on {w.device}; "
+                f"move the regularizer with .to({str(z.device)!r})"
+            )
         dt = w.dtype
         return self.discriminator(self.grl(z).to(dt)).squeeze(1).to(stat_dtype(z))
 
@@ -169,8 +171,16 @@ class DANN(_Adversarial):
         loss = dann(f_s, f_t)
     """
 
-    def __init__(self, in_features: int, hidden_size: int = 1024, depth: int = 2, dropout: float = 0.5,
-                 grl: str = "dann", coeff: float = 1.0, gamma: float = 10.0) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        hidden_size: int = 1024,
+        depth: int = 2,
+        dropout: float = 0.5,
+        grl: str = "dann",
+        coeff: float = 1.0,
+        gamma: float = 10.0,
+    ) -> None:
         super().__init__()
         _check_int("in_features", in_features, 1)
         self.in_features = in_features
@@ -228,17 +238,32 @@ class CDAN(_Adversarial):
         loss = cdan(f_s, f_t, logits_s, logits_t)
     """
 
+    random_f: torch.Tensor  # buffers of the randomized map (registered only when randomized)
+    random_g: torch.Tensor
+
     needs_logits = True
 
-    @property  # type: ignore[override]
-    def batch_statistic(self) -> bool:
+    @property
+    def batch_statistic(self) -> bool:  # type: ignore[override]  # per instance; the base's class attribute is never assigned
         """CDAN+E normalises its per-sample weights over the batch: a batch statistic; plain CDAN is not."""
         return bool(self.entropy)
 
-    def __init__(self, in_features: int, num_classes: int, entropy: bool = False, randomized: bool | None = None,
-                 randomized_dim: int = 1024, max_multilinear: int = 4096, seed: int | None = None,
-                 hidden_size: int = 1024, depth: int = 2, dropout: float = 0.5, grl: str = "dann",
-                 coeff: float = 1.0, gamma: float = 10.0) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        entropy: bool = False,
+        randomized: bool | None = None,
+        randomized_dim: int = 1024,
+        max_multilinear: int = 4096,
+        seed: int | None = None,
+        hidden_size: int = 1024,
+        depth: int = 2,
+        dropout: float = 0.5,
+        grl: str = "dann",
+        coeff: float = 1.0,
+        gamma: float = 10.0,
+    ) -> None:
         super().__init__()
         _check_int("in_features", in_features, 1)
         _check_int("num_classes", num_classes, 2)
@@ -290,8 +315,10 @@ class CDAN(_Adversarial):
             return _domain_bce(ds, dtt, ws, wt)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, num_classes={self.num_classes}, entropy={self.entropy}, "
-                f"randomized={self.randomized}" + (f", randomized_dim={self.randomized_dim}" if self.randomized else ""))
+        return (
+            f"in_features={self.in_features}, num_classes={self.num_classes}, entropy={self.entropy}, "
+            f"randomized={self.randomized}" + (f", randomized_dim={self.randomized_dim}" if self.randomized else "")
+        )
 
 
 def _entropy(p: torch.Tensor) -> torch.Tensor:

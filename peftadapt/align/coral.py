@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from .numerics import full_precision, stat_dtype
 from .registry import register
 from .regularizer import Regularizer

@@ -41,8 +41,8 @@ class Entropy(Regularizer):
 
     needs_logits = True
 
-    @property  # type: ignore[override]
-    def batch_statistic(self) -> bool:
+    @property
+    def batch_statistic(self) -> bool:  # type: ignore[override]  # per instance; the base's class attribute is never assigned
         """The diversity term (entropy of the mean prediction) is a batch statistic; the mean
         per-sample entropy alone is not."""
         return bool(self.diversity)
@@ -51,10 +51,15 @@ class Entropy(Regularizer):
         super().__init__()
         if not isinstance(diversity, bool):
             raise ValueError(f"diversity must be True or False, got {diversity!r}")
-        if isinstance(diversity_weight, bool) or not isinstance(diversity_weight, (int, float)) or not diversity_weight >= 0:
+        if (
+            isinstance(diversity_weight, bool)
+            or not isinstance(diversity_weight, (int, float))
+            or not diversity_weight >= 0
+        ):
             raise ValueError(f"diversity_weight must be a number >= 0, got {diversity_weight!r}")
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 2):
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
+        ):
             raise ValueError(f"num_classes must be an integer >= 2 or None, got {num_classes!r}")
         self.diversity = diversity
         self.diversity_weight = float(diversity_weight)

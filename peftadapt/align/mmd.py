@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -62,12 +62,18 @@ class MMD(Regularizer):
     min_batch = 2
     batch_statistic = True  # kernel means over all pairs of the batch
 
-    def __init__(self, kernel_multipliers: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0),
-                 bandwidth: str | float = "mean", estimator: str = "unbiased") -> None:
+    def __init__(
+        self,
+        kernel_multipliers: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0),
+        bandwidth: str | float = "mean",
+        estimator: str = "unbiased",
+    ) -> None:
         super().__init__()
         mults = tuple(float(c) for c in kernel_multipliers)
         if not mults or any(not (c > 0) for c in mults):
-            raise ValueError(f"kernel_multipliers must be a non-empty list of positive numbers, got {kernel_multipliers!r}")
+            raise ValueError(
+                f"kernel_multipliers must be a non-empty list of positive numbers, got {kernel_multipliers!r}"
+            )
         if isinstance(bandwidth, str):
             if bandwidth not in _BANDWIDTHS:
                 raise ValueError(f"unknown bandwidth {bandwidth!r}; valid: {list(_BANDWIDTHS)} or a positive float")
@@ -100,7 +106,10 @@ class MMD(Regularizer):
         return h.clamp_min(torch.finfo(z.dtype).tiny)
 
     def _kernel(self, sq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return sum(torch.exp(-sq / (c * h)) for c in self.kernel_multipliers)
+        out = torch.exp(-sq / (self.kernel_multipliers[0] * h))  # kernel_multipliers is non-empty (checked)
+        for c in self.kernel_multipliers[1:]:
+            out = out + torch.exp(-sq / (c * h))
+        return out
 
     def forward(self, source_features, target_features, source_logits=None, target_logits=None):
         fs, ft = self.check_features(source_features, target_features)
@@ -135,8 +144,8 @@ class MMD(Regularizer):
 
     def _linear(self, x, y, h):
         m2 = x.shape[0] // 2
-        x1, x2 = x[0:2 * m2:2], x[1:2 * m2:2]
-        y1, y2 = y[0:2 * m2:2], y[1:2 * m2:2]
+        x1, x2 = x[0 : 2 * m2 : 2], x[1 : 2 * m2 : 2]
+        y1, y2 = y[0 : 2 * m2 : 2], y[1 : 2 * m2 : 2]
 
         def k(a, b):
             return self._kernel((a - b).pow(2).sum(1), h)
@@ -144,5 +153,6 @@ class MMD(Regularizer):
         return (k(x1, x2) + k(y1, y2) - k(x1, y2) - k(x2, y1)).mean()
 
     def extra_repr(self) -> str:
-        return (f"kernel_multipliers={self.kernel_multipliers}, bandwidth={self.bandwidth!r}, "
-                f"estimator={self.estimator!r}")
+        return (
+            f"kernel_multipliers={self.kernel_multipliers}, bandwidth={self.bandwidth!r}, estimator={self.estimator!r}"
+        )

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
-__all__ = ["stat_dtype", "full_precision", "check_progress"]
+__all__ = ["check_progress", "full_precision", "stat_dtype"]
 
 
 def stat_dtype(x: torch.Tensor) -> torch.dtype:
@@ -39,10 +39,9 @@ def check_progress(p: object) -> float:
     value = None
     if not isinstance(p, (bool, str)):
         try:
-            value = float(p)  # type: ignore[arg-type]
+            value = float(p)  # type: ignore[arg-type]  # any object: float() raising is the check
         except (TypeError, ValueError):
             value = None
     if value is None or math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"progress must be in [0, 1] (the fraction of training done, step / total_steps), "
-                         f"got {p!r}")
+        raise ValueError(f"progress must be in [0, 1] (the fraction of training done, step / total_steps), got {p!r}")
     return value

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .regularizer import FunctionRegularizer, Regularizer
 
-__all__ = ["REGULARIZERS", "register", "build", "build_with_defaults", "regularizer_names", "init_params",
-           "validate_options"]
+__all__ = [
+    "REGULARIZERS",
+    "build",
+    "build_with_defaults",
+    "init_params",
+    "register",
+    "regularizer_names",
+    "validate_options",
+]
 
 # name -> (class, preset options). Presets let one class serve two names
 # ("cdan" and "cdan+e").
@@ -45,8 +53,7 @@ def register(name: str, obj: Any = None, *, needs_logits: bool = False, override
                 cls.name = key
         elif inspect.isclass(o):
             raise TypeError(
-                f"register({key!r}): {o.__name__} must subclass peftadapt.align.Regularizer "
-                f"(or be a plain function)"
+                f"register({key!r}): {o.__name__} must subclass peftadapt.align.Regularizer (or be a plain function)"
             )
         elif callable(o):
             cls = type(
@@ -64,7 +71,7 @@ def register(name: str, obj: Any = None, *, needs_logits: bool = False, override
     return deco if obj is None else deco(obj)
 
 
-def init_params(cls: type) -> dict[str, inspect.Parameter]:
+def init_params(cls: type[Any]) -> dict[str, inspect.Parameter]:
     sig = inspect.signature(cls.__init__)
     return {
         k: p
@@ -77,9 +84,7 @@ def validate_options(name: str, cls: type, options: Mapping[str, Any]) -> None:
     valid = init_params(cls)
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ValueError(
-            f"unknown option(s) {unknown} for regularizer {name!r}; valid options: {sorted(valid)}"
-        )
+        raise ValueError(f"unknown option(s) {unknown} for regularizer {name!r}; valid options: {sorted(valid)}")
 
 
 def build(name: str, **options: Any) -> Regularizer:
@@ -101,14 +106,15 @@ def build(name: str, **options: Any) -> Regularizer:
     validate_options(key, cls, options)
     clash = sorted(k for k in options if k in preset and options[k] != preset[k])
     if clash:
-        raise ValueError(f"regularizer {key!r} fixes option(s) {clash} to {({k: preset[k] for k in clash})}")
+        raise ValueError(f"regularizer {key!r} fixes option(s) {clash} to { ({k: preset[k] for k in clash}) }")
     kwargs = {**preset, **options}
-    missing = [
-        k for k, p in init_params(cls).items() if p.default is inspect.Parameter.empty and k not in kwargs
-    ]
+    missing = [k for k, p in init_params(cls).items() if p.default is inspect.Parameter.empty and k not in kwargs]
     if missing:
-        raise ValueError(f"regularizer {key!r} needs option(s) {missing}; e.g. build({key!r}, "
-                         + ", ".join(f"{k}=..." for k in missing) + ")")
+        raise ValueError(
+            f"regularizer {key!r} needs option(s) {missing}; e.g. build({key!r}, "
+            + ", ".join(f"{k}=..." for k in missing)
+            + ")"
+        )
     reg = cls(**kwargs)
     if preset:
         reg.name = key  # instance-level: "cdan+e" vs "cdan" share a class

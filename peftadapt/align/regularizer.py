@@ -30,14 +30,15 @@ registered the same way; it is wrapped into a :class:`Regularizer`.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .numerics import check_progress
 
-__all__ = ["Regularizer", "FunctionRegularizer"]
+__all__ = ["FunctionRegularizer", "Regularizer"]
 
 
 class Regularizer(nn.Module):

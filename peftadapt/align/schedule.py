@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, get_args
+from collections.abc import Callable
+from typing import Literal, get_args
 
 from .numerics import check_progress
 
-__all__ = ["Schedule", "SCHEDULES", "schedule_weight", "dann_ramp"]
+__all__ = ["SCHEDULES", "Schedule", "dann_ramp", "schedule_weight"]
 
 Schedule = Literal["constant", "linear", "dann"]
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
@@ -21,8 +22,9 @@ def dann_ramp(progress: float, gamma: float = 10.0) -> float:
     return 2.0 / (1.0 + math.exp(-gamma * progress)) - 1.0
 
 
-def schedule_weight(schedule: str | Callable[[float], float], progress: float,
-                    warmup: float = 0.0, start: float = 0.0) -> float:
+def schedule_weight(
+    schedule: str | Callable[[float], float], progress: float, warmup: float = 0.0, start: float = 0.0
+) -> float:
     """The multiplier in [0, 1] that a schedule gives at training progress ``progress``.
 
     Before ``start`` the term is off (0). After it, with ``q = progress - start``

@@ -30,7 +30,7 @@ import torch
 
 from ..core.comm import gather, is_distributed
 
-__all__ = ["Scope", "SCOPES", "check_scope", "default_scope", "resolve_scope", "gather_inputs"]
+__all__ = ["SCOPES", "Scope", "check_scope", "default_scope", "gather_inputs", "resolve_scope"]
 
 Scope = Literal["auto", "local", "global"]
 SCOPES: tuple[str, ...] = get_args(Scope)
@@ -39,8 +39,10 @@ SCOPES: tuple[str, ...] = get_args(Scope)
 def check_scope(scope: Any) -> str:
     """Validate a scope name; returns it."""
     if scope not in SCOPES:
-        raise ValueError(f"unknown alignment scope {scope!r}; valid scopes: {list(SCOPES)} "
-                         "(global: loss over the whole batch of all processes; local: each process on its shard)")
+        raise ValueError(
+            f"unknown alignment scope {scope!r}; valid scopes: {list(SCOPES)} "
+            "(global: loss over the whole batch of all processes; local: each process on its shard)"
+        )
     return str(scope)
 
 
@@ -58,9 +60,14 @@ def resolve_scope(scope: str, regularizer: Any) -> str:
     return default_scope(regularizer) if scope == "auto" else scope
 
 
-def gather_inputs(scope: str, regularizer: Any, fs: torch.Tensor, ft: torch.Tensor,
-                  ls: torch.Tensor | None = None, lt: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def gather_inputs(
+    scope: str,
+    regularizer: Any,
+    fs: torch.Tensor,
+    ft: torch.Tensor,
+    ls: torch.Tensor | None = None,
+    lt: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The regularizer's inputs under ``scope``: unchanged for local (or one process),
     gathered over all processes for global. Logits are gathered only when the regularizer
     reads them."""

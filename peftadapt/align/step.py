@@ -15,18 +15,20 @@ scheduled weight (:class:`~peftadapt.align.Term`).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from ..core.hf import is_causal_lm
-from ..features import FeatureTap
+from ..features import FeatureTap, Pooling
 from .numerics import check_progress
 from .regularizer import Regularizer
 from .terms import Alignment, Term
 
 __all__ = ["DomainAdaptation", "as_alignment", "check_alignment"]
+
 
 def as_alignment(regularizers: Any) -> Alignment | None:
     """None / an empty list -> None; an :class:`Alignment` as is; a :class:`Term`,
@@ -46,20 +48,29 @@ def check_alignment(alignment: Alignment, model: nn.Module, causal_lm: bool | No
         causal_lm = is_causal_lm(model)
     if causal_lm and alignment.needs_logits:
         names = [t.name for t in alignment.terms if getattr(t.regularizer, "needs_logits", False)]
-        raise ValueError(f"regularizers {names} read class logits (cdan, cdan+e, entropy) and need a sequence "
-                         "classifier (task='classification'); for a causal LM use mmd, coral or dann")
+        raise ValueError(
+            f"regularizers {names} read class logits (cdan, cdan+e, entropy) and need a sequence "
+            "classifier (task='classification'); for a causal LM use mmd, coral or dann"
+        )
 
 
 def _check_batch(batch: Any, what: str) -> Mapping[str, Any]:
     if not isinstance(batch, Mapping):
-        raise ValueError(f"{what} must be a mapping of model inputs (the tokenizer's output), "
-                         f"got {type(batch).__name__}")
+        raise ValueError(
+            f"{what} must be a mapping of model inputs (the tokenizer's output), got {type(batch).__name__}"
+        )
     mask = batch.get("attention_mask")
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-        got = f"keys {sorted(batch)}" if mask is None else f"attention_mask of {type(mask).__name__}" + (
-            f" shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else "")
-        raise ValueError(f"{what} needs an attention_mask (batch, seq) so pooling skips the padding; got {got}. "
-                         "Pass the tokenizer's output (return_attention_mask=True)")
+        got = (
+            f"keys {sorted(batch)}"
+            if mask is None
+            else f"attention_mask of {type(mask).__name__}"
+            + (f" shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else "")
+        )
+        raise ValueError(
+            f"{what} needs an attention_mask (batch, seq) so pooling skips the padding; got {got}. "
+            "Pass the tokenizer's output (return_attention_mask=True)"
+        )
     return batch
 
 
@@ -101,13 +112,22 @@ class DomainAdaptation:
     the target batch are dropped (target data is unlabeled).
     """
 
-    def __init__(self, model: nn.Module, regularizers: Alignment | Term | Regularizer | str | Iterable[Any], *,
-                 layer: str | nn.Module | None = None, pooling: str = "mean", causal_lm: bool | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        regularizers: Alignment | Term | Regularizer | str | Iterable[Any],
+        *,
+        layer: str | nn.Module | None = None,
+        pooling: Pooling = "mean",
+        causal_lm: bool | None = None,
+    ):
         alignment = as_alignment(regularizers)
         if alignment is None:
-            raise ValueError(f"DomainAdaptation needs at least one term, got regularizers={regularizers!r}; "
-                             "e.g. regularizers=[Term('mmd', weight=0.3)] (without terms, train on the task "
-                             "loss alone: no DomainAdaptation needed)")
+            raise ValueError(
+                f"DomainAdaptation needs at least one term, got regularizers={regularizers!r}; "
+                "e.g. regularizers=[Term('mmd', weight=0.3)] (without terms, train on the task "
+                "loss alone: no DomainAdaptation needed)"
+            )
         check_alignment(alignment, model, causal_lm)
         self.model = model
         self.alignment = alignment
@@ -128,8 +148,14 @@ class DomainAdaptation:
         return any(w > 0 for w in self.weights(progress).values())
 
     # -- the step ----------------------------------------------------------------------
-    def loss(self, source_batch: Mapping[str, Any], target_batch: Mapping[str, Any] | None,
-             progress: float, *, model: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    def loss(
+        self,
+        source_batch: Mapping[str, Any],
+        target_batch: Mapping[str, Any] | None,
+        progress: float,
+        *,
+        model: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Source forward, target forward (if a term is on), and the total loss.
 
         Returns ``(loss, logs)``: ``loss`` with its graph, ready for ``backward``;
@@ -146,16 +172,24 @@ class DomainAdaptation:
         out = (model or self.model)(**source_batch)
         task_loss = getattr(out, "loss", None)
         if task_loss is None:
-            raise ValueError(f"the source forward returned no loss: source_batch needs labels (keys: "
-                             f"{sorted(source_batch)}); class ids for a classifier, token ids for a causal LM")
+            raise ValueError(
+                f"the source forward returned no loss: source_batch needs labels (keys: "
+                f"{sorted(source_batch)}); class ids for a classifier, token ids for a causal LM"
+            )
         on = self.active(p)
         reg_loss, logs = self.alignment_loss(out, source_batch["attention_mask"], target_batch, p, model=model)
         loss = task_loss + reg_loss if on else task_loss
         return loss, {"task_loss": task_loss.detach(), **logs}
 
-    def alignment_loss(self, source_outputs: Any, source_attention_mask: torch.Tensor,
-                       target_batch: Mapping[str, Any] | None, progress: float, *,
-                       model: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    def alignment_loss(
+        self,
+        source_outputs: Any,
+        source_attention_mask: torch.Tensor,
+        target_batch: Mapping[str, Any] | None,
+        progress: float,
+        *,
+        model: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         """``sum_k lambda_k(p) D_k`` for a caller that already ran the source forward
         through the tapped model (e.g. transformers' ``Trainer.compute_loss``), right
         before this call: the tap still holds that forward's features.
@@ -181,14 +215,16 @@ class DomainAdaptation:
         ft = self._pooled(target_batch["attention_mask"], "target")
         self.tap.clear()  # the features live on in the graph; the tap need not hold them
         total, raw = None, {}
-        for term in self.alignment.terms:
+        for term in self.alignment.members:
             logits = getattr(term.regularizer, "needs_logits", False)
-            weighted, value = term(fs, ft, source_outputs.logits if logits else None,
-                                   out_t.logits if logits else None, progress=p)
+            weighted, value = term(
+                fs, ft, source_outputs.logits if logits else None, out_t.logits if logits else None, progress=p
+            )
             if weighted is None:  # off at this progress
                 continue
             raw[term.name] = value.detach()
             total = weighted if total is None else total + weighted
+        assert total is not None  # a term is on at this progress (checked above), so one added its loss
         logs["reg_loss"] = total.detach()
         logs.update({f"reg/{k}": v for k, v in raw.items()})
         logs.update({f"weight/{k}": w for k, w in weights.items()})
@@ -197,9 +233,11 @@ class DomainAdaptation:
     def _pooled(self, mask: torch.Tensor, domain: str) -> torch.Tensor:
         captured = self.tap.features
         if captured.shape[0] != mask.shape[0]:
-            raise ValueError(f"the tap holds features of {captured.shape[0]} examples but the {domain} "
-                             f"attention_mask has {mask.shape[0]} rows: run the {domain} forward through the "
-                             "tapped model right before this call")
+            raise ValueError(
+                f"the tap holds features of {captured.shape[0]} examples but the {domain} "
+                f"attention_mask has {mask.shape[0]} rows: run the {domain} forward through the "
+                "tapped model right before this call"
+            )
         return self.tap.pooled(mask)
 
     def _check_open(self) -> None:
@@ -219,17 +257,17 @@ class DomainAdaptation:
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         self.alignment.load_state_dict(state)
 
-    def to(self, device: torch.device | str) -> "DomainAdaptation":
+    def to(self, device: torch.device | str) -> DomainAdaptation:
         """Move the terms (discriminators) to ``device``; the model is the caller's."""
         self.alignment.to(device)
         return self
 
-    def train(self, mode: bool = True) -> "DomainAdaptation":
+    def train(self, mode: bool = True) -> DomainAdaptation:
         """Train / eval mode of the terms (discriminator dropout); the model is the caller's."""
         self.alignment.train(mode)
         return self
 
-    def eval(self) -> "DomainAdaptation":
+    def eval(self) -> DomainAdaptation:
         return self.train(False)
 
     # -- hooks ---------------------------------------------------------------------------
@@ -238,12 +276,12 @@ class DomainAdaptation:
         self.tap.remove()
         self._removed = True
 
-    def __enter__(self) -> "DomainAdaptation":
+    def __enter__(self) -> DomainAdaptation:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.remove()
 
     def __repr__(self) -> str:
-        terms = ", ".join(t.name for t in self.alignment.terms)
+        terms = ", ".join(t.name for t in self.alignment.members)
         return f"DomainAdaptation(terms=[{terms}], layer={self.tap.layer_name!r}, pooling={self.tap.pooling!r})"

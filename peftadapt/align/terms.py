@@ -7,17 +7,17 @@ Training minimises ``L_task(source) + sum_k lambda_k(p) * D_k(f_s, f_t[, g_s, g_
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
 
 from .registry import build
 from .regularizer import Regularizer
-from .schedule import SCHEDULES, schedule_weight
-from .scope import check_scope, gather_inputs
+from .schedule import SCHEDULES, Schedule, schedule_weight
+from .scope import Scope, check_scope, gather_inputs
 
-__all__ = ["Term", "Alignment"]
+__all__ = ["Alignment", "Term"]
 
 
 class Term(nn.Module):
@@ -39,9 +39,16 @@ class Term(nn.Module):
             MMD / CORAL, local for per-sample losses); see :mod:`peftadapt.align.scope`.
     """
 
-    def __init__(self, regularizer: Regularizer | str, weight: float = 1.0,
-                 schedule: str | Callable[[float], float] = "constant", warmup: float = 0.0,
-                 start: float = 0.0, name: str | None = None, scope: str = "auto") -> None:
+    def __init__(
+        self,
+        regularizer: Regularizer | str,
+        weight: float = 1.0,
+        schedule: Schedule | Callable[[float], float] = "constant",
+        warmup: float = 0.0,
+        start: float = 0.0,
+        name: str | None = None,
+        scope: Scope = "auto",
+    ) -> None:
         super().__init__()
         reg = build(regularizer) if isinstance(regularizer, str) else regularizer
         if not isinstance(reg, nn.Module):
@@ -62,7 +69,7 @@ class Term(nn.Module):
         self.schedule = schedule
         self.warmup = float(warmup)
         self.start = float(start)
-        self.name = name or getattr(reg, "name", type(reg).__name__.lower())
+        self.name: str = name if name else getattr(reg, "name", type(reg).__name__.lower())
         self.scope = check_scope(scope)
 
     def weight_at(self, progress: float) -> float:
@@ -76,8 +83,9 @@ class Term(nn.Module):
             self.regularizer.set_progress(progress)
         if w == 0.0:
             return None, None
-        fs, ft, source_logits, target_logits = gather_inputs(self.scope, self.regularizer, fs, ft,
-                                                             source_logits, target_logits)
+        fs, ft, source_logits, target_logits = gather_inputs(
+            self.scope, self.regularizer, fs, ft, source_logits, target_logits
+        )
         raw = self.regularizer(fs, ft, source_logits, target_logits)
         return w * raw, raw
 
@@ -113,33 +121,38 @@ class Alignment(nn.Module):
         self.terms = nn.ModuleList(built)
 
     @property
+    def members(self) -> list[Term]:
+        """The terms, typed (iterating the ModuleList yields plain ``nn.Module``)."""
+        return [t for t in self.terms if isinstance(t, Term)]
+
+    @property
     def needs_logits(self) -> bool:
-        return any(getattr(t.regularizer, "needs_logits", False) for t in self.terms)
+        return any(getattr(t.regularizer, "needs_logits", False) for t in self.members)
 
     @property
     def has_parameters(self) -> bool:
         return any(p.requires_grad for p in self.parameters())
 
     def set_progress(self, p: float) -> None:
-        for t in self.terms:
+        for t in self.members:
             t.regularizer.set_progress(p)
 
     def set_default_scope(self, scope: str) -> None:
         """Give every term left on ``scope="auto"`` the run-wide ``scope`` (``TrainConfig.align_scope``)."""
         if check_scope(scope) == "auto":
             return
-        for t in self.terms:
+        for t in self.members:
             if t.scope == "auto":
                 t.scope = scope
 
     def weights(self, progress: float) -> dict[str, float]:
         """{term name: effective weight at this progress}."""
-        return {t.name: t.weight_at(progress) for t in self.terms}
+        return {t.name: t.weight_at(progress) for t in self.members}
 
     def forward(self, fs, ft, ls=None, lt=None, progress: float = 0.0):
         total = None
         values: dict[str, float] = {}
-        for t in self.terms:
+        for t in self.members:
             weighted, raw = t(fs, ft, ls, lt, progress=progress)
             if weighted is None:
                 continue
@@ -147,6 +160,5 @@ class Alignment(nn.Module):
             total = weighted if total is None else total + weighted
         if total is None:
             ref = fs if isinstance(fs, torch.Tensor) else None
-            total = torch.zeros((), device=ref.device if ref is not None else None,
-                                dtype=torch.float32)
+            total = torch.zeros((), device=ref.device if ref is not None else None, dtype=torch.float32)
         return total, values

@@ -19,7 +19,7 @@ import torch.nn as nn
 from .native import NativeBackend
 from .peft import PeftBackend
 
-__all__ = ["Backend", "BACKENDS", "backend_of", "backend_for_folder"]
+__all__ = ["BACKENDS", "Backend", "backend_for_folder", "backend_of"]
 
 
 class Backend(Protocol):

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch.nn as nn
 
@@ -44,7 +45,7 @@ class NativeBackend:
 
     def load(self, base: nn.Module, path: Path, adapter_name: str | None, is_trainable: bool) -> nn.Module:
         if self.owns(base):
-            return base.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)  # type: ignore[operator,no-any-return]
+            return base.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)  # type: ignore[operator]  # torch types Module attributes as Tensor | Module
         if is_peft_model(base):
             raise ValueError(f"{path} holds a peftadapt bottleneck/head adapter; it cannot be added to a peft model")
         return AdaptedModel.from_pretrained(base, str(path), adapter_name=adapter_name, is_trainable=is_trainable)

@@ -12,18 +12,19 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch.nn as nn
 from safetensors import safe_open
 
-from ..core.hf import check_transformers_model, classifier_heads, unwrap, wrapped_reason
+from ..core.hf import check_transformers_model, classifier_heads, hf_config, unwrap, wrapped_reason
 from ..methods.peft_support import task_type_of
 from ..methods.prefix import prefix_task_type
 from ..quant import is_quantized, merge_quantized
 
-__all__ = ["PeftBackend", "CONFIG_FILE", "WEIGHTS_FILE", "is_peft_model"]
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "PeftBackend", "is_peft_model"]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -105,18 +106,25 @@ class PeftBackend:
         _check_peft_adapter_fits(target, cfg, shapes, path)
         try:
             if self.owns(base):
+                # torch types Module attributes as Tensor | Module
                 base.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)  # type: ignore[operator]
                 return base
             if wrapped_reason(base) is not None:
                 raise ValueError("load() onto a model that already carries adapters: pass the wrapped model itself")
             from peft import PeftModel
 
-            loaded: nn.Module = PeftModel.from_pretrained(base, str(path), adapter_name=adapter_name,
-                                                          is_trainable=is_trainable,
-                                                          config=_peft_config_here(target, cfg, shapes))
+            loaded: nn.Module = PeftModel.from_pretrained(
+                base,
+                str(path),
+                adapter_name=adapter_name,
+                is_trainable=is_trainable,
+                config=_peft_config_here(target, cfg, shapes),
+            )
             return loaded
         except RuntimeError as e:  # size mismatches that slipped past our checks
-            raise ValueError(f"the adapter in {path} does not fit this {target.config.model_type} model: {e}") from e
+            raise ValueError(
+                f"the adapter in {path} does not fit this {hf_config(target).model_type} model: {e}"
+            ) from e
 
 
 def _merged(model: nn.Module) -> bool:
@@ -154,29 +162,36 @@ def _read_safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     file = path / WEIGHTS_FILE
     if not file.is_file():
         others = sorted(p.name for p in path.glob("adapter_model*"))
-        raise FileNotFoundError(f"missing adapter weights {file}" + (f" (found {others}; peftadapt reads safetensors only)" if others else ""))
+        raise FileNotFoundError(
+            f"missing adapter weights {file}"
+            + (f" (found {others}; peftadapt reads safetensors only)" if others else "")
+        )
     try:
         with safe_open(str(file), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            # safe_open has keys() but is not iterable
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise ValueError(f"corrupt adapter weights {file}: {e}") from e
 
 
 def _in_out(mod: nn.Module) -> tuple[int, int] | None:
     if hasattr(mod, "in_features") and hasattr(mod, "out_features"):
-        return int(mod.in_features), int(mod.out_features)
+        # torch types Module attributes as Tensor | Module
+        return int(mod.in_features), int(mod.out_features)  # type: ignore[arg-type]
     if type(mod).__name__ == "Conv1D":  # GPT-2: weight is (in, out)
-        return int(mod.weight.shape[0]), int(mod.weight.shape[1])
+        # torch types Module attributes as Tensor | Module
+        return int(mod.weight.shape[0]), int(mod.weight.shape[1])  # type: ignore[index]
     return None
 
 
 def _check_peft_adapter_fits(model: nn.Module, cfg: dict, shapes: dict, path: Path) -> None:
-    mt = model.config.model_type
+    config = hf_config(model)
+    mt = config.model_type
     ptype = cfg.get("peft_type")
     if ptype is None:
         raise ValueError(f"{path / CONFIG_FILE} has no 'peft_type'; it is not a peft adapter config")
     if ptype == "PREFIX_TUNING":
-        want = {"num_layers": model.config.num_hidden_layers, "token_dim": model.config.hidden_size}
+        want = {"num_layers": config.num_hidden_layers, "token_dim": config.hidden_size}
         bad = {k: (cfg.get(k), v) for k, v in want.items() if cfg.get(k) not in (None, v)}
         if bad:
             raise ValueError(
@@ -187,7 +202,7 @@ def _check_peft_adapter_fits(model: nn.Module, cfg: dict, shapes: dict, path: Pa
     for key, shape in shapes.items():
         if not key.startswith("base_model.model."):
             continue
-        rest = key[len("base_model.model."):]
+        rest = key[len("base_model.model.") :]
         for tag in (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".lora_embedding_A", ".lora_embedding_B"):
             if tag in rest:
                 mod_name = rest.split(tag)[0]

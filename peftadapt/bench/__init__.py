@@ -12,4 +12,4 @@ from .cli import main
 from .harness import run
 from .memory_model import Arch, activation_bytes, analytic_memory, trainable_params, weight_bytes
 
-__all__ = ["Arch", "analytic_memory", "activation_bytes", "trainable_params", "weight_bytes", "run", "main"]
+__all__ = ["Arch", "activation_bytes", "analytic_memory", "main", "run", "trainable_params", "weight_bytes"]

@@ -1,5 +1,5 @@
-"""Fork server: ``python _server.py [adapters] [bitsandbytes]`` imports the heavy libraries once, then for each JSON spec line
-on stdin forks a fresh child that measures it and writes one JSON result line to stdout.
+"""Fork server: ``python _server.py [adapters] [bitsandbytes]`` imports the heavy libraries once, then for each
+JSON spec line on stdin forks a fresh child that measures it and writes one JSON result line to stdout.
 
 Why: importing transformers + peft costs 10-20 s of CPU on a small machine;
 paying it once per configuration would dominate a sweep. A forked child still
@@ -11,6 +11,7 @@ Run as a script (not ``-m``), so that the server still starts where ``import
 peftadapt`` fails (then the peer specs run and the peftadapt specs report why).
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -25,15 +26,16 @@ def _preload(extra: list[str]) -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
     from transformers import (  # noqa: F401
-        AutoModelForCausalLM, AutoModelForSequenceClassification, BertForSequenceClassification,
-        LlamaForCausalLM, LlamaForSequenceClassification,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        BertForSequenceClassification,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
     )
 
-    for mod in ["peft"] + extra:
-        try:
+    for mod in ["peft", *extra]:
+        with contextlib.suppress(Exception):  # optional peers; a spec that needs one reports the error
             __import__(mod)
-        except Exception:  # noqa: BLE001 - optional peers; a spec that needs one reports the error
-            pass
 
 
 _IMPORT_ERROR = None

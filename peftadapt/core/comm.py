@@ -23,14 +23,21 @@ is an unbiased estimate of the same gradient.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
 from .autograd import scale_grad
 
-__all__ = ["is_distributed", "world_size", "rank", "all_gather_fixed", "gather", "broadcast_parameters",
-           "average_gradients"]
+__all__ = [
+    "all_gather_fixed",
+    "average_gradients",
+    "broadcast_parameters",
+    "gather",
+    "is_distributed",
+    "rank",
+    "world_size",
+]
 
 
 # ---------------------------------------------------------------------------
@@ -38,8 +45,11 @@ __all__ = ["is_distributed", "world_size", "rank", "all_gather_fixed", "gather",
 # ---------------------------------------------------------------------------
 def is_distributed() -> bool:
     """True inside an initialized process group with more than one process."""
-    return (torch.distributed.is_available() and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1)
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 def world_size() -> int:
@@ -78,15 +88,17 @@ def gather(x: torch.Tensor, *, grad_factor: float | None = None) -> torch.Tensor
     if not is_distributed():
         return x
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise TypeError(f"gather needs a tensor with a batch dimension, got {type(x).__name__}"
-                        + (f" of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else ""))
+        raise TypeError(
+            f"gather needs a tensor with a batch dimension, got {type(x).__name__}"
+            + (f" of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else "")
+        )
     n, r = world_size(), rank()
     sizes = [int(s) for s in all_gather_fixed(torch.tensor([x.shape[0]], device=x.device, dtype=torch.long))]
     top = max(sizes)
     send = x.detach()
     if send.shape[0] < top:  # pad to the largest shard: all_gather moves equal shapes
-        send = torch.cat([send, send.new_zeros((top - send.shape[0],) + tuple(send.shape[1:]))], 0)
-    parts = [p[:s] for p, s in zip(all_gather_fixed(send), sizes)]
+        send = torch.cat([send, send.new_zeros((top - send.shape[0], *send.shape[1:]))], 0)
+    parts = [p[:s] for p, s in zip(all_gather_fixed(send), sizes, strict=True)]
     factor = float(n if grad_factor is None else grad_factor)
     parts[r] = scale_grad(x, factor) if x.requires_grad else x
     return torch.cat(parts, 0)
@@ -126,15 +138,17 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     for dtype in sorted(by_dtype, key=str):  # the same order on every process
         ps = by_dtype[dtype]
         device = ps[0].device
-        parts = [(p.grad.detach().reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=dtype,
-                                                                                     device=device)) for p in ps]
+        parts = [
+            (p.grad.detach().reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=dtype, device=device))
+            for p in ps
+        ]
         flags = torch.tensor([float(p.grad is not None) for p in ps], dtype=dtype, device=device)
-        buf = torch.cat(parts + [flags])
+        buf = torch.cat([*parts, flags])
         torch.distributed.all_reduce(buf)
         buf /= n
         offset = 0
         for i, p in enumerate(ps):
-            g = buf[offset:offset + p.numel()].view_as(p)
+            g = buf[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
             if float(buf[-len(ps) + i]) == 0:  # no process had a gradient
                 p.grad = None

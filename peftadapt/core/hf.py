@@ -9,12 +9,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import sys
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
+
+if TYPE_CHECKING:  # for annotations only: the package does not import transformers at import time
+    from transformers import PretrainedConfig
 
 # Top-level attribute names transformers gives its task heads. The final projection of a
 # classifier-like head: its *input* is the feature the classifier reads.
@@ -22,9 +24,9 @@ CLASSIFIER_HEADS = ("classifier", "score", "qa_outputs")
 # Language-model heads: vocabulary-sized and usually tied to the input embeddings.
 LM_HEAD_NAMES = ("lm_head", "cls", "vocab_transform", "vocab_layer_norm", "vocab_projector")
 # Every head module, in the order a model applies them (DistilBERT: pre_classifier, then classifier).
-HEAD_NAMES = ("pre_classifier",) + CLASSIFIER_HEADS + LM_HEAD_NAMES
+HEAD_NAMES = ("pre_classifier", *CLASSIFIER_HEADS, *LM_HEAD_NAMES)
 # The last projection of each kind of head (feature taps read its input; quantization skips it).
-OUTPUT_HEADS = CLASSIFIER_HEADS + ("lm_head",)
+OUTPUT_HEADS = (*CLASSIFIER_HEADS, "lm_head")
 # Final norms that produce the last hidden state in decoder stacks.
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
 
@@ -49,6 +51,11 @@ def unwrap(model: nn.Module) -> nn.Module:
             break
         model = inner
     return model
+
+
+def hf_config(model: nn.Module) -> PretrainedConfig:
+    """``model.config``, typed: torch annotates every dynamic module attribute as ``Tensor | Module``."""
+    return model.config  # type: ignore[return-value]  # torch types Module.__getattr__ as Tensor | Module
 
 
 def find_task_head(model: nn.Module) -> list[str]:
@@ -105,11 +112,12 @@ def validate_adapter_name(name: Any) -> None:
     non-empty string of letters, digits, '_' or '-'. A name prefixes module paths and saved
     weight keys, so '.' (a path separator), '/' or spaces would break them."""
     if isinstance(name, str) and "." in name:
-        raise ValueError(f"adapter name {name!r} may not contain '.' (it prefixes the saved weight keys); "
-                         "use letters, digits, '_' or '-'")
+        raise ValueError(
+            f"adapter name {name!r} may not contain '.' (it prefixes the saved weight keys); "
+            "use letters, digits, '_' or '-'"
+        )
     if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"adapter name must be a non-empty string of letters, digits, '_' or '-'; got {name!r}")
-
 
 
 def wrapped_reason(model: nn.Module) -> str | None:

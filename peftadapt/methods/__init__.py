@@ -15,5 +15,15 @@ from .head import Head
 from .lora import LoRA
 from .prefix import Prefix
 
-__all__ = ["AdaptedModel", "Adapter", "Head", "LoRA", "Prefix", "METHODS", "MethodConfig", "build_config",
-           "method_names", "register_method"]
+__all__ = [
+    "METHODS",
+    "AdaptedModel",
+    "Adapter",
+    "Head",
+    "LoRA",
+    "MethodConfig",
+    "Prefix",
+    "build_config",
+    "method_names",
+    "register_method",
+]

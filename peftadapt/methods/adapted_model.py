@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -68,7 +69,8 @@ class AdaptedModel(nn.Module):
         """Generate with the active adapter (causal LMs); forwarded to ``model.generate``."""
         if not hasattr(self.model, "generate"):
             raise AttributeError(f"{type(self.model).__name__} has no generate(); use a *ForCausalLM model")
-        return self.model.generate(*args, **kwargs)
+        # torch types Module attributes as Tensor | Module
+        return self.model.generate(*args, **kwargs)  # type: ignore[operator]
 
     def __getattr__(self, name: str):
         try:
@@ -186,7 +188,7 @@ class AdaptedModel(nn.Module):
                 slot.active = None
             yield
         finally:
-            for slot, active in zip(slots, saved):
+            for slot, active in zip(slots, saved, strict=False):
                 slot.active = active
 
     def unwrap(self) -> nn.Module:
@@ -213,7 +215,9 @@ class AdaptedModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """The tensors one adapter owns, keyed as in the saved file."""
@@ -243,14 +247,21 @@ class AdaptedModel(nn.Module):
         if enable is not None:
             enable(activation_checkpointing_kwargs=kw, **kwargs)
         else:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw, **kwargs)
-        if not getattr(self.model, "_require_grads_hooks", None) and getattr(self.model, "_require_grads_hook", None) is None:
-            self.model.enable_input_require_grads()
+            # torch types Module attributes as Tensor | Module
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw, **kwargs)  # type: ignore[operator]
+        if (
+            not getattr(self.model, "_require_grads_hooks", None)
+            and getattr(self.model, "_require_grads_hook", None) is None
+        ):
+            # torch types Module attributes as Tensor | Module
+            self.model.enable_input_require_grads()  # type: ignore[operator]
 
     def gradient_checkpointing_disable(self) -> None:
         disable = getattr(self.model, "activation_checkpointing_disable", None)
-        (disable or self.model.gradient_checkpointing_disable)()
-        self.model.disable_input_require_grads()
+        # torch types Module attributes as Tensor | Module
+        (disable or self.model.gradient_checkpointing_disable)()  # type: ignore[operator]
+        # torch types Module attributes as Tensor | Module
+        self.model.disable_input_require_grads()  # type: ignore[operator]
 
     # -- save / load -------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike[str], adapter_names: list[str] | None = None) -> None:
@@ -269,8 +280,9 @@ class AdaptedModel(nn.Module):
         native_format.save_adapters(self, save_directory, names)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike[str], adapter_name: str | None = None,
-                        is_trainable: bool = False) -> "AdaptedModel":
+    def from_pretrained(
+        cls, model: nn.Module, path: str | os.PathLike[str], adapter_name: str | None = None, is_trainable: bool = False
+    ) -> AdaptedModel:
         """Wrap ``model`` and load saved adapter(s) into it.
 
         ``adapter_name=None`` loads every saved adapter under its saved name;
@@ -289,8 +301,9 @@ class AdaptedModel(nn.Module):
             wrapped.eval()
         return wrapped
 
-    def load_adapter(self, path: str | os.PathLike[str], adapter_name: str | None = None,
-                     is_trainable: bool = False) -> "AdaptedModel":
+    def load_adapter(
+        self, path: str | os.PathLike[str], adapter_name: str | None = None, is_trainable: bool = False
+    ) -> AdaptedModel:
         """Load saved adapter(s) into this model (see :meth:`from_pretrained`); returns ``self``.
 
         The active adapter stays; a model with none yet activates the saved
@@ -300,5 +313,4 @@ class AdaptedModel(nn.Module):
         return self
 
     def __repr__(self) -> str:
-        return (f"AdaptedModel(active_adapter={self._active!r}, adapters={self.adapter_names},\n"
-                f"  model={self.model!r})")
+        return f"AdaptedModel(active_adapter={self._active!r}, adapters={self.adapter_names},\n  model={self.model!r})"

@@ -29,12 +29,13 @@ Placement, as in the papers:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from ..core.hf import LM_HEAD_NAMES, find_task_head
+from ..core.hf import LM_HEAD_NAMES, find_task_head, hf_config
 from .adapted_model import AdaptedModel, check_unwrapped
 from .base import MethodConfig, field, register_method
 from .slots import AdapterSlot, Slot, add_head_copies, get_parent
@@ -43,7 +44,7 @@ STYLES = ("houlsby", "pfeiffer")
 PLACEMENTS = ("attention", "ffn")
 _STYLE_PLACEMENT = {"houlsby": ["attention", "ffn"], "pfeiffer": ["ffn"]}
 
-_ACTIVATIONS = {
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
     "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
@@ -67,7 +68,10 @@ ARCHITECTURES: dict[str, dict[str, str]] = {
     "roberta": _BERT,
     "xlm-roberta": _BERT,
     "electra": _BERT,
-    "distilbert": {"attention": r"transformer\.layer\.\d+\.attention\.out_lin", "ffn": r"transformer\.layer\.\d+\.ffn\.lin2"},
+    "distilbert": {
+        "attention": r"transformer\.layer\.\d+\.attention\.out_lin",
+        "ffn": r"transformer\.layer\.\d+\.ffn\.lin2",
+    },
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
@@ -83,8 +87,16 @@ class BottleneckAdapter(nn.Module):
     and returns the input's dtype.
     """
 
-    def __init__(self, hidden: int, bottleneck: int, activation: str = "relu", dropout: float = 0.0,
-                 scaling: float = 1.0, dtype: torch.dtype | None = None, device=None):
+    def __init__(
+        self,
+        hidden: int,
+        bottleneck: int,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        scaling: float = 1.0,
+        dtype: torch.dtype | None = None,
+        device=None,
+    ):
         super().__init__()
         self.down = nn.Linear(hidden, bottleneck, dtype=dtype, device=device)
         self.act = _ACTIVATIONS[activation]()
@@ -99,8 +111,9 @@ class BottleneckAdapter(nn.Module):
         h = self.dropout(self.act(self.down(xin)))
         # x + s * (h W_up^T + b_up) as one GEMM with the residual as its addend, then the bias in
         # place: no separate up-projection output, scaled copy and sum (two fewer B x L x d passes)
-        flat = torch.addmm(xin.reshape(-1, xin.shape[-1]), h.reshape(-1, h.shape[-1]), self.up.weight.t(),
-                           alpha=self.scaling)
+        flat = torch.addmm(
+            xin.reshape(-1, xin.shape[-1]), h.reshape(-1, h.shape[-1]), self.up.weight.t(), alpha=self.scaling
+        )
         flat.add_(self.up.bias, alpha=self.scaling)
         return flat.view(x.shape).to(x.dtype)
 
@@ -126,27 +139,40 @@ def _float_dtype(*modules: nn.Module) -> torch.dtype:
 class Adapter(MethodConfig):
     """Bottleneck adapters (Houlsby 2019 / Pfeiffer 2021); base model frozen."""
 
-    style: str = field("houlsby", f"where adapters go by default: {list(STYLES)} (houlsby: after attention and "
-                                  "feed-forward; pfeiffer: after feed-forward only)")
+    style: str = field(
+        "houlsby",
+        f"where adapters go by default: {list(STYLES)} (houlsby: after attention and "
+        "feed-forward; pfeiffer: after feed-forward only)",
+    )
     reduction_factor: float = field(16, "bottleneck size = hidden_size // reduction_factor")
     bottleneck_size: int | None = field(None, "bottleneck size; overrides reduction_factor when set")
     activation: str = field("relu", f"nonlinearity in the bottleneck: {list(ACTIVATIONS)}")
-    placement: list[str] | None = field(None, f"override of the style's injection points: a subset of "
-                                              f"{list(PLACEMENTS)} (or one of them as a string)")
+    placement: list[str] | None = field(
+        None, f"override of the style's injection points: a subset of {list(PLACEMENTS)} (or one of them as a string)"
+    )
     dropout: float = field(0.0, "dropout on the bottleneck activations (training only)")
     scaling: float = field(1.0, "residual scale s in x + s * up(act(down(x)))")
-    train_head: bool = field(True, "also train the task head (a copy of classifier/score/...); a language "
-                                   "model's lm_head is never trained by adapters (vocabulary-sized, tied)")
+    train_head: bool = field(
+        True,
+        "also train the task head (a copy of classifier/score/...); a language "
+        "model's lm_head is never trained by adapters (vocabulary-sized, tied)",
+    )
 
     def validate(self) -> None:
         if not isinstance(self.style, str) or self.style.lower() not in STYLES:
             raise ValueError(f"unknown adapter style {self.style!r}; valid styles: {list(STYLES)}")
         self.style = self.style.lower()
-        if self.bottleneck_size is not None:
-            if isinstance(self.bottleneck_size, bool) or not isinstance(self.bottleneck_size, int) or self.bottleneck_size < 1:
-                raise ValueError(f"bottleneck_size must be a positive integer or None, got {self.bottleneck_size!r}")
-        if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, (int, float)) \
-                or not self.reduction_factor > 0:
+        if self.bottleneck_size is not None and (
+            isinstance(self.bottleneck_size, bool)
+            or not isinstance(self.bottleneck_size, int)
+            or self.bottleneck_size < 1
+        ):
+            raise ValueError(f"bottleneck_size must be a positive integer or None, got {self.bottleneck_size!r}")
+        if (
+            isinstance(self.reduction_factor, bool)
+            or not isinstance(self.reduction_factor, (int, float))
+            or not self.reduction_factor > 0
+        ):
             raise ValueError(f"reduction_factor must be a positive number, got {self.reduction_factor!r}")
         if not isinstance(self.activation, str) or self.activation.lower() not in _ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; valid activations: {list(ACTIVATIONS)}")
@@ -154,8 +180,9 @@ class Adapter(MethodConfig):
         if self.placement is not None:
             places = [self.placement] if isinstance(self.placement, str) else self.placement
             if not isinstance(places, (list, tuple)) or not places or any(p not in PLACEMENTS for p in places):
-                raise ValueError(f"placement must be None or a non-empty subset of {list(PLACEMENTS)}, "
-                                 f"got {self.placement!r}")
+                raise ValueError(
+                    f"placement must be None or a non-empty subset of {list(PLACEMENTS)}, got {self.placement!r}"
+                )
             self.placement = [p for p in PLACEMENTS if p in places]  # canonical order, no duplicates
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
@@ -224,7 +251,7 @@ class Adapter(MethodConfig):
         for name in self.injection_points(hf):
             module = hf.get_submodule(name)
             base = module.base_layer if isinstance(module, Slot) else module
-            hidden = _out_features(base) or getattr(hf.config, "hidden_size")
+            hidden: int = _out_features(base) or hf_config(hf).hidden_size
             self.bottleneck(hidden)
             plan.append((name, base, hidden))
         return plan

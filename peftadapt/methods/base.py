@@ -16,9 +16,9 @@ import torch.nn as nn
 
 from ..core.fields import field, help_of
 
-__all__ = ["METHODS", "ALIASES", "MethodConfig", "register_method", "method_names", "build_config", "field"]
+__all__ = ["ALIASES", "METHODS", "MethodConfig", "build_config", "field", "method_names", "register_method"]
 
-METHODS: dict[str, type["MethodConfig"]] = {}
+METHODS: dict[str, type[MethodConfig]] = {}
 # Aliases: a name that maps to a config class with some options preset.
 ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
 
@@ -52,14 +52,11 @@ class MethodConfig:
 
     # -- construction ------------------------------------------------------
     @classmethod
-    def from_options(cls, **options: Any) -> "MethodConfig":
+    def from_options(cls, **options: Any) -> MethodConfig:
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(options) - set(valid))
         if unknown:
-            raise ValueError(
-                f"unknown option(s) {unknown} for method {cls.method!r}; "
-                f"valid options: {valid}"
-            )
+            raise ValueError(f"unknown option(s) {unknown} for method {cls.method!r}; valid options: {valid}")
         cfg = cls(**options)
         cfg.validate()
         return cfg
@@ -86,7 +83,7 @@ class MethodConfig:
         raise NotImplementedError
 
 
-def build_config(method: "str | MethodConfig", **options: Any) -> MethodConfig:
+def build_config(method: str | MethodConfig, **options: Any) -> MethodConfig:
     """Turn ``("lora", r=8)`` or ``LoRA(r=8)`` into a validated config."""
     if isinstance(method, MethodConfig):
         if options:
@@ -97,8 +94,7 @@ def build_config(method: "str | MethodConfig", **options: Any) -> MethodConfig:
         return method
     if not isinstance(method, str):
         raise TypeError(
-            f"method must be a name or a MethodConfig, got {type(method).__name__}; "
-            f"valid names: {method_names()}"
+            f"method must be a name or a MethodConfig, got {type(method).__name__}; valid names: {method_names()}"
         )
     key = method.lower()
     if key in ALIASES:

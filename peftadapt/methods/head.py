@@ -20,6 +20,7 @@ from .adapted_model import AdaptedModel
 from .base import MethodConfig, field, register_method
 from .slots import add_head_copies
 
+
 @register_method("head")
 @dataclass
 class Head(MethodConfig):
@@ -35,8 +36,10 @@ class Head(MethodConfig):
         if self.modules is not None:
             if isinstance(self.modules, str):
                 self.modules = [self.modules]
-            if not isinstance(self.modules, (list, tuple)) or not self.modules or not all(
-                isinstance(m, str) and m for m in self.modules
+            if (
+                not isinstance(self.modules, (list, tuple))
+                or not self.modules
+                or not all(isinstance(m, str) and m for m in self.modules)
             ):
                 raise ValueError(f"modules must be None or a non-empty list of module names, got {self.modules!r}")
             self.modules = list(self.modules)

@@ -29,8 +29,16 @@ from ..core.version import __version__
 from .base import build_config
 from .slots import AdapterSlot, HeadSlot
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "FORMAT_VERSION", "base_info", "save_adapters",
-           "read_config", "load_adapters"]
+__all__ = [
+    "CONFIG_NAME",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "WEIGHTS_NAME",
+    "base_info",
+    "load_adapters",
+    "read_config",
+    "save_adapters",
+]
 
 CONFIG_NAME = "peftadapt_config.json"
 WEIGHTS_NAME = "peftadapt_model.safetensors"
@@ -83,8 +91,10 @@ def save_adapters(model: Any, save_directory: str | os.PathLike[str], names: lis
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text + "\n")
 
-    write_atomic(os.path.join(save_directory, WEIGHTS_NAME),
-                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "peftadapt_format": str(FORMAT_VERSION)}))
+    write_atomic(
+        os.path.join(save_directory, WEIGHTS_NAME),
+        lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "peftadapt_format": str(FORMAT_VERSION)}),
+    )
     write_atomic(os.path.join(save_directory, CONFIG_NAME), write_json)
 
 
@@ -116,8 +126,9 @@ def load_adapters(model: Any, path: str | os.PathLike[str], adapter_name: str | 
             _check_entry(model, saved[old], old, meta, path)
             model.add_adapter(new, build_config(saved[old]["method"], **saved[old]["options"]))
             loaded.append(new)
-            _load_tensors(model, new, {k[len(old) + 1:]: v for k, v in tensors.items() if k.startswith(old + ".")},
-                          weights_file)
+            _load_tensors(
+                model, new, {k[len(old) + 1 :]: v for k, v in tensors.items() if k.startswith(old + ".")}, weights_file
+            )
             if not is_trainable:
                 model.set_inference_only(new)
         unused = sorted(k for k in tensors if k.split(".", 1)[0] not in saved)
@@ -139,7 +150,9 @@ def _read_weights(path: str | os.PathLike[str], weights_file: str) -> dict[str, 
     try:
         return load_file(weights_file)
     except Exception as e:  # safetensors raises its own error types for a damaged file
-        raise ValueError(f"could not read {weights_file}: not a valid safetensors file ({type(e).__name__}: {e})") from e
+        raise ValueError(
+            f"could not read {weights_file}: not a valid safetensors file ({type(e).__name__}: {e})"
+        ) from e
 
 
 def _check_entry(model: Any, entry: Any, old: str, meta: dict[str, Any], path: str | os.PathLike[str]) -> None:
@@ -157,7 +170,7 @@ def _check_entry(model: Any, entry: Any, old: str, meta: dict[str, Any], path: s
 
 
 def _load_tensors(model: Any, adapter_name: str, tensors: dict[str, torch.Tensor], weights_file: str) -> None:
-    own = {k[len(adapter_name) + 1:]: v for k, v in model.adapter_state_dict(adapter_name).items()}
+    own = {k[len(adapter_name) + 1 :]: v for k, v in model.adapter_state_dict(adapter_name).items()}
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     if missing or unexpected:
@@ -168,7 +181,9 @@ def _load_tensors(model: Any, adapter_name: str, tensors: dict[str, torch.Tensor
         )
     for k, target in own.items():
         if tuple(tensors[k].shape) != tuple(target.shape):
-            raise ValueError(f"{weights_file}: {k} has shape {tuple(tensors[k].shape)}, the model expects {tuple(target.shape)}")
+            raise ValueError(
+                f"{weights_file}: {k} has shape {tuple(tensors[k].shape)}, the model expects {tuple(target.shape)}"
+            )
     with torch.no_grad():
         for k, target in own.items():
             target.copy_(tensors[k])
@@ -180,6 +195,7 @@ def _check_compatible(here: dict[str, Any], saved: dict[str, Any], path: str | o
         keys.append("num_labels")
     diff = [k for k in keys if saved.get(k) != here.get(k)]
     if diff:
+
         def show(d: dict[str, Any]) -> str:
             return ", ".join(f"{k}={d.get(k)!r}" for k in keys) + f" ({d.get('model_class')})"
 
@@ -202,8 +218,11 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise FileNotFoundError(f"adapter folder {path!r} does not exist (or is not a folder)")
     cfg_file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cfg_file):
-        hint = " (it looks like a peft adapter folder: load it with peftadapt.load)" if os.path.isfile(
-            os.path.join(path, "adapter_config.json")) else ""
+        hint = (
+            " (it looks like a peft adapter folder: load it with peftadapt.load)"
+            if os.path.isfile(os.path.join(path, "adapter_config.json"))
+            else ""
+        )
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path} (found {_listing(path)}){hint}")
     try:
         with open(cfg_file, encoding="utf-8") as f:
@@ -211,10 +230,14 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"could not read {cfg_file}: not valid JSON ({e})") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{cfg_file} is not a peftadapt adapter config (missing \"format\": \"{FORMAT}\")")
+        raise ValueError(f'{cfg_file} is not a peftadapt adapter config (missing "format": "{FORMAT}")')
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(f"{cfg_file} has format_version {version!r}; this peftadapt reads up to {FORMAT_VERSION}")
-    if not isinstance(meta.get("adapters"), dict) or not meta["adapters"] or not isinstance(meta.get("base_model"), dict):
-        raise ValueError(f"{cfg_file} is missing its \"adapters\" or \"base_model\" section")
+    if (
+        not isinstance(meta.get("adapters"), dict)
+        or not meta["adapters"]
+        or not isinstance(meta.get("base_model"), dict)
+    ):
+        raise ValueError(f'{cfg_file} is missing its "adapters" or "base_model" section')
     return meta

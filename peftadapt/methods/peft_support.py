@@ -10,6 +10,8 @@ import re
 
 import torch.nn as nn
 
+from ..core.hf import hf_config
+
 # transformers class-name suffix -> peft TaskType name
 _TASK_BY_SUFFIX = (
     ("ForSequenceClassification", "SEQ_CLS"),
@@ -44,7 +46,7 @@ def default_lora_targets(model: nn.Module) -> list[str] | str:
     """Per-architecture LoRA targets: peft's table (q/v projections), else all linear layers."""
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as table
 
-    model_type = model.config.model_type
+    model_type = hf_config(model).model_type
     if model_type in table:
         return list(table[model_type])
     return "all-linear"
@@ -63,12 +65,12 @@ def check_targets_exist(model: nn.Module, targets: list[str] | str, what: str = 
         if not any(re.fullmatch(targets, n) for n in names):
             raise ValueError(
                 f"{what}={targets!r} (a regular expression) matches no module of this "
-                f"{model.config.model_type} model; linear layers here: {linear_module_names(model)}"
+                f"{hf_config(model).model_type} model; linear layers here: {linear_module_names(model)}"
             )
         return
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         raise ValueError(
-            f"{what} {missing} match no module of this {model.config.model_type} model; "
+            f"{what} {missing} match no module of this {hf_config(model).model_type} model; "
             f"linear layers here: {linear_module_names(model)} (or use 'all-linear')"
         )

@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import torch.nn as nn
 
-from ..core.hf import classifier_heads
+from ..core.hf import classifier_heads, hf_config
 from ..quant.prepare import check_prefix_compat
 from . import peft_support
 from .base import MethodConfig, field, register_method
@@ -51,29 +51,47 @@ class Prefix(MethodConfig):
     backend: ClassVar[str] = "peft"
 
     num_virtual_tokens: int = field(20, "number of virtual prefix positions per layer")
-    prefix_projection: bool = field(False, "reparameterise the prefix through a 2-layer MLP (more stable, more params while training)")
+    prefix_projection: bool = field(
+        False, "reparameterise the prefix through a 2-layer MLP (more stable, more params while training)"
+    )
     projection_hidden_size: int | None = field(None, "hidden size of that MLP (default: the model's hidden size)")
     train_head: bool = field(True, "train the task head (classifier / score) when the model has one")
 
     def validate(self) -> None:
-        if not isinstance(self.num_virtual_tokens, int) or isinstance(self.num_virtual_tokens, bool) or self.num_virtual_tokens < 1:
+        if (
+            not isinstance(self.num_virtual_tokens, int)
+            or isinstance(self.num_virtual_tokens, bool)
+            or self.num_virtual_tokens < 1
+        ):
             raise ValueError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
-        if self.projection_hidden_size is not None and (not isinstance(self.projection_hidden_size, int) or self.projection_hidden_size < 1):
-            raise ValueError(f"projection_hidden_size must be a positive integer or None, got {self.projection_hidden_size!r}")
+        if self.projection_hidden_size is not None and (
+            not isinstance(self.projection_hidden_size, int) or self.projection_hidden_size < 1
+        ):
+            raise ValueError(
+                f"projection_hidden_size must be a positive integer or None, got {self.projection_hidden_size!r}"
+            )
 
     def peft_config(self, model: nn.Module):
         from peft import PrefixTuningConfig
 
-        mt = model.config.model_type
-        if mt in _NO_KV_CACHE or getattr(model.config, "is_encoder_decoder", False):
+        config = hf_config(model)
+        mt = config.model_type
+        if mt in _NO_KV_CACHE or getattr(config, "is_encoder_decoder", False):
             raise ValueError(
                 f"prefix tuning cannot be applied to a {mt!r} model: its attention takes no past_key_values"
-                + (" (encoder-decoder models are not supported by peftadapt's prefix path)" if getattr(model.config, "is_encoder_decoder", False) else "")
+                + (
+                    " (encoder-decoder models are not supported by peftadapt's prefix path)"
+                    if getattr(config, "is_encoder_decoder", False)
+                    else ""
+                )
                 + "; use 'lora' or 'adapter' instead"
             )
         own_task = peft_support.task_type_of(model)
         if own_task not in (None, "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM"):
-            raise ValueError(f"prefix tuning supports classifiers, causal LMs and backbones; got a {own_task} model ({type(model).__name__})")
+            raise ValueError(
+                f"prefix tuning supports classifiers, causal LMs and backbones; got a {own_task} model "
+                f"({type(model).__name__})"
+            )
         task = prefix_task_type(model)
         heads = classifier_heads(model)
         modules_to_save = None
@@ -84,15 +102,14 @@ class Prefix(MethodConfig):
                 "train_head=False with prefix tuning on a classifier needs transformers >= 5 "
                 "(peft's classifier path always trains the head)"
             )
-        kw = {}
-        if self.prefix_projection:
-            kw["encoder_hidden_size"] = self.projection_hidden_size or model.config.hidden_size
+        hidden = (self.projection_hidden_size or config.hidden_size) if self.prefix_projection else None
         return PrefixTuningConfig(
             task_type=task,
             num_virtual_tokens=self.num_virtual_tokens,
             prefix_projection=self.prefix_projection,
             modules_to_save=modules_to_save,
-            **kw,
+            # None is peft's own default (its field is annotated int but defaults to None)
+            encoder_hidden_size=hidden,  # type: ignore[arg-type]
         )
 
     def apply(self, model: nn.Module, adapter_name: str = "default") -> nn.Module:
@@ -102,4 +119,4 @@ class Prefix(MethodConfig):
         return get_peft_model(model, self.peft_config(model), adapter_name=adapter_name)
 
     def add_to(self, wrapped: nn.Module, adapter_name: str) -> None:
-        wrapped.add_adapter(adapter_name, self.peft_config(wrapped.get_base_model()))
+        wrapped.add_adapter(adapter_name, self.peft_config(wrapped.get_base_model()))  # type: ignore[operator]  # torch types Module attributes as Tensor | Module

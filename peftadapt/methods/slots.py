@@ -15,7 +15,7 @@ import copy
 
 import torch.nn as nn
 
-__all__ = ["Slot", "AdapterSlot", "HeadSlot", "get_parent", "add_head_copies"]
+__all__ = ["AdapterSlot", "HeadSlot", "Slot", "add_head_copies", "get_parent"]
 
 
 class Slot(nn.Module):
@@ -63,7 +63,7 @@ class AdapterSlot(Slot):
             return out
         adapter = self.adapters[self.active]
         if isinstance(out, tuple):  # a sublayer returning (hidden, extras...)
-            return (adapter(out[0]),) + out[1:]
+            return (adapter(out[0]), *out[1:])
         return adapter(out)
 
 
@@ -91,7 +91,8 @@ def add_head_copies(wrapped: nn.Module, adapter_name: str, head_names: list[str]
     """Give ``adapter_name`` its own trainable copy of each head module."""
     hf = wrapped.model
     for name in head_names:
-        module = hf.get_submodule(name)
+        # torch types Module attributes as Tensor | Module
+        module = hf.get_submodule(name)  # type: ignore[union-attr]
         if not isinstance(module, HeadSlot):
             slot = HeadSlot(module)
             setattr(hf, name, slot)

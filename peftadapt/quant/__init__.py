@@ -14,18 +14,29 @@ bitsandbytes is imported lazily, inside the functions that need it, so
 - :func:`make_optimizer` builds AdamW / 8-bit AdamW / paged 8-bit AdamW.
 """
 
+from ._bnb import guard_4bit_cpu, is_quantized, quant_bits, tensor_bytes
 from .build import build_quantized
 from .load import bnb_config, load_quantized
 from .merge import merge_quantized
 from .optim import OPTIMIZERS, make_optimizer
 from .prepare import (
-    check_prefix_compat,
     cast_trainable_to_fp32,
+    check_prefix_compat,
     prepare_for_kbit_training,
 )
-from ._bnb import guard_4bit_cpu, is_quantized, quant_bits, tensor_bytes
 
 __all__ = [
-    "load_quantized", "build_quantized", "prepare_for_kbit_training", "merge_quantized", "make_optimizer",
-    "cast_trainable_to_fp32", "guard_4bit_cpu", "check_prefix_compat", "bnb_config", "is_quantized", "quant_bits", "tensor_bytes", "OPTIMIZERS",
+    "OPTIMIZERS",
+    "bnb_config",
+    "build_quantized",
+    "cast_trainable_to_fp32",
+    "check_prefix_compat",
+    "guard_4bit_cpu",
+    "is_quantized",
+    "load_quantized",
+    "make_optimizer",
+    "merge_quantized",
+    "prepare_for_kbit_training",
+    "quant_bits",
+    "tensor_bytes",
 ]

@@ -16,9 +16,14 @@ import torch.nn as nn
 BITS = (4, 8)
 QUANT_TYPES = ("nf4", "fp4")
 _DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
 }
 
 
@@ -105,11 +110,13 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
     ``W_int8 * SCB / 127``.
     """
     w = layer.weight
+    assert isinstance(w, torch.Tensor)  # a bitsandbytes Params4bit / Int8Params (Parameter subclasses)
     if type(layer).__name__ == "Linear4bit":
         _unpack_cpu_layout(w)
-        if _misaligned_on_cpu(w.data, w.quant_state):
-            return _dequantize_4bit_torch(w.data, w.quant_state).to(torch.float32)
-        return bnb().functional.dequantize_4bit(w.data, w.quant_state).to(torch.float32)
+        qs = w.quant_state  # type: ignore[attr-defined]  # Params4bit's attribute; w is typed as its base Tensor
+        if _misaligned_on_cpu(w.data, qs):
+            return _dequantize_4bit_torch(w.data, qs).to(torch.float32)
+        return bnb().functional.dequantize_4bit(w.data, qs).to(torch.float32)
     scb = getattr(w, "SCB", None)
     if scb is None:
         scb = getattr(layer.state, "SCB", None)
@@ -129,8 +136,12 @@ def _unpack_cpu_layout(weight) -> None:
 
 def _misaligned_on_cpu(A: torch.Tensor, qs) -> bool:
     """True where bitsandbytes' AVX512 CPU dequantization kernel would read the wrong absmax."""
-    return (A.device.type == "cpu" and qs is not None and not getattr(qs, "packing_format_for_cpu", False)
-            and qs.shape[-1] % qs.blocksize != 0)
+    return (
+        A.device.type == "cpu"
+        and qs is not None
+        and not getattr(qs, "packing_format_for_cpu", False)
+        and qs.shape[-1] % qs.blocksize != 0
+    )
 
 
 def _dequantize_4bit_torch(A: torch.Tensor, qs) -> torch.Tensor:
@@ -153,7 +164,7 @@ def _exact_dequantize_4bit(original):
         return w if out is None else out.copy_(w)
 
     dequantize_4bit.__doc__ = original.__doc__
-    dequantize_4bit._peftadapt_original = original
+    dequantize_4bit._peftadapt_original = original  # type: ignore[attr-defined]  # a marker on our own function
     return dequantize_4bit
 
 
@@ -234,7 +245,8 @@ def guard_4bit_cpu(model: nn.Module) -> nn.Module:
         return model
     _install_exact_cpu_dequantize()
     for m in layers:
-        m.support_avx512bf16_for_cpu = False
+        # torch types Module attributes as Tensor | Module
+        m.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
         _unpack_cpu_layout(m.weight)
         qs = getattr(m.weight, "quant_state", None)
         if qs is not None and qs.shape[-1] % qs.blocksize != 0 and "forward" not in m.__dict__:

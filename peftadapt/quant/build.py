@@ -27,10 +27,10 @@ from .load import auto_class, bnb_config
 from .prepare import prepare_for_kbit_training
 
 
-
 def _skip_names(model: nn.Module, skip_modules) -> set[str]:
     names = set(skip_modules) if skip_modules else set(OUTPUT_HEADS)
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # torch types Module attributes as Tensor | Module
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # type: ignore[operator]
     for name, m in model.named_modules():
         if out is not None and m is out:
             names.add(name)
@@ -42,25 +42,31 @@ def _skipped(name: str, names: set[str]) -> bool:
 
 
 @torch.no_grad()
-def _quantized_linear(lin: nn.Linear, bits, quant_type, double_quant, compute_dtype, std, device, gen_dtype,
-                      threshold):
+def _quantized_linear(lin: nn.Linear, bits, quant_type, double_quant, compute_dtype, std, device, gen_dtype, threshold):
     b = bnb()
     has_bias = lin.bias is not None
     w = torch.empty(lin.out_features, lin.in_features, dtype=gen_dtype, device=device).normal_(0.0, std)
     if bits == 4:
-        new = b.nn.Linear4bit(lin.in_features, lin.out_features, bias=has_bias, compute_dtype=compute_dtype,
-                              compress_statistics=double_quant, quant_type=quant_type, device="meta")
+        new = b.nn.Linear4bit(
+            lin.in_features,
+            lin.out_features,
+            bias=has_bias,
+            compute_dtype=compute_dtype,
+            compress_statistics=double_quant,
+            quant_type=quant_type,
+            device="meta",
+        )
         param = b.nn.Params4bit(w, requires_grad=False, compress_statistics=double_quant, quant_type=quant_type)
     else:
-        new = b.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=has_bias, has_fp16_weights=False,
-                                threshold=threshold, device="meta")
+        new = b.nn.Linear8bitLt(
+            lin.in_features, lin.out_features, bias=has_bias, has_fp16_weights=False, threshold=threshold, device="meta"
+        )
         param = b.nn.Int8Params(w.to(torch.float16), requires_grad=False, has_fp16_weights=False)
     del w
     new.weight = param.to(device)  # .to() quantizes: the float weight is freed here
     del param
     if has_bias:
-        new.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=compute_dtype, device=device),
-                                requires_grad=False)
+        new.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=compute_dtype, device=device), requires_grad=False)
     return new
 
 
@@ -98,7 +104,9 @@ def build_quantized(
         raise TypeError(f"config must be a transformers PretrainedConfig, got {type(config).__name__}")
     quant_type, double_quant = check_bits(bits, quant_type, double_quant)
     device = torch.device(default_device() if device is None else device)
-    compute_dtype = default_compute_dtype(device) if compute_dtype is None else resolve_dtype(compute_dtype, "compute_dtype")
+    compute_dtype = (
+        default_compute_dtype(device) if compute_dtype is None else resolve_dtype(compute_dtype, "compute_dtype")
+    )
     dtype = compute_dtype if dtype is None else resolve_dtype(dtype, "dtype")
     cls = auto_class(task)
     torch.manual_seed(seed)
@@ -116,11 +124,16 @@ def build_quantized(
     for name, lin in linears:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _quantized_linear(lin, bits, quant_type, double_quant, compute_dtype, std,
-                                                 device, gen_dtype, llm_int8_threshold))
+        setattr(
+            parent,
+            child,
+            _quantized_linear(
+                lin, bits, quant_type, double_quant, compute_dtype, std, device, gen_dtype, llm_int8_threshold
+            ),
+        )
 
     with torch.no_grad():
-        for mname, module in model.named_modules():
+        for _mname, module in model.named_modules():
             for pname, p in list(module.named_parameters(recurse=False)):
                 if p.device.type != "meta":
                     continue
@@ -131,8 +144,11 @@ def build_quantized(
                 module._parameters[pname] = nn.Parameter(data, requires_grad=False)
             for bname, buf in list(module.named_buffers(recurse=False)):
                 if buf.device != device:
-                    module._buffers[bname] = buf.to(device) if buf.device.type != "meta" else torch.zeros(
-                        buf.shape, dtype=buf.dtype, device=device)
+                    module._buffers[bname] = (
+                        buf.to(device)
+                        if buf.device.type != "meta"
+                        else torch.zeros(buf.shape, dtype=buf.dtype, device=device)
+                    )
     if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
     pad = getattr(config, "pad_token_id", None)
@@ -151,8 +167,9 @@ def build_quantized(
 
 def _mark_quantized(model, bits, quant_type, double_quant, compute_dtype, skip, threshold):
     """Set the attributes ``from_pretrained(quantization_config=...)`` sets, so peft and save_pretrained agree."""
-    qconfig = bnb_config(bits, quant_type if bits == 4 else None, double_quant if bits == 4 else None,
-                         compute_dtype, skip, threshold)
+    qconfig = bnb_config(
+        bits, quant_type if bits == 4 else None, double_quant if bits == 4 else None, compute_dtype, skip, threshold
+    )
     model.config.quantization_config = qconfig
     try:
         from transformers.quantizers.auto import AutoHfQuantizer

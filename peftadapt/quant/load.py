@@ -44,20 +44,29 @@ def resolve_quant_storage(quant_storage: Any, bits: int) -> torch.dtype | None:
     if quant_storage is None:
         return None
     if bits != 4:
-        raise ValueError(f"quant_storage applies to 4-bit only (bits=4); got bits={bits} with "
-                         f"quant_storage={quant_storage!r}")
+        raise ValueError(
+            f"quant_storage applies to 4-bit only (bits=4); got bits={bits} with quant_storage={quant_storage!r}"
+        )
     if quant_storage in ("uint8", torch.uint8):
         return torch.uint8
     try:
         return resolve_dtype(quant_storage, "quant_storage")
     except ValueError:
-        raise ValueError(f"unknown quant_storage {quant_storage!r}; valid: {list(QUANT_STORAGES)} (or the torch "
-                         "dtype); use bf16 with FSDP (and the same dtype=)") from None
+        raise ValueError(
+            f"unknown quant_storage {quant_storage!r}; valid: {list(QUANT_STORAGES)} (or the torch "
+            "dtype); use bf16 with FSDP (and the same dtype=)"
+        ) from None
 
 
-def bnb_config(bits: int = 4, quant_type: str | None = None, double_quant: bool | None = None,
-               compute_dtype=torch.float32, skip_modules: list[str] | None = None,
-               llm_int8_threshold: float = 6.0, quant_storage: Any = None):
+def bnb_config(
+    bits: int = 4,
+    quant_type: str | None = None,
+    double_quant: bool | None = None,
+    compute_dtype=torch.float32,
+    skip_modules: list[str] | None = None,
+    llm_int8_threshold: float = 6.0,
+    quant_storage: Any = None,
+):
     """The ``transformers.BitsAndBytesConfig`` for these options (validated)."""
     from transformers import BitsAndBytesConfig
 
@@ -72,8 +81,9 @@ def bnb_config(bits: int = 4, quant_type: str | None = None, double_quant: bool 
             bnb_4bit_quant_storage=storage if storage is not None else torch.uint8,
             llm_int8_skip_modules=skip_modules,
         )
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=llm_int8_threshold,
-                              llm_int8_skip_modules=skip_modules)
+    return BitsAndBytesConfig(
+        load_in_8bit=True, llm_int8_threshold=llm_int8_threshold, llm_int8_skip_modules=skip_modules
+    )
 
 
 def _device_map(device_map, device):
@@ -145,7 +155,9 @@ def load_quantized(
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device={device!r} is not a torch device; valid: 'cpu', 'cuda', 'cuda:0', ...") from e
-    compute_dtype = default_compute_dtype(dev) if compute_dtype is None else resolve_dtype(compute_dtype, "compute_dtype")
+    compute_dtype = (
+        default_compute_dtype(dev) if compute_dtype is None else resolve_dtype(compute_dtype, "compute_dtype")
+    )
     storage = resolve_quant_storage(quant_storage, bits)
     float_storage = storage if storage is not None and storage.is_floating_point else None
     if dtype is None:
@@ -155,8 +167,11 @@ def load_quantized(
         if float_storage is not None and float_storage != dtype:
             import warnings
 
-            warnings.warn(f"quant_storage={float_storage} differs from dtype={dtype}: FSDP needs one float dtype "
-                          "for all the parameters it shards (use the same for both)", stacklevel=2)
+            warnings.warn(
+                f"quant_storage={float_storage} differs from dtype={dtype}: FSDP needs one float dtype "
+                "for all the parameters it shards (use the same for both)",
+                stacklevel=2,
+            )
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a folder path (str or PathLike), got {type(path).__name__}")
     looks_local = isinstance(path, os.PathLike) or str(path).startswith(("/", ".", "~"))
@@ -166,8 +181,7 @@ def load_quantized(
     for k in ("quantization_config", "torch_dtype", "load_in_4bit", "load_in_8bit"):
         if k in from_pretrained_kwargs:
             raise ValueError(f"do not pass {k!r}: load_quantized sets it from bits/quant_type/double_quant/dtype")
-    qconfig = bnb_config(bits, quant_type, double_quant, compute_dtype, skip_modules,
-                         quant_storage=storage)
+    qconfig = bnb_config(bits, quant_type, double_quant, compute_dtype, skip_modules, quant_storage=storage)
     model = cls.from_pretrained(
         path,
         quantization_config=qconfig,

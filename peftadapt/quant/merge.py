@@ -66,7 +66,8 @@ def _unmark(model: nn.Module, dtype: torch.dtype) -> None:
         if attr in vars(model):
             setattr(model, attr, False)
     if "hf_quantizer" in vars(model) or getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
+        # torch types Module attributes as Tensor | Module
+        model.hf_quantizer = None  # type: ignore[assignment]
     if "quantization_method" in vars(model):
         del model.quantization_method
     cfg = getattr(model, "config", None)
@@ -112,7 +113,11 @@ def merge_quantized(model: nn.Module, dtype: Any = "bf16", adapter_names: list[s
             "not linear in the base weight and cannot be merged"
         )
     if peft_config:
-        bad = {n: str(c.peft_type) for n, c in peft_config.items() if str(getattr(c.peft_type, "value", c.peft_type)) != "LORA"}
+        bad = {
+            n: str(c.peft_type)
+            for n, c in peft_config.items()
+            if str(getattr(c.peft_type, "value", c.peft_type)) != "LORA"
+        }
         if bad:
             raise ValueError(
                 f"merge_quantized merges LoRA-family adapters (lora, dora, rslora); adapters {bad} cannot be merged"
@@ -138,7 +143,8 @@ def merge_quantized(model: nn.Module, dtype: Any = "bf16", adapter_names: list[s
             _set_module(root, name, _dense(dequantize_weight(module), b, dtype))
     # 3. LoRA on layers that were never quantized (lm_head, embeddings) and modules_to_save: peft's merge.
     if peft_config:
-        model = model.merge_and_unload(adapter_names=adapter_names)
+        # torch types Module attributes as Tensor | Module
+        model = model.merge_and_unload(adapter_names=adapter_names)  # type: ignore[operator]
     # 4. Everything else in the export dtype.
     with torch.no_grad():
         for p in model.parameters():

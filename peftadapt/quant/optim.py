@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Iterable, Literal, get_args
+from collections.abc import Iterable
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -39,7 +40,7 @@ _BNB_CLASS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit", "
 _UNPAGED = {"paged_adamw_8bit": "AdamW8bit", "paged_adamw_32bit": "AdamW32bit"}  # bitsandbytes classes
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bnb_cpu_optim_ok() -> bool:
     """Whether this bitsandbytes can step an 8-bit optimizer on CPU tensors (tried once)."""
     b = bnb()
@@ -79,14 +80,13 @@ def make_optimizer(
     params = list(params)
     if not params:
         raise ValueError("make_optimizer got no parameters (is anything trainable?)")
-    kwargs = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+    kwargs: dict[str, Any] = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
     if name == "adamw_torch":
         return torch.optim.AdamW(params, **kwargs)
 
     b = bnb()
     tensors = [t for g in params for t in (g["params"] if isinstance(g, dict) else [g])]
-    on_cpu = (torch.device(device).type == "cpu" if device is not None
-              else any(t.device.type == "cpu" for t in tensors))
+    on_cpu = torch.device(device).type == "cpu" if device is not None else any(t.device.type == "cpu" for t in tensors)
     if on_cpu and not _bnb_cpu_optim_ok():
         raise ValueError(
             f"optimizer {name!r} needs a GPU with this bitsandbytes ({b.__version__}): its 8-bit/paged optimizers "

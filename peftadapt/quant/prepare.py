@@ -76,7 +76,8 @@ def cast_trainable_to_fp32(model: nn.Module) -> int:
         if cast and not getattr(module, "_peftadapt_fp32_hooks", False):
             module.register_forward_pre_hook(_to_fp32_pre_hook)
             module.register_forward_hook(_back_to_input_dtype_hook)
-            module._peftadapt_fp32_hooks = True
+            # torch types Module attributes as Tensor | Module
+            module._peftadapt_fp32_hooks = True  # type: ignore[assignment]
     return n
 
 
@@ -91,12 +92,15 @@ def enable_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.x
-            hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            # torch types Module attributes as Tensor | Module
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)  # type: ignore[operator]
         else:  # transformers 4.x
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            # torch types Module attributes as Tensor | Module
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
     if use_reentrant and hasattr(hf, "enable_input_require_grads"):
         # The reentrant checkpoint only back-propagates if a block's input requires grad.
-        hf.enable_input_require_grads()
+        # torch types Module attributes as Tensor | Module
+        hf.enable_input_require_grads()  # type: ignore[operator]
 
 
 def disable_checkpointing(model: nn.Module) -> None:
@@ -104,9 +108,11 @@ def disable_checkpointing(model: nn.Module) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         if hasattr(hf, "activation_checkpointing_disable"):
-            hf.activation_checkpointing_disable()
+            # torch types Module attributes as Tensor | Module
+            hf.activation_checkpointing_disable()  # type: ignore[operator]
         else:
-            hf.gradient_checkpointing_disable()
+            # torch types Module attributes as Tensor | Module
+            hf.gradient_checkpointing_disable()  # type: ignore[operator]
 
 
 def is_checkpointing(model: nn.Module) -> bool:
@@ -147,9 +153,11 @@ def prepare_for_kbit_training(
     if gradient_checkpointing:
         enable_checkpointing(model, use_reentrant=use_reentrant)
     hf = unwrap(model)
-    hf._peftadapt_kbit_prepared = True
+    # torch types Module attributes as Tensor | Module
+    hf._peftadapt_kbit_prepared = True  # type: ignore[assignment]
     if not is_quantized(model):
-        hf._peftadapt_kbit_prepared = "not-quantized"
+        # torch types Module attributes as Tensor | Module
+        hf._peftadapt_kbit_prepared = "not-quantized"  # type: ignore[assignment]
     return model
 
 

@@ -6,5 +6,12 @@ from .config import TrainConfig  # noqa: F401
 from .data import TextData, load_text_data  # noqa: F401
 from .loop import Trainer  # noqa: F401
 from .schema import (  # noqa: F401
-    DataConfig, DatasetSpec, FeaturesConfig, MethodSection, ModelConfig, RunConfig, TermConfig, load_run_config,
+    DataConfig,
+    DatasetSpec,
+    FeaturesConfig,
+    MethodSection,
+    ModelConfig,
+    RunConfig,
+    TermConfig,
+    load_run_config,
 )

@@ -19,12 +19,13 @@ import difflib
 import functools
 import types
 import typing
-from typing import Any, Literal, Mapping, get_args, get_origin
+from collections.abc import Mapping
+from typing import Any, Literal, get_args, get_origin
 
 REQUIRED = dataclasses.MISSING  # field(REQUIRED, "help"): a key the run file must give
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hints(cls: type) -> dict[str, Any]:
     """The resolved annotations of a dataclass (cached: read on every construction)."""
     return typing.get_type_hints(cls)
@@ -57,8 +58,9 @@ def describe(tp: Any) -> str:
         return f"list of {describe(get_args(tp)[0])}"
     if get_origin(tp) is dict:
         return f"mapping of {describe(get_args(tp)[0])} to {describe(get_args(tp)[1])}"
-    if dataclasses.is_dataclass(tp):
-        return "mapping" + (f" or {tp._shorthand}" if getattr(tp, "_shorthand", None) else "")
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        short = getattr(tp, "_shorthand", None)
+        return "mapping" + (f" or {short}" if short else "")
     return "any" if tp is Any else getattr(tp, "__name__", str(tp))
 
 
@@ -71,8 +73,7 @@ def unknown_key(key: str, where: str, valid: list[str], renamed: Mapping[str, st
     return ValueError(f"unknown key {where}.{key}{hint} ({why}valid keys in {where}: {valid})")
 
 
-def check_keys(raw: Mapping[str, Any], valid: list[str], where: str,
-               renamed: Mapping[str, str] | None = None) -> None:
+def check_keys(raw: Mapping[str, Any], valid: list[str], where: str, renamed: Mapping[str, str] | None = None) -> None:
     for key in raw:
         if key not in valid:
             raise unknown_key(key, where, valid, renamed)
@@ -99,7 +100,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in get_args(tp) or isinstance(value, bool) != any(isinstance(a, bool) for a in get_args(tp)):
             raise ValueError(f"{key}: {value!r} is not allowed; allowed values: {list(get_args(tp))}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # an annotation: a class
         if isinstance(value, tp):
             check_fields(value, key)
             return value
@@ -118,7 +119,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         except ValueError:
             pass
     ok = (isinstance(value, tp) and not (isinstance(value, bool) and tp is not bool)) or (
-        tp is float and isinstance(value, int) and not isinstance(value, bool))
+        tp is float and isinstance(value, int) and not isinstance(value, bool)
+    )
     if not ok:
         raise ValueError(f"{key}: expected {describe(tp)}, got {value!r}")
     return float(value) if tp is float else value
@@ -127,9 +129,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 def check_fields(obj: Any, where: str) -> None:
     """Check (and coerce in place) every field of a config dataclass, then run its
     ``validate(where)`` (the checks that types cannot say: ranges, cross-field rules)."""
+    cls: type = type(obj)
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        new = coerce(value, hints(type(obj))[f.name], f"{where}.{f.name}" if where else f.name)
+        new = coerce(value, hints(cls)[f.name], f"{where}.{f.name}" if where else f.name)
         if new is not value:
             object.__setattr__(obj, f.name, new)
     if hasattr(obj, "validate"):
@@ -164,7 +167,7 @@ def build(cls: type, raw: Any, where: str) -> Any:
         elif f.default is REQUIRED and f.default_factory is REQUIRED:
             raise ValueError(f"{where}.{name} is required: {f.metadata.get('help', '')}")
     if not hasattr(cls, "__post_init__"):  # sections check themselves on construction
-        obj = cls(**{n: v for n, v in kwargs.items()})
+        obj = cls(**kwargs)
         check_fields(obj, where)
         return obj
     return cls(**kwargs)

@@ -39,13 +39,16 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..core.io import write_json
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -58,8 +61,11 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             tensors[f"torch_cuda_{i}"] = s
     version, state, gauss = random.getstate()
     np_state = np.random.get_state()
-    py = {"python": [version, list(state), gauss],
-          "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    assert isinstance(np_state, tuple)  # the legacy (tuple) form: get_state's default
+    py = {
+        "python": [version, list(state), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
     return tensors, py
 
 
@@ -82,7 +88,7 @@ def _dtensor_type():
     return DTensor
 
 
-def _is_dtensor(t: Any) -> bool:
+def _is_dtensor(t: Any) -> TypeGuard[DTensor]:
     cls = _dtensor_type()
     return cls is not None and isinstance(t, cls)
 
@@ -100,8 +106,9 @@ def _shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         return full
     from torch.distributed.tensor import distribute_tensor
 
-    return distribute_tensor(full.to(param.device_mesh.device_type), param.device_mesh, param.placements,
-                             src_data_rank=None)
+    return distribute_tensor(
+        full.to(param.device_mesh.device_type), param.device_mesh, param.placements, src_data_rank=None
+    )
 
 
 def _fsdp1_roots(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -138,10 +145,12 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         with FSDP.summon_full_params(roots[0], writeback=False, rank0_only=False):
-            return {_clean(n): p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters()
-                    if p.requires_grad}
-    return {n: _full(p.detach()).to("cpu").contiguous().clone() for n, p in model.named_parameters()
-            if p.requires_grad}
+            return {
+                _clean(n): p.detach().to("cpu").contiguous().clone()
+                for n, p in model.named_parameters()
+                if p.requires_grad
+            }
+    return {n: _full(p.detach()).to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -169,8 +178,10 @@ def _copy_into(params: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) 
         for n, t in state.items():
             p = params[n]
             if tuple(t.shape) != tuple(p.shape):
-                raise ValueError(f"checkpoint tensor {n!r} has shape {tuple(t.shape)}, the model's parameter "
-                                 f"{tuple(p.shape)}; was it written by a run with the same model and method?")
+                raise ValueError(
+                    f"checkpoint tensor {n!r} has shape {tuple(t.shape)}, the model's parameter "
+                    f"{tuple(p.shape)}; was it written by a run with the same model and method?"
+                )
             p.copy_(_shard_like(t.to(p.dtype), p))
 
 
@@ -212,6 +223,7 @@ def _full_parameters(model: torch.nn.Module, state: dict[str, torch.Tensor]):
             owner_name, _, leaf = name.rpartition(".")
             owner = model.get_submodule(owner_name) if owner_name else model
             old = owner._parameters[leaf]
+            assert old is not None  # state names registered parameters
             owner._parameters[leaf] = torch.nn.Parameter(full, requires_grad=old.requires_grad)
             swapped.append((owner, leaf, old))
         yield
@@ -220,8 +232,9 @@ def _full_parameters(model: torch.nn.Module, state: dict[str, torch.Tensor]):
             owner._parameters[leaf] = old
 
 
-def write_adapter(model: torch.nn.Module, folder: str | Path, state: dict[str, torch.Tensor] | None = None,
-                  write: bool = True) -> None:
+def write_adapter(
+    model: torch.nn.Module, folder: str | Path, state: dict[str, torch.Tensor] | None = None, write: bool = True
+) -> None:
     """``model.save_pretrained(folder)`` on the process with ``write=True``. With FSDP2
     sharded parameters, from the full ``state`` (:func:`trainable_state`, gathered on every
     process beforehand); under FSDP1 call it on every process (``summon_full_params`` is a
@@ -231,19 +244,32 @@ def write_adapter(model: torch.nn.Module, folder: str | Path, state: dict[str, t
 
         with FSDP.summon_full_params(model, writeback=False, rank0_only=False):
             if write:
-                model.save_pretrained(str(folder))
+                # torch types Module attributes as Tensor | Module
+                model.save_pretrained(str(folder))  # type: ignore[operator]
         return
     if not write:
         return
     if state is None and is_sharded(model):
-        raise ValueError("write_adapter on sharded parameters needs state=trainable_state(model), gathered on "
-                         "every process first (a gather on the writing process alone would wait forever)")
+        raise ValueError(
+            "write_adapter on sharded parameters needs state=trainable_state(model), gathered on "
+            "every process first (a gather on the writing process alone would wait forever)"
+        )
     with _full_parameters(model, state or {}):
-        model.save_pretrained(str(folder))
+        # torch types Module attributes as Tensor | Module
+        model.save_pretrained(str(folder))  # type: ignore[operator]
 
 
-def save_checkpoint(folder: str | Path, *, model, alignment, optimizer, scheduler,
-                    state: dict[str, Any], save_adapter: bool = True, write: bool = True) -> Path:
+def save_checkpoint(
+    folder: str | Path,
+    *,
+    model,
+    alignment,
+    optimizer,
+    scheduler,
+    state: dict[str, Any],
+    save_adapter: bool = True,
+    write: bool = True,
+) -> Path:
     """Write a complete checkpoint to ``folder`` atomically and return it.
 
     With sharded parameters call it on every process: the gathers are
@@ -253,7 +279,7 @@ def save_checkpoint(folder: str | Path, *, model, alignment, optimizer, schedule
     folder = Path(folder)
     if not write and not is_sharded(model):
         return folder  # nothing to gather: the writing process holds whole tensors itself
-    weights = trainable_state(model)          # collectives first, on every process
+    weights = trainable_state(model)  # collectives first, on every process
     # FSDP1 keeps each process's optimizer state as flat local shards, which this module does
     # not gather: such a checkpoint holds no optimizer state (resume restarts the moments)
     optim = None if _fsdp1_roots(model) else optimizer_state(optimizer)
@@ -298,8 +324,10 @@ def load_checkpoint(folder: str | Path, *, model, alignment, optimizer, schedule
     else:
         import warnings
 
-        warnings.warn(f"{folder} holds no optimizer state (written under FSDP1): the optimizer's moments "
-                      "restart from zero", stacklevel=2)
+        warnings.warn(
+            f"{folder} holds no optimizer state (written under FSDP1): the optimizer's moments restart from zero",
+            stacklevel=2,
+        )
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     set_rng_state(load_file(str(folder / "rng.safetensors")), state.pop("rng"))
     return state
@@ -307,7 +335,7 @@ def load_checkpoint(folder: str | Path, *, model, alignment, optimizer, schedule
 
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     """Complete checkpoints in ``output_dir``, oldest first."""
-    out = []
+    out: list[tuple[int, Path]] = []
     d = Path(output_dir)
     if not d.exists():
         return out

@@ -26,12 +26,22 @@ TRACKERS = get_args(Tracker)
 
 # Old peftadapt key -> TrainingArguments name (0.1 run files); only for the error message.
 RENAMED = {
-    "epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size",
-    "target_batch_size": "per_device_target_batch_size", "eval_batch_size": "per_device_eval_batch_size",
-    "grad_accum": "gradient_accumulation_steps", "lr": "learning_rate", "disc_lr": "discriminator_learning_rate",
-    "optimizer": "optim", "scheduler": "lr_scheduler_type", "eval_every": "eval_steps", "save_every": "save_steps",
-    "keep_last": "save_total_limit", "metric_for_best": "metric_for_best_model",
-    "restore_best": "load_best_model_at_end", "log_every": "logging_steps", "overwrite": "overwrite_output_dir",
+    "epochs": "num_train_epochs",
+    "batch_size": "per_device_train_batch_size",
+    "target_batch_size": "per_device_target_batch_size",
+    "eval_batch_size": "per_device_eval_batch_size",
+    "grad_accum": "gradient_accumulation_steps",
+    "lr": "learning_rate",
+    "disc_lr": "discriminator_learning_rate",
+    "optimizer": "optim",
+    "scheduler": "lr_scheduler_type",
+    "eval_every": "eval_steps",
+    "save_every": "save_steps",
+    "keep_last": "save_total_limit",
+    "metric_for_best": "metric_for_best_model",
+    "restore_best": "load_best_model_at_end",
+    "log_every": "logging_steps",
+    "overwrite": "overwrite_output_dir",
     "progress": "disable_tqdm",
 }
 
@@ -50,76 +60,101 @@ class TrainConfig:
     max_steps: int | None = field(None, "optimizer steps to run; overrides num_train_epochs")
     per_device_train_batch_size: int = field(16, "source examples per micro-batch per process")
     per_device_target_batch_size: int | None = field(
-        None, "target examples per micro-batch per process; default: the source batch per process")
+        None, "target examples per micro-batch per process; default: the source batch per process"
+    )
     per_device_eval_batch_size: int | None = field(
-        None, "examples per evaluation batch; default 2 * per_device_train_batch_size")
+        None, "examples per evaluation batch; default 2 * per_device_train_batch_size"
+    )
     gradient_accumulation_steps: int = field(1, "micro-batches per optimizer step")
     learning_rate: float = field(5e-4, "learning rate of adapter and head parameters")
     discriminator_learning_rate: float | None = field(
-        None, "learning rate of regularizer (discriminator) parameters; default learning_rate")
+        None, "learning rate of regularizer (discriminator) parameters; default learning_rate"
+    )
     weight_decay: float = field(0.0, "AdamW weight decay (not applied to biases and norms)")
-    optim: Optim = field("adamw_torch", "optimizer: torch AdamW, or bitsandbytes 8-bit / paged AdamW "
-                         "(pip install bitsandbytes)")
+    optim: Optim = field(
+        "adamw_torch", "optimizer: torch AdamW, or bitsandbytes 8-bit / paged AdamW (pip install bitsandbytes)"
+    )
     lr_scheduler_type: LrSchedulerType = field("linear", "learning-rate schedule after the warm-up")
     warmup_ratio: float = field(0.0, "fraction of steps with a linear learning-rate warm-up")
     warmup_steps: int | None = field(None, "warm-up steps; overrides warmup_ratio (transformers: 0 = unset)")
     max_grad_norm: float | None = field(1.0, "clip the gradient norm to this; null to disable")
     mixed_precision: MixedPrecision = field("auto", "auto: bf16 (else fp16) on a GPU, no on CPU")
     gradient_checkpointing: bool = field(False, "recompute activations in backward to save memory")
-    eval_steps: int | None = field(None, "evaluate every N steps (and at the end); null: only at the end "
-                                   "(transformers needs eval_strategy as well; here the number alone does it)")
+    eval_steps: int | None = field(
+        None,
+        "evaluate every N steps (and at the end); null: only at the end "
+        "(transformers needs eval_strategy as well; here the number alone does it)",
+    )
     save_steps: int | None = field(None, "checkpoint every N steps; null: at every evaluation")
-    save_total_limit: int = field(2, "checkpoints kept besides the best one (transformers counts the best "
-                                  "among them)")
+    save_total_limit: int = field(2, "checkpoints kept besides the best one (transformers counts the best among them)")
     metric_for_best_model: str | None = field(
-        None, "e.g. target/accuracy (the eval set's name, a slash, the metric); default: the first eval "
-              "set's accuracy (loss for causal LMs)")
+        None,
+        "e.g. target/accuracy (the eval set's name, a slash, the metric); default: the first eval "
+        "set's accuracy (loss for causal LMs)",
+    )
     greater_is_better: bool | None = field(None, "default: False for loss / perplexity, True otherwise")
     early_stopping_patience: int | None = field(None, "stop after this many evaluations without improvement")
-    load_best_model_at_end: bool = field(True, "at the end, load the best checkpoint's weights (when there were "
-                                         "evaluations; transformers' default is False)")
+    load_best_model_at_end: bool = field(
+        True,
+        "at the end, load the best checkpoint's weights (when there were evaluations; transformers' default is False)",
+    )
     logging_steps: int = field(1, "write training metrics every N steps")
     report_to: list[Tracker] = field([], "Accelerate trackers, e.g. [tensorboard]")
     plot: bool = field(True, "write training_curves.png at the end")
     disable_tqdm: bool = field(False, "hide the progress bars")
     global_batch_size: int | None = field(
-        None, "source examples per micro-batch summed over all processes; overrides "
-              "per_device_train_batch_size and must be a multiple of the number of processes")
+        None,
+        "source examples per micro-batch summed over all processes; overrides "
+        "per_device_train_batch_size and must be a multiple of the number of processes",
+    )
     align_scope: Scope = field(
-        "auto", "with several processes: global (alignment loss over the whole batch), local (each process "
-                "on its shard) or auto (global for mmd/coral/cdan+e); see docs/distributed.md")
+        "auto",
+        "with several processes: global (alignment loss over the whole batch), local (each process "
+        "on its shard) or auto (global for mmd/coral/cdan+e); see docs/distributed.md",
+    )
 
     def __post_init__(self):
         check_fields(self, self._where)
 
     def validate(self, where: str = "training") -> None:
         """Ranges the types cannot say."""
+
         def need(cond: bool, key: str, msg: str):
             if not cond:
                 raise ValueError(f"{where}.{key}: {msg} (got {getattr(self, key)!r})")
 
-        for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "save_total_limit",
-                    "logging_steps"):
+        for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "save_total_limit", "logging_steps"):
             need(getattr(self, key) >= 1, key, "must be a positive integer")
-        for key in ("per_device_target_batch_size", "global_batch_size", "per_device_eval_batch_size", "max_steps",
-                    "eval_steps", "save_steps", "early_stopping_patience", "warmup_steps"):
+        for key in (
+            "per_device_target_batch_size",
+            "global_batch_size",
+            "per_device_eval_batch_size",
+            "max_steps",
+            "eval_steps",
+            "save_steps",
+            "early_stopping_patience",
+            "warmup_steps",
+        ):
             v = getattr(self, key)
             need(v is None or v >= (0 if key == "warmup_steps" else 1), key, "must be a positive integer or null")
         need(self.num_train_epochs > 0, "num_train_epochs", "must be > 0")
         need(self.learning_rate > 0, "learning_rate", "must be > 0")
-        need(self.discriminator_learning_rate is None or self.discriminator_learning_rate > 0,
-             "discriminator_learning_rate", "must be > 0 or null")
+        need(
+            self.discriminator_learning_rate is None or self.discriminator_learning_rate > 0,
+            "discriminator_learning_rate",
+            "must be > 0 or null",
+        )
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0 or null")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Like ``TrainConfig(**d)``, but an unknown or renamed key names the valid one."""
         check_keys(d, [f.name for f in dataclasses.fields(cls)], cls._where, RENAMED)
         return cls(**d)
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (checked like :meth:`from_dict`)."""
         return self.from_dict({**self.to_dict(), **changes})
 

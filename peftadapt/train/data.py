@@ -17,10 +17,13 @@ import dataclasses
 import json
 import os
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence, get_args
+from typing import Any, Literal, get_args
 
 import torch
+
+from .config import Task
 
 Format = Literal["csv", "tsv", "jsonl", "hf"]
 FORMATS: tuple[str, ...] = get_args(Format)
@@ -54,6 +57,7 @@ class TextData:
 
 # -- reading files -----------------------------------------------------------
 
+
 def _detect_format(path: Path, fmt: str | None) -> str:
     if fmt is not None:
         if fmt not in FORMATS:
@@ -66,8 +70,7 @@ def _detect_format(path: Path, fmt: str | None) -> str:
         if suffix in sfx:
             return f
     raise ValueError(
-        f"cannot tell the format of {str(path)!r} from its suffix {suffix!r}; "
-        f"give `format:` one of {list(FORMATS)}"
+        f"cannot tell the format of {str(path)!r} from its suffix {suffix!r}; give `format:` one of {list(FORMATS)}"
     )
 
 
@@ -111,9 +114,15 @@ def _match(value: Any, allowed: Any) -> bool:
     return str(value) in {str(a) for a in allowed}
 
 
-def load_rows(path: str | os.PathLike, *, format: str | None = None, split: str | None = None,
-              where: dict[str, Any] | None = None, where_not: dict[str, Any] | None = None,
-              name: str = "data") -> tuple[list[dict[str, Any]], list[str]]:
+def load_rows(
+    path: str | os.PathLike,
+    *,
+    format: Format | None = None,
+    split: str | None = None,
+    where: dict[str, Any] | None = None,
+    where_not: dict[str, Any] | None = None,
+    name: str = "data",
+) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows of a data file as dicts, filtered: keep rows whose ``where`` columns
     hold one of the given values and whose ``where_not`` columns hold none."""
     p = Path(path)
@@ -125,14 +134,18 @@ def load_rows(path: str | os.PathLike, *, format: str | None = None, split: str 
         for col in flt:
             if col not in columns:
                 raise ValueError(f"{name}: filter column {col!r} not in {str(p)!r}; columns: {columns}")
-    rows = [r for r in rows
-            if all(_match(r.get(c), v) for c, v in (where or {}).items())
-            and not any(_match(r.get(c), v) for c, v in (where_not or {}).items())]
+    rows = [
+        r
+        for r in rows
+        if all(_match(r.get(c), v) for c, v in (where or {}).items())
+        and not any(_match(r.get(c), v) for c, v in (where_not or {}).items())
+    ]
     return rows, columns
 
 
-def encode_labels(raw: Sequence[Any], *, labels: Sequence[str] | None = None,
-                  num_labels: int | None = None, name: str = "data") -> list[int]:
+def encode_labels(
+    raw: Sequence[Any], *, labels: Sequence[str | int] | None = None, num_labels: int | None = None, name: str = "data"
+) -> list[int]:
     """Map raw labels to ``0..num_labels-1``.
 
     With a ``labels`` list, each raw label must be one of its entries (or that
@@ -175,11 +188,19 @@ def encode_labels(raw: Sequence[Any], *, labels: Sequence[str] | None = None,
     return out
 
 
-def load_text_data(path: str | os.PathLike, *, text: str = "text", label: str | None = None,
-                   format: str | None = None, split: str | None = None,
-                   where: dict[str, Any] | None = None, where_not: dict[str, Any] | None = None,
-                   labels: Sequence[str] | None = None, num_labels: int | None = None,
-                   name: str = "data") -> TextData:
+def load_text_data(
+    path: str | os.PathLike,
+    *,
+    text: str = "text",
+    label: str | None = None,
+    format: Format | None = None,
+    split: str | None = None,
+    where: dict[str, Any] | None = None,
+    where_not: dict[str, Any] | None = None,
+    labels: Sequence[str | int] | None = None,
+    num_labels: int | None = None,
+    name: str = "data",
+) -> TextData:
     """Read a text dataset (CSV / TSV / JSONL file, or a saved HF dataset folder)."""
     rows, columns = load_rows(path, format=format, split=split, where=where, where_not=where_not, name=name)
     for col, what in ((text, "text"), (label, "label")):
@@ -214,6 +235,7 @@ def as_text_data(obj: Any, name: str) -> TextData:
 
 # -- tokenization and batching ---------------------------------------------------
 
+
 def balance_classes(data: TextData) -> TextData:
     """Oversample every class to the largest class's count: each minority class is repeated
     whole as often as it fits, then topped up with its first rows. Deterministic; the
@@ -247,8 +269,12 @@ def tokenize(texts: Iterable[str], tokenizer, max_length: int) -> list[list[int]
     return [list(ids) for ids in enc["input_ids"]]
 
 
-def collate(ids: Sequence[Sequence[int]], pad_id: int, labels: Sequence[int] | None = None,
-            task: str = "classification") -> dict[str, torch.Tensor]:
+def collate(
+    ids: Sequence[Sequence[int]],
+    pad_id: int,
+    labels: Sequence[int] | None = None,
+    task: Task | Literal["target"] = "classification",
+) -> dict[str, torch.Tensor]:
     """Right-pad ``ids`` into a batch. For ``causal_lm`` the labels are the
     inputs with padded positions set to -100 (the model shifts them)."""
     width = max(len(x) for x in ids)
@@ -276,8 +302,18 @@ class BatchStream:
     function of ``(seed, m)``; with several processes, each takes its slice of
     every global batch."""
 
-    def __init__(self, ids: list[list[int]], labels: list[int] | None, batch_size: int, *, seed: int,
-                 pad_id: int, task: str, rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        ids: list[list[int]],
+        labels: list[int] | None,
+        batch_size: int,
+        *,
+        seed: int,
+        pad_id: int,
+        task: Task | Literal["target"],  # "target": unlabeled target texts, inputs only
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.ids, self.labels = ids, labels
         self.global_batch = batch_size * world
         self.batch_size, self.seed, self.pad_id, self.task = batch_size, seed, pad_id, task
@@ -291,8 +327,8 @@ class BatchStream:
         if self._cache is None or self._cache[0] != epoch:
             self._cache = (epoch, epoch_order(len(self.ids), self.seed, epoch))
         order = self._cache[1]
-        chunk = order[pos * self.global_batch:(pos + 1) * self.global_batch]
-        mine = chunk[self.rank::self.world] or chunk[:1]  # never hand a process an empty batch
+        chunk = order[pos * self.global_batch : (pos + 1) * self.global_batch]
+        mine = chunk[self.rank :: self.world] or chunk[:1]  # never hand a process an empty batch
         labels = None if self.labels is None else [self.labels[i] for i in mine]
         return collate([self.ids[i] for i in mine], self.pad_id, labels, self.task)
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .config import Task
 from .data import TextData, as_text_data, check_tokenizer, collate, tokenize
 
 # metrics where smaller is better (the best checkpoint is the lowest)
@@ -32,17 +33,25 @@ def macro_f1(preds: Sequence[int], labels: Sequence[int]) -> float:
     classes = sorted(set(preds) | set(labels))
     f1s = []
     for c in classes:
-        tp = sum(1 for p, y in zip(preds, labels) if p == c and y == c)
-        fp = sum(1 for p, y in zip(preds, labels) if p == c and y != c)
-        fn = sum(1 for p, y in zip(preds, labels) if p != c and y == c)
+        tp = sum(1 for p, y in zip(preds, labels, strict=False) if p == c and y == c)
+        fp = sum(1 for p, y in zip(preds, labels, strict=False) if p == c and y != c)
+        fn = sum(1 for p, y in zip(preds, labels, strict=False) if p != c and y == c)
         f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
     return sum(f1s) / len(f1s)
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, tokenizer, data: Mapping[str, TextData], *, task: str = "classification",
-                   max_length: int = 128, batch_size: int = 32, accelerator=None,
-                   progress: bool = False) -> dict[str, float]:
+def evaluate_model(
+    model: nn.Module,
+    tokenizer,
+    data: Mapping[str, TextData],
+    *,
+    task: Task = "classification",
+    max_length: int = 128,
+    batch_size: int = 32,
+    accelerator=None,
+    progress: bool = False,
+) -> dict[str, float]:
     """Evaluate ``model`` on each named dataset: ``{"<set>/<metric>": value}``.
 
     Classifiers: loss (mean cross-entropy), accuracy, macro_f1. Causal LMs:
@@ -56,16 +65,23 @@ def evaluate_model(model: nn.Module, tokenizer, data: Mapping[str, TextData], *,
     out: dict[str, float] = {}
     for name, d in data.items():
         d = as_text_data(d, name)
-        if task == "classification" and d.labels is None:
+        gold = d.labels
+        if task == "classification" and gold is None:
             raise ValueError(f"eval set {name!r} has no labels; a classifier is evaluated on labeled data")
         ids = tokenize(d.texts, tokenizer, max_length)
         preds, nll, count = [], 0.0, 0
-        for i in tqdm(range(0, len(ids), batch_size), desc=f"eval {name}", unit="batch", leave=False,
-                      disable=not progress, dynamic_ncols=True):
-            labels = None if d.labels is None else d.labels[i:i + batch_size]
-            batch = collate(ids[i:i + batch_size], tokenizer.pad_token_id, labels, task)
+        for i in tqdm(
+            range(0, len(ids), batch_size),
+            desc=f"eval {name}",
+            unit="batch",
+            leave=False,
+            disable=not progress,
+            dynamic_ncols=True,
+        ):
+            labels = None if gold is None else gold[i : i + batch_size]
+            batch = collate(ids[i : i + batch_size], tokenizer.pad_token_id, labels, task)
             batch = {k: v.to(device) for k, v in batch.items()}
-            y = batch.pop("labels", None)
+            y = batch.pop("labels")  # collate sets them: class ids (checked above) or, for a causal LM, the tokens
             with autocast():
                 logits = model(**batch).logits.float()
             if task == "classification":
@@ -73,14 +89,20 @@ def evaluate_model(model: nn.Module, tokenizer, data: Mapping[str, TextData], *,
                 nll += float(F.cross_entropy(logits, y, reduction="sum"))
                 count += len(y)
             else:  # next-token loss, summed over real tokens
-                nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                             y[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"))
+                nll += float(
+                    F.cross_entropy(
+                        logits[:, :-1].reshape(-1, logits.shape[-1]),
+                        y[:, 1:].reshape(-1),
+                        ignore_index=-100,
+                        reduction="sum",
+                    )
+                )
                 count += int((y[:, 1:] != -100).sum())
         loss = nll / max(1, count)
         out[f"{name}/loss"] = loss
-        if task == "classification":
-            out[f"{name}/accuracy"] = sum(int(p == t) for p, t in zip(preds, d.labels)) / len(preds)
-            out[f"{name}/macro_f1"] = macro_f1(preds, d.labels)
+        if task == "classification" and gold is not None:  # gold is set for a classifier (checked above)
+            out[f"{name}/accuracy"] = sum(int(p == t) for p, t in zip(preds, gold, strict=False)) / len(preds)
+            out[f"{name}/macro_f1"] = macro_f1(preds, gold)
         else:
             out[f"{name}/perplexity"] = math.exp(min(loss, 50.0))
     model.train(was_training)

@@ -34,22 +34,24 @@ import math
 import shutil
 import time
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..core import comm
-from ..core.hf import unwrap
-from ..core.io import write_json
 from ..align.step import DomainAdaptation, as_alignment, check_alignment
+from ..core import comm
+from ..core.hf import hf_config, unwrap
+from ..core.io import write_json
+from ..features import Pooling
 from ..quant.optim import make_optimizer
 from . import checkpoint as ckpt
 from . import preflight
-from .config import TASKS, TrainConfig
+from .config import TASKS, Task, TrainConfig
 from .data import (
     BatchStream,
     as_text_data,
@@ -82,11 +84,11 @@ def _lr_lambda(kind: str, warmup: int, total: int):
 class RunState:
     """Where the run is: what a checkpoint's ``trainer_state.json`` restores besides the tensors."""
 
-    total: int                      # optimizer steps of the whole run
-    step: int = 0                   # optimizer steps done
-    best: float | None = None       # best value of the metric_for_best so far
+    total: int  # optimizer steps of the whole run
+    step: int = 0  # optimizer steps done
+    best: float | None = None  # best value of the metric_for_best so far
     best_step: int | None = None
-    bad_evals: int = 0              # evaluations since the best (early stopping)
+    bad_evals: int = 0  # evaluations since the best (early stopping)
     last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
     stopped_early: bool = False
 
@@ -96,7 +98,7 @@ class StepOutput:
     """What :meth:`Trainer.train_step` leaves for the log: device tensors, not yet synced."""
 
     losses: dict[str, list[torch.Tensor]]  # "task_loss", "reg_loss", "reg/<term>": one per micro-batch
-    weights: dict[str, float]               # "<term>": lambda_k(p) at this step
+    weights: dict[str, float]  # "<term>": lambda_k(p) at this step
     grad_norm: torch.Tensor | None
 
 
@@ -126,11 +128,23 @@ class Trainer:
     methods, so a subclass can replace one and keep the rest.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, train: Any, *, target: Any = None,
-                 eval: Mapping[str, Any] | Any = None, regularizers: Any = None,
-                 config: TrainConfig | None = None, task: str = "classification",
-                 max_length: int = 128, feature_layer: str | None = None, pooling: str = "mean",
-                 name: str = "train", **overrides: Any):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        train: Any,
+        *,
+        target: Any = None,
+        eval: Mapping[str, Any] | Any = None,
+        regularizers: Any = None,
+        config: TrainConfig | None = None,
+        task: Task = "classification",
+        max_length: int = 128,
+        feature_layer: str | None = None,
+        pooling: Pooling = "mean",
+        name: str = "train",
+        **overrides: Any,
+    ):
         if task not in TASKS:
             raise ValueError(f"task {task!r} is not supported; valid tasks: {list(TASKS)}")
         self.config = _make_config(config, overrides)
@@ -140,10 +154,11 @@ class Trainer:
         check_tokenizer(tokenizer)
         self.base = unwrap(model)
         if task == "classification":
-            self.num_labels = int(getattr(self.base.config, "num_labels", 2))
-            if getattr(self.base.config, "pad_token_id", None) is None:
+            hf_cfg = hf_config(self.base)
+            self.num_labels = int(getattr(hf_cfg, "num_labels", 2))
+            if getattr(hf_cfg, "pad_token_id", None) is None:
                 # decoder classifiers find each row's last token through the pad id
-                self.base.config.pad_token_id = tokenizer.pad_token_id
+                hf_cfg.pad_token_id = tokenizer.pad_token_id
 
         self.train_data = as_text_data(train, "train")
         self.target_data = None if target is None else as_text_data(target, "target")
@@ -160,8 +175,7 @@ class Trainer:
         if self.alignment is not None and self.target_data is None:
             raise ValueError("regularizers need target data: pass target=... (unlabeled target texts)")
         if self.alignment is None and self.target_data is not None:
-            warnings.warn("target data given without regularizers: it is not used (plain fine-tuning)",
-                          stacklevel=2)
+            warnings.warn("target data given without regularizers: it is not used (plain fine-tuning)", stacklevel=2)
         if self.alignment is not None:
             warn_unused_target_labels(self.target_data)
             check_alignment(self.alignment, model, causal_lm=task == "causal_lm")
@@ -169,7 +183,8 @@ class Trainer:
             raise ValueError("the model has no trainable parameters; wrap it first: peftadapt.wrap(model, 'lora')")
         self._pick_best_metric()
         self.history: list[dict[str, Any]] = []
-        self.accelerator = None
+        # an accelerate.Accelerator from setup() on (accelerate ships no types, so Any loses nothing)
+        self.accelerator: Any = None
         self.da: DomainAdaptation | None = None
 
     def _pick_best_metric(self) -> None:
@@ -183,8 +198,11 @@ class Trainer:
         if cfg.early_stopping_patience is not None and best is None:
             raise ValueError("training.early_stopping_patience needs eval data to watch (data.eval)")
         self.best_metric_name = best
-        self.greater_is_better = (cfg.greater_is_better if cfg.greater_is_better is not None
-                                  else best is not None and best.split("/")[-1] not in LOWER_IS_BETTER)
+        self.greater_is_better = (
+            cfg.greater_is_better
+            if cfg.greater_is_better is not None
+            else best is not None and best.split("/")[-1] not in LOWER_IS_BETTER
+        )
 
     # -- the recipe ----------------------------------------------------------------------
     def train(self, resume: bool | str = False) -> dict[str, float]:
@@ -197,8 +215,14 @@ class Trainer:
             self.setup(resume)
             cfg, st = self.config, self.state
             t0, steps_done = time.perf_counter(), 0
-            with tqdm(total=st.total, initial=st.step, desc=self.name, unit="step", dynamic_ncols=True,
-                      disable=cfg.disable_tqdm or not self.accelerator.is_main_process) as bar:
+            with tqdm(
+                total=st.total,
+                initial=st.step,
+                desc=self.name,
+                unit="step",
+                dynamic_ncols=True,
+                disable=cfg.disable_tqdm or not self.accelerator.is_main_process,
+            ) as bar:
                 while st.step < st.total and not st.stopped_early:
                     out = self.train_step()
                     st.step += 1
@@ -208,7 +232,8 @@ class Trainer:
                         self._log(record)
                         bar.set_postfix(self._postfix(record))
                     do_eval = bool(self.eval_data) and (
-                        (cfg.eval_steps and st.step % cfg.eval_steps == 0) or st.step == st.total)
+                        (cfg.eval_steps and st.step % cfg.eval_steps == 0) or st.step == st.total
+                    )
                     new_best = self._evaluate_and_track() if do_eval else False
                     bar.update(1)
                     # checkpoint: every save_steps steps (default: every evaluation), each new best, the end
@@ -233,15 +258,16 @@ class Trainer:
         set_seed(cfg.seed)
         self.accelerator = self._make_accelerator()
         if cfg.gradient_checkpointing:
-            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.base.config.use_cache = False
+            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]  # torch types Module attributes as Tensor | Module
+            hf_config(self.base).use_cache = False
         self._setup_data()
         self._setup_alignment()
         self._setup_optimizer()
         self._resume(resume)
         if cfg.report_to:
-            self.accelerator.init_trackers("peftadapt", config={k: v for k, v in cfg.to_dict().items()
-                                                                if isinstance(v, (int, float, str, bool))})
+            self.accelerator.init_trackers(
+                "peftadapt", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
+            )
         self._train_model.train()
         if self.da is not None:
             self.da.train()
@@ -251,19 +277,34 @@ class Trainer:
         pre-flight checks across processes (same config everywhere, batches big enough)."""
         cfg, acc, pad = self.config, self.accelerator, self.tokenizer.pad_token_id
         bs, tbs = preflight.batch_sizes(cfg, acc.num_processes)
-        self._source = BatchStream(tokenize(self.train_data.texts, self.tokenizer, self.max_length),
-                                   self.train_data.labels if self.task == "classification" else None,
-                                   bs, seed=cfg.seed, pad_id=pad, task=self.task,
-                                   rank=acc.process_index, world=acc.num_processes)
+        self._source = BatchStream(
+            tokenize(self.train_data.texts, self.tokenizer, self.max_length),
+            self.train_data.labels if self.task == "classification" else None,
+            bs,
+            seed=cfg.seed,
+            pad_id=pad,
+            task=self.task,
+            rank=acc.process_index,
+            world=acc.num_processes,
+        )
         self._target = None
-        if self.alignment is not None:
-            self._target = BatchStream(tokenize(self.target_data.texts, self.tokenizer, self.max_length), None,
-                                       tbs, seed=cfg.seed + 1, pad_id=pad, task="target",
-                                       rank=acc.process_index, world=acc.num_processes)
+        if self.alignment is not None and self.target_data is not None:  # both or neither (checked in __init__)
+            self._target = BatchStream(
+                tokenize(self.target_data.texts, self.tokenizer, self.max_length),
+                None,
+                tbs,
+                seed=cfg.seed + 1,
+                pad_id=pad,
+                task="target",
+                rank=acc.process_index,
+                world=acc.num_processes,
+            )
         if self.alignment is not None:  # the run-wide scope fills in terms left on "auto"
             self.alignment.set_default_scope(cfg.align_scope)
         preflight.preflight(self, acc, self._source, self._target)
-        total = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * self._source.batches_per_epoch / cfg.gradient_accumulation_steps))
+        total = cfg.max_steps or max(
+            1, math.ceil(cfg.num_train_epochs * self._source.batches_per_epoch / cfg.gradient_accumulation_steps)
+        )
         self.state = RunState(total=total)
 
     def _setup_alignment(self) -> None:
@@ -271,8 +312,13 @@ class Trainer:
         process starts from rank 0's discriminator (what DDP would broadcast when wrapping)."""
         if self.alignment is None:
             return
-        self.da = DomainAdaptation(self.model, self.alignment, layer=self.feature_layer, pooling=self.pooling,
-                                   causal_lm=self.task == "causal_lm").to(self.accelerator.device)
+        self.da = DomainAdaptation(
+            self.model,
+            self.alignment,
+            layer=self.feature_layer,
+            pooling=self.pooling,
+            causal_lm=self.task == "causal_lm",
+        ).to(self.accelerator.device)
         comm.broadcast_parameters(self.alignment)
 
     def _setup_optimizer(self) -> None:
@@ -282,10 +328,15 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
-        groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        groups = [
+            g
+            for g in ({"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            if g["params"]
+        ]
         # built before prepare (FSDP2 swaps the optimizer's parameters for their shards), hence the device
-        optimizer = make_optimizer(groups, cfg.optim, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, device=acc.device)
+        optimizer = make_optimizer(
+            groups, cfg.optim, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, device=acc.device
+        )
         # Only the model goes through Accelerate (DDP / FSDP / DeepSpeed wrap one model; FSDP2
         # rejects optimizer parameters it does not know). The discriminators join the optimizer
         # afterwards as a plain, replicated group; their gradients are averaged over the processes
@@ -293,14 +344,20 @@ class Trainer:
         self._train_model, self.optimizer = acc.prepare(self.model, optimizer)
         self._disc = self.da.parameters() if self.da is not None else []
         if self._disc:
-            self.optimizer.add_param_group({"params": self._disc, "weight_decay": cfg.weight_decay,
-                                            "lr": cfg.discriminator_learning_rate or cfg.learning_rate})
+            self.optimizer.add_param_group(
+                {
+                    "params": self._disc,
+                    "weight_decay": cfg.weight_decay,
+                    "lr": cfg.discriminator_learning_rate or cfg.learning_rate,
+                }
+            )
         self._trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         # Not passed to acc.prepare: AcceleratedScheduler steps num_processes times per step (it assumes
         # a total counted in single-process batches; ours is per process) and skips fp16-overflow steps.
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * self.state.total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(cfg.lr_scheduler_type, warmup, self.state.total))
+            self.optimizer, _lr_lambda(cfg.lr_scheduler_type, warmup, self.state.total)
+        )
 
     def _resume(self, resume: bool | str) -> None:
         """Load the checkpoint to resume from (or refuse a folder holding another run's), and
@@ -320,10 +377,19 @@ class Trainer:
                     shutil.rmtree(p)
         self.history = []
         if start is not None:
-            saved = ckpt.load_checkpoint(start, model=acc.unwrap_model(self._train_model), alignment=self.alignment,
-                                         optimizer=self.optimizer, scheduler=self.scheduler)
-            st.step, st.best, st.best_step, st.bad_evals = (saved["step"], saved["best"], saved["best_step"],
-                                                            saved["bad_evals"])
+            saved = ckpt.load_checkpoint(
+                start,
+                model=acc.unwrap_model(self._train_model),
+                alignment=self.alignment,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+            )
+            st.step, st.best, st.best_step, st.bad_evals = (
+                saved["step"],
+                saved["best"],
+                saved["best_step"],
+                saved["bad_evals"],
+            )
             st.last_eval, st.stopped_early = saved.get("last_eval", {}), saved.get("stopped_early", False)
             self.history = [r for r in saved["history"] if r["step"] <= st.step]
         # every process must resume from the same step (e.g. output_dir not shared between machines)
@@ -344,7 +410,8 @@ class Trainer:
         for micro in range(cfg.gradient_accumulation_steps):
             m = st.step * cfg.gradient_accumulation_steps + micro
             batch = self._batch_to(self._source.batch(m))
-            target = self._batch_to(self._target.batch(m)) if need_target else None
+            # need_target implies alignment, hence a target stream
+            target = self._batch_to(self._target.batch(m)) if need_target and self._target is not None else None
             with acc.autocast():
                 if self.da is None:
                     loss = self._train_model(**batch).loss
@@ -355,7 +422,7 @@ class Trainer:
             acc.backward(loss / cfg.gradient_accumulation_steps)
             for k, v in logs.items():
                 if k.startswith("weight/"):
-                    weights[k[len("weight/"):]] = v
+                    weights[k[len("weight/") :]] = v
                 else:
                     losses.setdefault(k, []).append(v)
         if self._disc and acc.num_processes > 1:
@@ -375,6 +442,7 @@ class Trainer:
         st.last_eval = self.evaluate()
         self._log({"step": st.step, "split": "eval", **st.last_eval})
         self._train_model.train()
+        assert self.best_metric_name is not None  # evaluation runs only with eval data, which picks one
         value = st.last_eval[self.best_metric_name]
         if self._is_better(value, st.best):
             st.best, st.best_step, st.bad_evals = value, st.step, 0
@@ -389,15 +457,28 @@ class Trainer:
         """Write ``checkpoint-<step>`` (every process gathers sharded parameters; the main one
         writes), then rotate: keep the newest ``save_total_limit`` and the best."""
         cfg, acc, st = self.config, self.accelerator, self.state
-        state = {"step": st.step, "best": st.best, "best_step": st.best_step, "bad_evals": st.bad_evals,
-                 "total": st.total, "history": self.history, "last_eval": st.last_eval,
-                 "metric_for_best": self.best_metric_name, "stopped_early": st.stopped_early,
-                 "config": cfg.to_dict()}
+        state = {
+            "step": st.step,
+            "best": st.best,
+            "best_step": st.best_step,
+            "bad_evals": st.bad_evals,
+            "total": st.total,
+            "history": self.history,
+            "last_eval": st.last_eval,
+            "metric_for_best": self.best_metric_name,
+            "stopped_early": st.stopped_early,
+            "config": cfg.to_dict(),
+        }
         acc.wait_for_everyone()
-        path = ckpt.save_checkpoint(self.output_dir / f"checkpoint-{st.step}",
-                                    model=acc.unwrap_model(self._train_model), alignment=self.alignment,
-                                    optimizer=self.optimizer, scheduler=self.scheduler, state=state,
-                                    write=acc.is_main_process)
+        path = ckpt.save_checkpoint(
+            self.output_dir / f"checkpoint-{st.step}",
+            model=acc.unwrap_model(self._train_model),
+            alignment=self.alignment,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            state=state,
+            write=acc.is_main_process,
+        )
         if acc.is_main_process:
             ckpt.rotate(self.output_dir, cfg.save_total_limit, self._best_path())
         acc.wait_for_everyone()
@@ -411,20 +492,38 @@ class Trainer:
         train_losses = [r["loss"] for r in self.history if r["split"] == "train"]
         if train_losses:
             final["train/loss"] = train_losses[-1]
-        if cfg.load_best_model_at_end and st.best_step is not None and st.best_step != st.step:
-            ckpt.load_trainable_state(self.accelerator.unwrap_model(self._train_model),
-                                      load_file(str(self._best_path() / "trainable.safetensors")))
+        best_path = self._best_path()  # None iff st.best_step is None
+        if cfg.load_best_model_at_end and best_path is not None and st.best_step != st.step:
+            ckpt.load_trainable_state(
+                self.accelerator.unwrap_model(self._train_model),
+                load_file(str(best_path / "trainable.safetensors")),
+            )
             best = next(r for r in reversed(self.history) if r["split"] == "eval" and r["step"] == st.best_step)
-            final = {**{k: v for k, v in best.items() if k not in ("step", "split")},
-                     "train/loss": best.get("train/loss", train_losses[-1] if train_losses else float("nan"))}
-        summary = {"step": st.step, "total_steps": st.total, "stopped_early": st.stopped_early,
-                   "best_step": st.best_step, "metric_for_best": self.best_metric_name, "best": st.best,
-                   "final_metrics": final, "seconds": seconds, "seconds_per_step": seconds / max(1, steps_done)}
+            final = {
+                **{k: v for k, v in best.items() if k not in ("step", "split")},
+                "train/loss": best.get("train/loss", train_losses[-1] if train_losses else float("nan")),
+            }
+        summary = {
+            "step": st.step,
+            "total_steps": st.total,
+            "stopped_early": st.stopped_early,
+            "best_step": st.best_step,
+            "metric_for_best": self.best_metric_name,
+            "best": st.best,
+            "final_metrics": final,
+            "seconds": seconds,
+            "seconds_per_step": seconds / max(1, steps_done),
+        }
         self._write_final(summary)
         if cfg.report_to:
             self.accelerator.end_training()
-        self.summary = {"step": st.step, "stopped_early": st.stopped_early, "best_step": st.best_step,
-                        "final_metrics": final, "seconds": seconds}
+        self.summary = {
+            "step": st.step,
+            "stopped_early": st.stopped_early,
+            "best_step": st.best_step,
+            "final_metrics": final,
+            "seconds": seconds,
+        }
         return final
 
     def _write_final(self, summary: dict[str, Any]) -> None:
@@ -433,11 +532,11 @@ class Trainer:
         acc, out_dir = self.accelerator, self.output_dir
         acc.wait_for_everyone()
         unwrapped = acc.unwrap_model(self._train_model)
-        weights = (ckpt.trainable_state(unwrapped)
-                   if acc.is_main_process or ckpt.is_sharded(unwrapped) else None)
+        weights = ckpt.trainable_state(unwrapped) if acc.is_main_process or ckpt.is_sharded(unwrapped) else None
         if not acc.is_main_process:
             ckpt.write_adapter(unwrapped, out_dir / ".tmp-final" / "adapter", weights, write=False)
             return
+        assert weights is not None  # gathered above on the main process
         tmp = out_dir / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -458,10 +557,16 @@ class Trainer:
         if self.accelerator is None:
             self.accelerator = self._make_accelerator()
             self.model.to(self.accelerator.device)
-        return evaluate_model(self.model, self.tokenizer, data, task=self.task, max_length=self.max_length,
-                              batch_size=self.config.per_device_eval_batch_size or 2 * self.config.per_device_train_batch_size,
-                              accelerator=self.accelerator,
-                              progress=not self.config.disable_tqdm and self.accelerator.is_main_process)
+        return evaluate_model(
+            self.model,
+            self.tokenizer,
+            data,
+            task=self.task,
+            max_length=self.max_length,
+            batch_size=self.config.per_device_eval_batch_size or 2 * self.config.per_device_train_batch_size,
+            accelerator=self.accelerator,
+            progress=not self.config.disable_tqdm and self.accelerator.is_main_process,
+        )
 
     def metric_names(self) -> list[str]:
         return metric_names(list(self.eval_data), self.task)
@@ -483,16 +588,14 @@ class Trainer:
 
         mp = self.config.mixed_precision
         if mp == "auto":
-            if torch.cuda.is_available():
-                mp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-            else:
-                mp = "no"
+            mp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if torch.cuda.is_available() else "no"
         kwargs: dict[str, Any] = {"mixed_precision": mp}
         if self.config.report_to:
             for tracker in self.config.report_to:  # a clear error instead of Accelerate's
                 module = {"tensorboard": "tensorboard"}.get(tracker, tracker)
                 if importlib.util.find_spec(module) is None and not (
-                        tracker == "tensorboard" and importlib.util.find_spec("tensorboardX")):
+                    tracker == "tensorboard" and importlib.util.find_spec("tensorboardX")
+                ):
                     raise ImportError(f"training.report_to: {tracker!r} needs its package: pip install {module}")
             kwargs.update(log_with=list(self.config.report_to), project_dir=self.config.output_dir)
         return Accelerator(**kwargs)
@@ -513,9 +616,13 @@ class Trainer:
             for _ in vs:
                 total += next(flat) / ga
             means[k] = total
-        record: dict[str, Any] = {"step": self.state.step, "split": "train",
-                                  "loss": means["task_loss"] + means.get("reg_loss", 0.0),
-                                  "task_loss": means["task_loss"], "lr": self.scheduler.get_last_lr()[0]}
+        record: dict[str, Any] = {
+            "step": self.state.step,
+            "split": "train",
+            "loss": means["task_loss"] + means.get("reg_loss", 0.0),
+            "task_loss": means["task_loss"],
+            "lr": self.scheduler.get_last_lr()[0],
+        }
         if self.da is not None:
             record["reg_loss"] = means["reg_loss"]
             record.update({k: v for k, v in means.items() if k.startswith("reg/")})
@@ -523,7 +630,7 @@ class Trainer:
         if out.grad_norm is not None:
             record["grad_norm"] = float(out.grad_norm)
         if self.accelerator.num_processes > 1:  # the mean over processes, not rank 0's shard
-            self._reduce_losses(record, [k[len("reg/"):] for k in means if k.startswith("reg/")])
+            self._reduce_losses(record, [k[len("reg/") :] for k in means if k.startswith("reg/")])
         return record
 
     def _postfix(self, record: dict[str, Any]) -> dict[str, str]:
@@ -538,17 +645,21 @@ class Trainer:
             with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             if self.config.report_to:
-                self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
-                                     step=record["step"])
+                self.accelerator.log(
+                    {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
+                    step=record["step"],
+                )
 
     def _reduce_losses(self, record: dict[str, Any], reg_names: Sequence[str]) -> None:
         """Replace the logged losses by their mean over the processes (one all-reduce; a
         collective: every process calls it at the same log steps). Global-scope alignment
         values are already whole-batch values, equal on every process."""
         keys = ["task_loss"] + (["reg_loss"] if "reg_loss" in record else []) + [f"reg/{k}" for k in reg_names]
-        vals = self.accelerator.reduce(torch.tensor([float(record[k]) for k in keys], dtype=torch.float64,
-                                                    device=self.accelerator.device), reduction="mean")
-        for k, v in zip(keys, vals.tolist()):
+        vals = self.accelerator.reduce(
+            torch.tensor([float(record[k]) for k in keys], dtype=torch.float64, device=self.accelerator.device),
+            reduction="mean",
+        )
+        for k, v in zip(keys, vals.tolist(), strict=False):
             record[k] = v
         record["loss"] = record["task_loss"] + record.get("reg_loss", 0.0)
 

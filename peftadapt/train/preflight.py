@@ -17,16 +17,28 @@ import hashlib
 import json
 import os
 import warnings
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from ..align.scope import resolve_scope
 from ..core.comm import all_gather_fixed, is_distributed
 
-__all__ = ["batch_sizes", "per_process_batch", "shard_sizes", "config_fingerprint", "check_same_config",
-           "check_min_batch", "check_run", "check_backend", "check_launch", "check_same_resume_step", "preflight",
-           "digest_rows"]
+__all__ = [
+    "batch_sizes",
+    "check_backend",
+    "check_launch",
+    "check_min_batch",
+    "check_run",
+    "check_same_config",
+    "check_same_resume_step",
+    "config_fingerprint",
+    "digest_rows",
+    "per_process_batch",
+    "preflight",
+    "shard_sizes",
+]
 
 
 # ---------------------------------------------------------------------------
@@ -89,8 +101,9 @@ def config_fingerprint(**parts: Any) -> dict[str, int]:
     return out
 
 
-def check_same_config(fingerprint: Mapping[str, int], device: torch.device | str = "cpu",
-                      hint: str | None = None) -> None:
+def check_same_config(
+    fingerprint: Mapping[str, int], device: torch.device | str = "cpu", hint: str | None = None
+) -> None:
     """All processes must hold the same fingerprint (:func:`config_fingerprint`).
 
     One all_gather of a vector of int64 hashes. Every process receives every
@@ -102,16 +115,19 @@ def check_same_config(fingerprint: Mapping[str, int], device: torch.device | str
     if not is_distributed():
         return
     keys = list(fingerprint)
-    mine = torch.tensor([len(keys), _digest(keys)] + [fingerprint[k] for k in keys], dtype=torch.long,
-                        device=device)
+    mine = torch.tensor([len(keys), _digest(keys)] + [fingerprint[k] for k in keys], dtype=torch.long, device=device)
     sizes = [int(s) for s in all_gather_fixed(torch.tensor([mine.numel()], dtype=torch.long, device=device))]
     if len(set(sizes)) > 1:
-        raise ValueError(f"processes disagree on the configuration layout ({sizes} fields per rank): "
-                         "are all processes running the same peftadapt version and script?")
+        raise ValueError(
+            f"processes disagree on the configuration layout ({sizes} fields per rank): "
+            "are all processes running the same peftadapt version and script?"
+        )
     rows = [t.tolist() for t in all_gather_fixed(mine)]
     if any(row[:2] != rows[0][:2] for row in rows):
-        raise ValueError("processes disagree on the configuration fields: are all processes running the same "
-                         "peftadapt version and script?")
+        raise ValueError(
+            "processes disagree on the configuration fields: are all processes running the same "
+            "peftadapt version and script?"
+        )
     bad = []
     for i, k in enumerate(keys):
         vals = [row[2 + i] for row in rows]
@@ -123,13 +139,23 @@ def check_same_config(fingerprint: Mapping[str, int], device: torch.device | str
     if bad:
         raise ValueError(
             f"the run is configured differently on different processes: {', '.join(bad)}. "
-            + (hint or "Every process must run the same script with the same config, data and model (check "
-                       "per-node files, environment variables and command-line arguments)")
+            + (
+                hint
+                or "Every process must run the same script with the same config, data and model (check "
+                "per-node files, environment variables and command-line arguments)"
+            )
         )
 
 
-def check_min_batch(terms: Iterable[Any], *, source: tuple[int, int], target: tuple[int, int],
-                    world: int, batch_size: int, target_batch_size: int) -> None:
+def check_min_batch(
+    terms: Iterable[Any],
+    *,
+    source: tuple[int, int],
+    target: tuple[int, int],
+    world: int,
+    batch_size: int,
+    target_batch_size: int,
+) -> None:
     """Every term's estimator must get enough samples per domain in every step.
 
     ``source`` / ``target`` are :func:`shard_sizes` of the two data streams:
@@ -144,12 +170,15 @@ def check_min_batch(terms: Iterable[Any], *, source: tuple[int, int], target: tu
             have = g if scope == "global" else local
             if have >= need:
                 continue
-            where = ("in the global batch" if scope == "global" else
-                     "per process" if world > 1 else "per batch")
-            fix = ("scope='global' (then it needs " + str(need) + " in the global batch), " if scope == "local"
-                   and world > 1 else "")
+            where = "in the global batch" if scope == "global" else "per process" if world > 1 else "per batch"
+            fix = (
+                "scope='global' (then it needs " + str(need) + " in the global batch), "
+                if scope == "local" and world > 1
+                else ""
+            )
             raise ValueError(
-                f"alignment term {t.name!r} ({type(reg).__name__}" + (f", scope {scope!r}" if world > 1 else "")
+                f"alignment term {t.name!r} ({type(reg).__name__}"
+                + (f", scope {scope!r}" if world > 1 else "")
                 + f") needs at least {need} "
                 f"{dom} samples {where}, but with {dom} batch size {bs} per process on {world} process(es) some "
                 f"step gives it only {have} (the last, smaller batch of an epoch counts). Use {fix}a larger "
@@ -157,16 +186,29 @@ def check_min_batch(terms: Iterable[Any], *, source: tuple[int, int], target: tu
             )
 
 
-def check_run(*, fingerprint: Mapping[str, int], device: torch.device | str, alignment: Any,
-              source_len: int, target_len: int | None, batch_size: int, target_batch_size: int,
-              world: int) -> None:
+def check_run(
+    *,
+    fingerprint: Mapping[str, int],
+    device: torch.device | str,
+    alignment: Any,
+    source_len: int,
+    target_len: int | None,
+    batch_size: int,
+    target_batch_size: int,
+    world: int,
+) -> None:
     """The trainer's pre-flight check: same config everywhere, then batch sizes
     large enough for every alignment term. Raises ``ValueError`` on every process alike."""
     check_same_config(fingerprint, device=device)
     if alignment is not None and target_len is not None:
-        check_min_batch(alignment.terms, source=shard_sizes(source_len, batch_size, world),
-                        target=shard_sizes(target_len, target_batch_size, world), world=world,
-                        batch_size=batch_size, target_batch_size=target_batch_size)
+        check_min_batch(
+            alignment.terms,
+            source=shard_sizes(source_len, batch_size, world),
+            target=shard_sizes(target_len, target_batch_size, world),
+            world=world,
+            batch_size=batch_size,
+            target_batch_size=target_batch_size,
+        )
 
 
 def describe_alignment(alignment: Any) -> Sequence[str]:
@@ -193,10 +235,15 @@ def batch_sizes(config: Any, world: int) -> tuple[int, int]:
 
 def check_same_resume_step(step: int, device: torch.device | str = "cpu") -> None:
     """After loading a checkpoint (or not): every process must continue from the same step."""
-    check_same_config(config_fingerprint(resumed_from_step=step), device, hint=(
-        "The processes resumed from different checkpoints: output_dir must be on a file system that every "
-        "machine sees (checkpoints are written by the main process and read by all), or pass the same "
-        "checkpoint path to every process"))
+    check_same_config(
+        config_fingerprint(resumed_from_step=step),
+        device,
+        hint=(
+            "The processes resumed from different checkpoints: output_dir must be on a file system that every "
+            "machine sees (checkpoints are written by the main process and read by all), or pass the same "
+            "checkpoint path to every process"
+        ),
+    )
 
 
 def check_launch(accelerator_world: int) -> None:
@@ -204,8 +251,11 @@ def check_launch(accelerator_world: int) -> None:
     train alone on the whole data (N copies, no gradient sync). Typical cause: torchrun on
     CPU-only machines, where Accelerate needs ``--cpu`` (``ACCELERATE_USE_CPU=1``)."""
     env_world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    group_world = torch.distributed.get_world_size() if (
-        torch.distributed.is_available() and torch.distributed.is_initialized()) else 1
+    group_world = (
+        torch.distributed.get_world_size()
+        if (torch.distributed.is_available() and torch.distributed.is_initialized())
+        else 1
+    )
     launched = max(env_world, group_world)
     if launched > 1 and accelerator_world != launched:
         raise ValueError(
@@ -229,22 +279,33 @@ def preflight(trainer: Any, accelerator: Any, source: Any, target: Any | None) -
             f"the peftadapt Trainer under {kind} has not been run on GPUs: its sharded checkpointing is tested "
             "with torch FSDP2 on CPU processes only, and DeepSpeed ZeRO-3 checkpoints are not gathered (see "
             "docs/distributed.md, 'What is verified'); DDP (examples/accelerate/ddp.yaml) is the tested "
-            "multi-process path", stacklevel=3)
+            "multi-process path",
+            stacklevel=3,
+        )
     fp = {}
     if world > 1:  # hashing the data costs a little; only worth it with several processes
         fp = config_fingerprint(
-            training={k: v for k, v in dataclasses.asdict(cfg).items()},
-            task=trainer.task, max_length=trainer.max_length,
+            training=dict(dataclasses.asdict(cfg).items()),
+            task=trainer.task,
+            max_length=trainer.max_length,
             features=[trainer.feature_layer, trainer.pooling],
-            trainable=[(n, list(p.shape), str(p.dtype)) for n, p in trainer.model.named_parameters()
-                       if p.requires_grad],
+            trainable=[
+                (n, list(p.shape), str(p.dtype)) for n, p in trainer.model.named_parameters() if p.requires_grad
+            ],
             alignment=list(describe_alignment(alignment)),
         )
         fp["source_data"] = digest_rows(source.ids, source.labels)
         fp["target_data"] = digest_rows(None if target is None else target.ids)
-    check_run(fingerprint=fp, device=accelerator.device, alignment=alignment, source_len=len(source.ids),
-              target_len=None if target is None else len(target.ids), batch_size=source.batch_size,
-              target_batch_size=target.batch_size if target is not None else source.batch_size, world=world)
+    check_run(
+        fingerprint=fp,
+        device=accelerator.device,
+        alignment=alignment,
+        source_len=len(source.ids),
+        target_len=None if target is None else len(target.ids),
+        batch_size=source.batch_size,
+        target_batch_size=target.batch_size if target is not None else source.batch_size,
+        world=world,
+    )
 
 
 def check_backend(distributed_type: Any, alignment: Any) -> None:

@@ -14,23 +14,40 @@ from typing import Any
 
 import torch
 
+from .. import quant
 from ..align import Alignment, Term
 from ..align.registry import build_with_defaults
 from ..features import FeatureTap
-from .. import quant
-from ..wrap import load as load_adapter, wrap
+from ..wrap import load as load_adapter
+from ..wrap import wrap
 from .data import TextData, balance_classes, check_tokenizer, collate, load_text_data, tokenize
 from .loop import Trainer, evaluate_model
 from .schema import DatasetSpec, ModelConfig, RunConfig, TermConfig
+
+
+def _labels(d: TextData) -> list[int]:
+    """The labels of a classifier's data set (read with its label column, so present)."""
+    if d.labels is None:
+        raise ValueError(f"{d.name}: no labels; a classifier needs a label column")
+    return d.labels
 
 
 def load_data(run: RunConfig, num_labels: int | None) -> tuple[TextData, TextData | None, dict[str, TextData]]:
     data, cls = run.data, run.model.task == "classification"
 
     def read(spec: DatasetSpec, name: str, labeled: bool) -> TextData:
-        return load_text_data(spec.path, text=spec.text, label=spec.label if labeled else None, labels=data.labels,
-                              num_labels=num_labels, name=name, format=spec.format, split=spec.split,
-                              where=spec.where, where_not=spec.where_not)
+        return load_text_data(
+            spec.path,
+            text=spec.text,
+            label=spec.label if labeled else None,
+            labels=data.labels,
+            num_labels=num_labels,
+            name=name,
+            format=spec.format,
+            split=spec.split,
+            where=spec.where,
+            where_not=spec.where_not,
+        )
 
     source = read(data.source, "data.source", cls)
     target = None
@@ -69,8 +86,13 @@ def load_base_model(mcfg: ModelConfig, num_labels: int | None, gradient_checkpoi
     if mcfg.quantize:
         if mcfg.quant_storage:
             kwargs["quant_storage"] = mcfg.quant_storage
-        return quant.load_quantized(path, bits=mcfg.quantize, task="seqcls" if task == "classification" else "causal",
-                              gradient_checkpointing=gradient_checkpointing, **kwargs)
+        return quant.load_quantized(
+            path,
+            bits=mcfg.quantize,
+            task="seqcls" if task == "classification" else "causal",
+            gradient_checkpointing=gradient_checkpointing,
+            **kwargs,
+        )
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
@@ -104,8 +126,17 @@ def build_alignment(terms: list[TermConfig], *, width: int | None, num_labels: i
         name = t.name.lower()
         reg = build_with_defaults(name, {"in_features": width, "num_classes": num_labels}, **t.options)
         unique = sum(x.name.lower() == name for x in terms) == 1
-        built.append(Term(reg, weight=t.weight, schedule=t.schedule, warmup=t.warmup, start=t.start,
-                          scope=t.scope, name=name if unique else f"{name}_{i}"))
+        built.append(
+            Term(
+                reg,
+                weight=t.weight,
+                schedule=t.schedule,
+                warmup=t.warmup,
+                start=t.start,
+                scope=t.scope,
+                name=name if unique else f"{name}_{i}",
+            )
+        )
     return Alignment(built)
 
 
@@ -117,7 +148,7 @@ def build_trainer(run: RunConfig):
     nl = run.num_labels
     source, target, evals = load_data(run, nl)
     if task == "classification" and nl is None:
-        nl = max(2, max(source.labels) + 1)  # integer labels without a list: 0..max
+        nl = max(2, max(_labels(source)) + 1)  # integer labels without a list: 0..max
     if run.data.balance == "oversample":
         source = balance_classes(source)
     tokenizer = load_tokenizer(run.model, run.data.truncation)
@@ -129,9 +160,19 @@ def build_trainer(run: RunConfig):
     if run.regularizers:
         width = feature_width(model, tokenizer, feats.layer, feats.pooling)
         alignment = build_alignment(run.regularizers, width=width, num_labels=nl)
-    return Trainer(model, tokenizer, source, target=target, eval=evals, regularizers=alignment,
-                   config=training, task=task, max_length=run.data.max_length,
-                   feature_layer=feats.layer, pooling=feats.pooling)
+    return Trainer(
+        model,
+        tokenizer,
+        source,
+        target=target,
+        eval=evals,
+        regularizers=alignment,
+        config=training,
+        task=task,
+        max_length=run.data.max_length,
+        feature_layer=feats.layer,
+        pooling=feats.pooling,
+    )
 
 
 def evaluate_checkpoint(run: RunConfig, checkpoint: str | Path) -> dict[str, float]:
@@ -142,17 +183,25 @@ def evaluate_checkpoint(run: RunConfig, checkpoint: str | Path) -> dict[str, flo
         raise FileNotFoundError(f"--checkpoint: folder not found: {str(ck)!r}")
     adapter = ck / "adapter" if (ck / "adapter").is_dir() else ck
     if not adapter.is_dir() or not any(adapter.iterdir()):
-        raise ValueError(f"--checkpoint: {str(ck)!r} holds no adapter (expected an adapter/ folder "
-                         "written by peftadapt train, e.g. OUTPUT_DIR/final)")
+        raise ValueError(
+            f"--checkpoint: {str(ck)!r} holds no adapter (expected an adapter/ folder "
+            "written by peftadapt train, e.g. OUTPUT_DIR/final)"
+        )
     nl = run.num_labels
     _, _, evals = load_data(run, nl)
     if not evals:
         raise ValueError("eval needs data.eval in the config: {name: {path: ..., text: ..., label: ...}}")
     if run.model.task == "classification" and nl is None:
-        nl = max(2, max(max(d.labels) for d in evals.values()) + 1)
+        nl = max(2, max(max(_labels(d)) for d in evals.values()) + 1)
     tokenizer = load_tokenizer(run.model, run.data.truncation)  # as in training
     base = load_base_model(run.model, nl)
     model = load_adapter(base, str(adapter))
     training = run.training
-    return evaluate_model(model, tokenizer, evals, task=run.model.task, max_length=run.data.max_length,
-                          batch_size=training.per_device_eval_batch_size or 2 * training.per_device_train_batch_size)
+    return evaluate_model(
+        model,
+        tokenizer,
+        evals,
+        task=run.model.task,
+        max_length=run.data.max_length,
+        batch_size=training.per_device_eval_batch_size or 2 * training.per_device_train_batch_size,
+    )

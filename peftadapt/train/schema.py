@@ -22,16 +22,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import yaml
 
 from ..align.registry import REGULARIZERS, init_params, regularizer_names
 from ..align.schedule import Schedule
 from ..align.scope import Scope
-from ..features import Pooling
 from ..core.fields import field
+from ..features import Pooling
 from ..methods.base import ALIASES, METHODS, build_config, method_names
 from ..quant.load import QuantStorage
 from ._fields import REQUIRED, as_dict, build, check_fields, check_keys, choices, describe, hints
@@ -68,10 +69,12 @@ class ModelConfig:
     num_labels: int | None = field(None, "classes of a classifier; default: len(data.labels), else from the labels")
     quantize: Literal[4, 8] | None = field(None, "load the base in 4 (QLoRA, NF4) or 8 bits with bitsandbytes")
     dtype: Dtype | None = field(None, "dtype of the base weights; default: the checkpoint's")
-    pad_token: str | None = field(None, "'eos' reuses the eos token (Llama tokenizers have no pad token), "
-                                        "or a token string")
-    quant_storage: QuantStorage | None = field(None, "storage dtype of packed 4-bit weights (FSDP + QLoRA wants "
-                                                     "bf16); needs quantize: 4")
+    pad_token: str | None = field(
+        None, "'eos' reuses the eos token (Llama tokenizers have no pad token), or a token string"
+    )
+    quant_storage: QuantStorage | None = field(
+        None, "storage dtype of packed 4-bit weights (FSDP + QLoRA wants bf16); needs quantize: 4"
+    )
 
     def __post_init__(self):
         check_fields(self, self._where)
@@ -80,8 +83,9 @@ class ModelConfig:
         if self.num_labels is not None and self.num_labels < 1:
             raise ValueError(f"{where}.num_labels: must be a positive integer, got {self.num_labels!r}")
         if self.quant_storage is not None and self.quantize != 4:
-            raise ValueError(f"{where}.quant_storage: the storage dtype of packed 4-bit weights; it needs "
-                             f"{where}.quantize: 4")
+            raise ValueError(
+                f"{where}.quant_storage: the storage dtype of packed 4-bit weights; it needs {where}.quantize: 4"
+            )
 
 
 @dataclasses.dataclass
@@ -102,8 +106,11 @@ class MethodSection:
         key = self.name.lower()
         if key not in method_names():
             close = difflib.get_close_matches(key, method_names(), n=1)
-            raise ValueError(f"{where}.name: unknown method {self.name!r}" + (f"; did you mean {close[0]}?" if close
-                             else "") + f" (allowed values: {method_names()})")
+            raise ValueError(
+                f"{where}.name: unknown method {self.name!r}"
+                + (f"; did you mean {close[0]}?" if close else "")
+                + f" (allowed values: {method_names()})"
+            )
         base = ALIASES[key][0] if key in ALIASES else key
         _check_options(self, [f.name for f in dataclasses.fields(METHODS[base])], where)
         try:  # the method's own value checks (cheap: builds the config, not the model)
@@ -131,8 +138,11 @@ class TermConfig:
         key = self.name.lower()
         if key not in REGULARIZERS:
             close = difflib.get_close_matches(key, regularizer_names(), n=1)
-            raise ValueError(f"{where}.name: unknown regularizer {self.name!r}" + (
-                f"; did you mean {close[0]}?" if close else "") + f" (allowed values: {regularizer_names()})")
+            raise ValueError(
+                f"{where}.name: unknown regularizer {self.name!r}"
+                + (f"; did you mean {close[0]}?" if close else "")
+                + f" (allowed values: {regularizer_names()})"
+            )
         _check_options(self, sorted(init_params(REGULARIZERS[key][0])), where)
         for k in ("warmup", "start"):
             if not 0 <= getattr(self, k) <= 1:
@@ -273,6 +283,7 @@ def _apply_overrides(raw: dict[str, Any], overrides: Sequence[str] | Mapping[str
 
 def _resolve_paths(run: RunConfig, base_dir: Path) -> None:
     """Relative model / data paths: the working directory first, else the YAML's folder."""
+
     def resolve(p: str) -> str:
         if not Path(p).exists() and (base_dir / p).exists():
             return str(base_dir / p)
@@ -295,8 +306,12 @@ def _read_yaml(path: Path) -> Any:
             raise ValueError(f"{path}: not valid YAML: {e}") from None
 
 
-def load_run_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str] | Mapping[str, Any] = (),
-                    output_dir: str | None = None, base_dir: str | Path | None = None) -> RunConfig:
+def load_run_config(
+    source: str | Path | Mapping[str, Any],
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+    output_dir: str | None = None,
+    base_dir: str | Path | None = None,
+) -> RunConfig:
     """Read, override and check a run file; the one way from YAML to a :class:`RunConfig`.
 
     Args:
@@ -320,8 +335,11 @@ def load_run_config(source: str | Path | Mapping[str, Any], overrides: Sequence[
     for key in raw:
         if key not in SECTIONS:
             close = difflib.get_close_matches(str(key), SECTIONS, n=1)
-            raise ValueError(f"unknown section {key!r} in the config" + (f"; did you mean {close[0]}?" if close
-                             else "") + f" (valid sections: {SECTIONS})")
+            raise ValueError(
+                f"unknown section {key!r} in the config"
+                + (f"; did you mean {close[0]}?" if close else "")
+                + f" (valid sections: {SECTIONS})"
+            )
     for sec in ("model", "data"):
         if sec not in raw:
             raise ValueError(f"the config has no `{sec}:` section; required sections: ['data', 'model']")
@@ -334,6 +352,7 @@ def load_run_config(source: str | Path | Mapping[str, Any], overrides: Sequence[
 
 
 # -- the schema as text ------------------------------------------------------------
+
 
 def schema() -> dict[str, list[dict[str, Any]]]:
     """Every section's keys: ``{section: [{key, type, default, help, choices}]}``; data's
@@ -354,8 +373,15 @@ def schema_of(cls: type) -> list[dict[str, Any]]:
         tp = hints(cls)[f.name]
         required = f.default is REQUIRED and f.default_factory is REQUIRED
         default = "required" if required else f.default if f.default_factory is REQUIRED else f.default_factory()
-        rows.append({"key": f.name, "type": describe(tp), "default": as_dict(default),
-                     "help": f.metadata.get("help", ""), "choices": list(choices(tp) or []) or None})
+        rows.append(
+            {
+                "key": f.name,
+                "type": describe(tp),
+                "default": as_dict(default),
+                "help": f.metadata.get("help", ""),
+                "choices": list(choices(tp) or []) or None,
+            }
+        )
     return rows
 
 

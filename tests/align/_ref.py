@@ -8,7 +8,7 @@ import torch
 
 
 def gauss_sum(x, y, h, mults):
-    sq = sum((float(a) - float(b)) ** 2 for a, b in zip(x, y))
+    sq = sum((float(a) - float(b)) ** 2 for a, b in zip(x, y, strict=True))
     return sum(math.exp(-sq / (c * h)) for c in mults)
 
 
@@ -17,7 +17,7 @@ def pair_sq_dists(z):
     out = []
     for i in range(len(z)):
         for j in range(i + 1, len(z)):
-            out.append(sum((float(a) - float(b)) ** 2 for a, b in zip(z[i], z[j])))
+            out.append(sum((float(a) - float(b)) ** 2 for a, b in zip(z[i], z[j], strict=True)))
     return out
 
 
@@ -34,8 +34,12 @@ def mmd_linear(x, y, h, mults):
     tot = 0.0
     for i in range(m2):
         a, b = 2 * i, 2 * i + 1
-        tot += (gauss_sum(x[a], x[b], h, mults) + gauss_sum(y[a], y[b], h, mults)
-                - gauss_sum(x[a], y[b], h, mults) - gauss_sum(x[b], y[a], h, mults))
+        tot += (
+            gauss_sum(x[a], x[b], h, mults)
+            + gauss_sum(y[a], y[b], h, mults)
+            - gauss_sum(x[a], y[b], h, mults)
+            - gauss_sum(x[b], y[a], h, mults)
+        )
     return tot / m2
 
 

@@ -22,7 +22,7 @@ def _disc_ref(disc: DomainDiscriminator, rows):
         h = [float(v) for v in r]
         for k, lin in enumerate(linears):
             w, b = lin.weight.double().tolist(), lin.bias.double().tolist()
-            h = [sum(wi * hi for wi, hi in zip(w[o], h)) + b[o] for o in range(len(w))]
+            h = [sum(wi * hi for wi, hi in zip(w[o], h, strict=True)) + b[o] for o in range(len(w))]
             if k < len(linears) - 1:
                 h = [max(0.0, v) for v in h]
         out.append(h[0])
@@ -32,8 +32,8 @@ def _disc_ref(disc: DomainDiscriminator, rows):
 def _bce_domain_ref(logit_s, logit_t, w_s=None, w_t=None):
     w_s = w_s or [1.0] * len(logit_s)
     w_t = w_t or [1.0] * len(logit_t)
-    src = sum(w * -math.log(_ref.sigmoid(v)) for w, v in zip(w_s, logit_s)) / sum(w_s)
-    tgt = sum(w * -math.log(1 - _ref.sigmoid(v)) for w, v in zip(w_t, logit_t)) / sum(w_t)
+    src = sum(w * -math.log(_ref.sigmoid(v)) for w, v in zip(w_s, logit_s, strict=True)) / sum(w_s)
+    tgt = sum(w * -math.log(1 - _ref.sigmoid(v)) for w, v in zip(w_t, logit_t, strict=True)) / sum(w_t)
     return 0.5 * (src + tgt)
 
 
@@ -95,7 +95,8 @@ def test_dann_feature_gradient_is_reversed_and_discriminator_gradient_is_not():
     w = dann.discriminator[0].weight
     assert torch.autograd.gradcheck(
         lambda weight: torch.func.functional_call(dann, {"discriminator.0.weight": weight}, (fs, ft)),
-        (w.detach().clone().requires_grad_(True),))
+        (w.detach().clone().requires_grad_(True),),
+    )
     # at p = 0 the features get no gradient at all (lambda = 0)
     dann.set_progress(0.0)
     x.grad = None
@@ -124,7 +125,10 @@ def _multilinear_ref(f, g):
 def test_cdan_matches_formula(entropy):
     fs, ft = _feats(5, 4, 3, seed=1)
     g = torch.Generator().manual_seed(5)
-    ls, lt = torch.randn(5, 2, generator=g, dtype=torch.float64) * 2, torch.randn(4, 2, generator=g, dtype=torch.float64)
+    ls, lt = (
+        torch.randn(5, 2, generator=g, dtype=torch.float64) * 2,
+        torch.randn(4, 2, generator=g, dtype=torch.float64),
+    )
     cdan = CDAN(in_features=3, num_classes=2, entropy=entropy, hidden_size=4, dropout=0.0).double()
     assert not cdan.randomized
     got = cdan(fs, ft, ls, lt)
@@ -162,8 +166,10 @@ def test_cdan_randomized_map_formula_and_state_dict_roundtrip():
     assert set(cdan.state_dict()) >= {"random_f", "random_g"}
     rf, rg = cdan.random_f, cdan.random_g
     t = (fs @ rf) * (torch.softmax(ls, 1) @ rg) / math.sqrt(32)
-    want = _bce_domain_ref(_disc_ref(cdan.discriminator, t.tolist()),
-                           _disc_ref(cdan.discriminator, ((ft @ rf) * (torch.softmax(lt, 1) @ rg) / math.sqrt(32)).tolist()))
+    want = _bce_domain_ref(
+        _disc_ref(cdan.discriminator, t.tolist()),
+        _disc_ref(cdan.discriminator, ((ft @ rf) * (torch.softmax(lt, 1) @ rg) / math.sqrt(32)).tolist()),
+    )
     assert cdan(fs, ft, ls, lt).item() == pytest.approx(want, rel=1e-9)
     other = CDAN(in_features=50, num_classes=100, randomized_dim=32, hidden_size=8, dropout=0.0, seed=2).double()
     assert not torch.equal(other.random_f, rf)
@@ -177,7 +183,9 @@ def test_cdan_predictions_are_detached_features_get_reversed_gradient():
     ls = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     lt = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     x = fs.clone().requires_grad_(True)
-    cdan = CDAN(in_features=4, num_classes=3, entropy=True, grl="constant", coeff=0.5, hidden_size=6, dropout=0.0).double()
+    cdan = CDAN(
+        in_features=4, num_classes=3, entropy=True, grl="constant", coeff=0.5, hidden_size=6, dropout=0.0
+    ).double()
     cdan(x, ft, ls, lt).backward()
     assert ls.grad is None and lt.grad is None
     with torch.no_grad():
@@ -207,8 +215,11 @@ def test_cdan_bad_inputs():
 @pytest.mark.parametrize("name", ["dann", "cdan+e"])
 def test_bf16_autocast(name):
     torch.manual_seed(0)
-    reg = build(name, in_features=64, num_classes=4, hidden_size=32) if name != "dann" else \
-        build(name, in_features=64, hidden_size=32)
+    reg = (
+        build(name, in_features=64, num_classes=4, hidden_size=32)
+        if name != "dann"
+        else build(name, in_features=64, hidden_size=32)
+    )
     reg.eval()
     fs, ft = (torch.randn(8, 64) * 100).bfloat16(), (torch.randn(8, 64) * 100).bfloat16()
     ls, lt = torch.randn(8, 4).bfloat16(), torch.randn(8, 4).bfloat16()
@@ -221,6 +232,7 @@ def test_bf16_autocast(name):
 
 def test_trained_discriminator_separates_shifted_domains_not_identical_ones():
     """The domain loss stays at log 2 (chance) for identical distributions and drops for shifted ones."""
+
     def train(shift):
         torch.manual_seed(0)
         dann = DANN(in_features=8, hidden_size=8, depth=1, dropout=0.0, grl="constant", coeff=0.0)
@@ -246,9 +258,19 @@ def test_trained_discriminator_separates_shifted_domains_not_identical_ones():
 def test_cdan_discriminator_gradcheck(randomized):
     fs, ft = _feats(4, 3, 5, seed=4)
     ls, lt = torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
-    cdan = CDAN(in_features=5, num_classes=3, entropy=True, randomized=randomized, randomized_dim=6,
-                hidden_size=4, depth=1, dropout=0.0, seed=0).double()
+    cdan = CDAN(
+        in_features=5,
+        num_classes=3,
+        entropy=True,
+        randomized=randomized,
+        randomized_dim=6,
+        hidden_size=4,
+        depth=1,
+        dropout=0.0,
+        seed=0,
+    ).double()
     w = cdan.discriminator[3].weight  # the output layer: few entries keep gradcheck quick
     assert torch.autograd.gradcheck(
         lambda weight: torch.func.functional_call(cdan, {"discriminator.3.weight": weight}, (fs, ft, ls, lt)),
-        (w.detach().clone().requires_grad_(True),))
+        (w.detach().clone().requires_grad_(True),),
+    )

@@ -13,7 +13,9 @@ def test_registry_names_and_errors():
     with pytest.raises(ValueError, match=r"unknown regularizer 'kmm'; valid names: \[.*'coral'.*'mmd'"):
         build("kmm")
     assert isinstance(build("  CORAL "), CORAL)
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['width'\] for regularizer 'dann'; valid options: \[.*'in_features'"):
+    with pytest.raises(
+        ValueError, match=r"unknown option\(s\) \['width'\] for regularizer 'dann'; valid options: \[.*'in_features'"
+    ):
         build("dann", width=3)
     assert build("mmd").needs_logits is False and build("entropy").needs_logits is True
     assert peftadapt.MMD is MMD and peftadapt.register_regularizer is register
@@ -21,6 +23,7 @@ def test_registry_names_and_errors():
 
 def test_register_own_class_and_function():
     try:
+
         @register("test_mean_l2")
         class MeanL2(Regularizer):
             def forward(self, source_features, target_features, source_logits=None, target_logits=None):
@@ -89,11 +92,13 @@ def test_alignment_sums_weighted_terms_skips_off_terms_and_drives_progress():
     g = torch.Generator().manual_seed(0)
     fs, ft = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g) * 2 + 1
     dann = DANN(in_features=6, hidden_size=8, dropout=0.0)
-    al = Alignment([
-        Term(MMD(), weight=0.5),
-        Term(CORAL(), weight=100.0, schedule="linear", warmup=0.5),
-        Term(dann, weight=1.0, start=0.5),
-    ])
+    al = Alignment(
+        [
+            Term(MMD(), weight=0.5),
+            Term(CORAL(), weight=100.0, schedule="linear", warmup=0.5),
+            Term(dann, weight=1.0, start=0.5),
+        ]
+    )
     assert al.has_parameters and not al.needs_logits
     assert {id(p) for p in al.parameters()} == {id(p) for p in dann.parameters()}
     total, vals = al(fs, ft, progress=0.25)

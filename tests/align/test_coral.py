@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 
@@ -8,8 +10,10 @@ from . import _ref
 
 def _data(m, n, d, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(m, d, generator=g, dtype=torch.float64),
-            torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2.0, d, dtype=torch.float64))
+    return (
+        torch.randn(m, d, generator=g, dtype=torch.float64),
+        torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2.0, d, dtype=torch.float64),
+    )
 
 
 @pytest.mark.parametrize("m,n,d", [(5, 7, 3), (4, 4, 9), (12, 3, 2)])
@@ -30,7 +34,7 @@ def test_gram_form_equals_direct_dxd_at_llm_width():
     g = torch.Generator().manual_seed(0)
     xs = torch.randn(16, 4096, generator=g, dtype=torch.float64)
     xt = torch.randn(24, 4096, generator=g, dtype=torch.float64) * 1.3 + 0.2
-    direct = (torch.cov(xs.T) - torch.cov(xt.T)).pow(2).sum() / (4 * 4096 ** 2)
+    direct = (torch.cov(xs.T) - torch.cov(xt.T)).pow(2).sum() / (4 * 4096**2)
     assert CORAL()(xs, xt).item() == pytest.approx(direct.item(), rel=1e-9)
     # fp32 path agrees with the fp64 direct formula too
     assert CORAL()(xs.float(), xt.float()).item() == pytest.approx(direct.item(), rel=1e-4)
@@ -50,7 +54,7 @@ def test_zero_for_identical_batch_translation_invariant_grows_with_covariance():
     assert coral(x, x).item() == 0.0
     assert coral(x, x + 5.0).item() == pytest.approx(0.0, abs=1e-8)  # second-order only: no mean term
     vals = [coral(x, x * s).item() for s in (1.0, 1.2, 1.5, 2.0)]
-    assert all(b > a for a, b in zip(vals, vals[1:])), vals
+    assert all(b > a for a, b in itertools.pairwise(vals)), vals
     # Gradient pushes the target covariance toward the source's.
     xt = (x * 2.0).requires_grad_(True)
     coral(x, xt).backward()

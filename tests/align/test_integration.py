@@ -11,17 +11,20 @@ from ..conftest import make_tiny, token_batch
 def test_alignment_on_lora_model_under_bf16_autocast_reaches_adapter_and_discriminators():
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(make_tiny("bert", "seqcls"),
-                           LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    model = get_peft_model(
+        make_tiny("bert", "seqcls"), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS")
+    )
     model.train()
     torch.manual_seed(0)
-    align = Alignment([
-        Term("mmd", weight=1.0),
-        Term("coral", weight=100.0, schedule="linear", warmup=0.5),
-        Term(build("dann", in_features=32, hidden_size=16), weight=1.0),
-        Term(build("cdan+e", in_features=32, num_classes=2, hidden_size=16), weight=1.0),
-        Term(build("entropy", diversity=True), weight=0.1),
-    ])
+    align = Alignment(
+        [
+            Term("mmd", weight=1.0),
+            Term("coral", weight=100.0, schedule="linear", warmup=0.5),
+            Term(build("dann", in_features=32, hidden_size=16), weight=1.0),
+            Term(build("cdan+e", in_features=32, num_classes=2, hidden_size=16), weight=1.0),
+            Term(build("entropy", diversity=True), weight=0.1),
+        ]
+    )
     src = token_batch(seed=0, batch=4)
     tgt = token_batch(seed=1, batch=4, pad_last=0)
     tap = FeatureTap(model)

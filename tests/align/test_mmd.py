@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 
@@ -10,8 +12,10 @@ MULTS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 def _data(m=6, n=5, d=4, shift=0.0, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(m, d, generator=g, dtype=torch.float64),
-            torch.randn(n, d, generator=g, dtype=torch.float64) + shift)
+    return (
+        torch.randn(m, d, generator=g, dtype=torch.float64),
+        torch.randn(n, d, generator=g, dtype=torch.float64) + shift,
+    )
 
 
 def test_unbiased_matches_gretton_formula_unequal_batches():
@@ -74,9 +78,9 @@ def test_zero_for_same_distribution_and_grows_with_shift():
     mmd = MMD()
     vals = [mmd(base, same + s).item() for s in (0.0, 0.25, 0.5, 1.0, 2.0)]
     assert abs(vals[0]) < 0.05
-    assert all(b > a for a, b in zip(vals, vals[1:])), vals
+    assert all(b > a for a, b in itertools.pairwise(vals)), vals
     scaled = [mmd(base, same * s).item() for s in (1.0, 1.5, 2.5)]
-    assert all(b > a for a, b in zip(scaled, scaled[1:])), scaled
+    assert all(b > a for a, b in itertools.pairwise(scaled)), scaled
     assert scaled[-1] > 10 * abs(vals[0])
 
 
@@ -114,7 +118,7 @@ def test_bad_inputs():
         mmd(torch.randn(0, 8), x)
     bad = x.clone()
     bad[1, 2] = float("nan")
-    with pytest.raises(ValueError, match="non-finite.*1 NaN"):
+    with pytest.raises(ValueError, match=r"non-finite.*1 NaN"):
         mmd(bad, x)
     bad[1, 2] = float("inf")
     with pytest.raises(ValueError, match="1 inf"):

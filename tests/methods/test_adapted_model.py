@@ -37,6 +37,7 @@ def _trained_tiny(kind="bert", head="seqcls", **options):
 
 # -- forwarding ---------------------------------------------------------------------------
 
+
 def test_forwarding_config_attributes_and_base_model():
     model = make_tiny("llama", "causal")
     wrapped = Adapter().apply(model)
@@ -46,7 +47,7 @@ def test_forwarding_config_attributes_and_base_model():
     assert wrapped.get_input_embeddings() is model.get_input_embeddings()
     assert wrapped.method == "adapter" and wrapped.active_adapter == "default"
     with pytest.raises(AttributeError):
-        wrapped.no_such_attribute
+        _ = wrapped.no_such_attribute
     # the injected slot still exposes the wrapped Linear's attributes
     o_proj = model.model.layers[0].self_attn.o_proj
     assert o_proj.weight is o_proj.base_layer.weight and o_proj.in_features == 32
@@ -72,10 +73,14 @@ def test_print_trainable_parameters_wording(capsys):
     assert t == 4 * (2 * 32 * 2 + 2 + 32) + 66
     assert n == sum(p.numel() for p in wrapped.parameters())
     wrapped.print_trainable_parameters()
-    assert capsys.readouterr().out.strip() == f"trainable params: {t:,d} || all params: {n:,d} || trainable%: {100 * t / n:.4f}"
+    assert (
+        capsys.readouterr().out.strip()
+        == f"trainable params: {t:,d} || all params: {n:,d} || trainable%: {100 * t / n:.4f}"
+    )
 
 
 # -- named adapters, disable, unwrap ------------------------------------------------------
+
 
 def test_named_adapters_switch_outputs_and_trainable_set():
     model = make_tiny("bert", "seqcls")
@@ -122,9 +127,8 @@ def test_disable_adapter_gives_base_outputs_and_restores():
     with wrapped.disable_adapter():
         assert torch.equal(_logits(wrapped, batch), ref)
     assert torch.equal(_logits(wrapped, batch), adapted)
-    with pytest.raises(RuntimeError):
-        with wrapped.disable_adapter():
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), wrapped.disable_adapter():
+        raise RuntimeError("boom")
     assert torch.equal(_logits(wrapped, batch), adapted)  # restored after an exception too
     if hasattr(peftadapt, "disabled"):
         with peftadapt.disabled(wrapped):
@@ -147,6 +151,7 @@ def test_unwrap_restores_original_modules_and_flags():
 
 
 # -- save / load ------------------------------------------------------------------------
+
 
 def test_save_load_round_trip_minilm(tmp_path, minilm_classifier, minilm_tokenizer):
     batch = minilm_tokenizer(["first example sentence", "and a second one"], padding=True, return_tensors="pt")
@@ -246,7 +251,10 @@ def test_through_peftadapt_wrap_and_load(tmp_path):
 
 def test_mismatched_base_model_raises_naming_both(tmp_path):
     _trained_tiny("bert", "seqcls").save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"saved for model_type='bert', hidden_size=32.*given model has model_type='bert', hidden_size=48"):
+    with pytest.raises(
+        ValueError,
+        match=r"saved for model_type='bert', hidden_size=32.*given model has model_type='bert', hidden_size=48",
+    ):
         AdaptedModel.from_pretrained(make_tiny("bert", "seqcls", hidden_size=48), tmp_path)
     with pytest.raises(ValueError, match=r"model_type='bert'.*model_type='llama'.*differing: \['model_type'"):
         AdaptedModel.from_pretrained(make_tiny("llama", "seqcls"), tmp_path)
@@ -254,7 +262,9 @@ def test_mismatched_base_model_raises_naming_both(tmp_path):
         AdaptedModel.from_pretrained(make_tiny("bert", "seqcls", num_labels=3), tmp_path)
     with pytest.raises(ValueError, match=r"num_hidden_layers=2.*num_hidden_layers=3"):
         AdaptedModel.from_pretrained(make_tiny("bert", "seqcls", num_hidden_layers=3), tmp_path)
-    with pytest.raises(ValueError, match=r"head module\(s\) \['classifier'\] of a BertForSequenceClassification.*BertModel"):
+    with pytest.raises(
+        ValueError, match=r"head module\(s\) \['classifier'\] of a BertForSequenceClassification.*BertModel"
+    ):
         AdaptedModel.from_pretrained(make_tiny("bert", "base"), tmp_path)
 
 

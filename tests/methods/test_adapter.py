@@ -11,8 +11,14 @@ from peftadapt.methods.adapter import ARCHITECTURES, BottleneckAdapter
 from peftadapt.methods.base import build_config
 from tests.conftest import make_tiny, token_batch
 
-_COMMON = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-               intermediate_size=64, max_position_embeddings=64)
+_COMMON = dict(
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
 
 
 def _extra_tiny(kind: str, head: str = "seqcls"):
@@ -22,8 +28,9 @@ def _extra_tiny(kind: str, head: str = "seqcls"):
         "roberta": lambda: tf.RobertaConfig(**_COMMON),
         "xlm-roberta": lambda: tf.XLMRobertaConfig(**_COMMON),
         "electra": lambda: tf.ElectraConfig(**_COMMON, embedding_size=32),
-        "distilbert": lambda: tf.DistilBertConfig(vocab_size=128, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
-                                                  max_position_embeddings=64),
+        "distilbert": lambda: tf.DistilBertConfig(
+            vocab_size=128, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64
+        ),
         "qwen3": lambda: tf.Qwen3Config(**_COMMON, num_key_value_heads=2, head_dim=8, pad_token_id=0),
     }[kind]()
     cls = tf.AutoModelForSequenceClassification if head == "seqcls" else tf.AutoModelForCausalLM
@@ -45,6 +52,7 @@ def _perturb(model, std=0.5, seed=1):
 
 
 # -- identity at init -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["bert", "llama", "qwen2", "mistral", "gpt2"])
 @pytest.mark.parametrize("head", ["seqcls", "causal"])
@@ -84,8 +92,9 @@ def test_every_table_entry_is_tested():
 
 def test_identity_on_minilm(minilm_classifier, minilm_tokenizer):
     model = minilm_classifier()
-    batch = minilm_tokenizer(["a short sentence", "another, slightly longer sentence here"],
-                             padding=True, return_tensors="pt")
+    batch = minilm_tokenizer(
+        ["a short sentence", "another, slightly longer sentence here"], padding=True, return_tensors="pt"
+    )
     ref = _logits(model, batch)
     wrapped = Adapter(style="houlsby").apply(model)
     assert torch.equal(_logits(wrapped, batch), ref)
@@ -93,22 +102,35 @@ def test_identity_on_minilm(minilm_classifier, minilm_tokenizer):
 
 # -- placement ---------------------------------------------------------------------------
 
+
 def test_houlsby_and_pfeiffer_injection_points():
     bert = make_tiny("bert", "seqcls")
     assert Adapter(style="houlsby").injection_points(bert) == [
-        "bert.encoder.layer.0.attention.output.dense", "bert.encoder.layer.0.output.dense",
-        "bert.encoder.layer.1.attention.output.dense", "bert.encoder.layer.1.output.dense",
+        "bert.encoder.layer.0.attention.output.dense",
+        "bert.encoder.layer.0.output.dense",
+        "bert.encoder.layer.1.attention.output.dense",
+        "bert.encoder.layer.1.output.dense",
     ]
     assert Adapter(style="pfeiffer").injection_points(bert) == [
-        "bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.output.dense"]
+        "bert.encoder.layer.0.output.dense",
+        "bert.encoder.layer.1.output.dense",
+    ]
     assert Adapter(placement="attention").injection_points(bert) == [
-        "bert.encoder.layer.0.attention.output.dense", "bert.encoder.layer.1.attention.output.dense"]
+        "bert.encoder.layer.0.attention.output.dense",
+        "bert.encoder.layer.1.attention.output.dense",
+    ]
     llama = make_tiny("llama", "causal")
     assert Adapter().injection_points(llama) == [
-        "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj",
-        "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
+        "model.layers.0.self_attn.o_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.self_attn.o_proj",
+        "model.layers.1.mlp.down_proj",
+    ]
     gpt2 = make_tiny("gpt2", "causal")
-    assert Adapter(style="pfeiffer").injection_points(gpt2) == ["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"]
+    assert Adapter(style="pfeiffer").injection_points(gpt2) == [
+        "transformer.h.0.mlp.c_proj",
+        "transformer.h.1.mlp.c_proj",
+    ]
     assert Adapter(style="houlsby").injection_points(gpt2)[0] == "transformer.h.0.attn.c_proj"
 
 
@@ -141,13 +163,17 @@ def test_llama_adapter_acts_on_sublayer_output_before_residual():
 
 # -- parameter counts ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("options, points, b", [
-    ({"style": "houlsby"}, 4, 2),                       # 32 // 16
-    ({"style": "pfeiffer"}, 2, 2),
-    ({"style": "houlsby", "reduction_factor": 4}, 4, 8),
-    ({"style": "pfeiffer", "bottleneck_size": 5}, 2, 5),
-    ({"placement": "attention", "reduction_factor": 8}, 2, 4),
-])
+
+@pytest.mark.parametrize(
+    "options, points, b",
+    [
+        ({"style": "houlsby"}, 4, 2),  # 32 // 16
+        ({"style": "pfeiffer"}, 2, 2),
+        ({"style": "houlsby", "reduction_factor": 4}, 4, 8),
+        ({"style": "pfeiffer", "bottleneck_size": 5}, 2, 5),
+        ({"placement": "attention", "reduction_factor": 8}, 2, 4),
+    ],
+)
 def test_parameter_counts_exact(options, points, b):
     model = make_tiny("bert", "seqcls")
     total_before = sum(p.numel() for p in model.parameters())
@@ -214,8 +240,16 @@ def test_generate_through_wrapper_matches_base_at_init():
 
 # -- training ---------------------------------------------------------------------------------
 
-_SENTENCES = ["I loved this film", "what a wonderful day", "great food and kind staff", "this is excellent",
-              "I hated every minute", "a terrible, boring mess", "the service was awful", "this is bad"]
+_SENTENCES = [
+    "I loved this film",
+    "what a wonderful day",
+    "great food and kind staff",
+    "this is excellent",
+    "I hated every minute",
+    "a terrible, boring mess",
+    "the service was awful",
+    "this is bad",
+]
 _LABELS = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0])
 
 
@@ -276,25 +310,35 @@ def test_gradient_checkpointing_through_wrapper_reaches_adapters():
 
 # -- errors ------------------------------------------------------------------------------------
 
+
 def test_unsupported_architecture_names_it_and_lists_supported():
-    cfg = tf.GPTNeoXConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, max_position_embeddings=64)
+    cfg = tf.GPTNeoXConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     model = tf.AutoModelForCausalLM.from_config(cfg)
     with pytest.raises(ValueError, match=r"gpt_neox.*supported model types: \[.*'bert'.*'llama'"):
         Adapter().apply(model)
     assert not any(getattr(m, "_peftadapt_injected", False) for m in model.modules())
 
 
-@pytest.mark.parametrize("options, match", [
-    ({"reduction_factr": 4}, r"unknown option.*reduction_factr.*valid options.*reduction_factor"),
-    ({"activation": "mish"}, r"unknown activation 'mish'.*relu.*gelu"),
-    ({"style": "lora"}, r"unknown adapter style 'lora'.*houlsby.*pfeiffer"),
-    ({"placement": "output"}, r"placement.*attention.*ffn"),
-    ({"placement": []}, r"placement"),
-    ({"reduction_factor": 0}, r"reduction_factor must be a positive"),
-    ({"bottleneck_size": 0}, r"bottleneck_size must be a positive"),
-    ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"reduction_factr": 4}, r"unknown option.*reduction_factr.*valid options.*reduction_factor"),
+        ({"activation": "mish"}, r"unknown activation 'mish'.*relu.*gelu"),
+        ({"style": "lora"}, r"unknown adapter style 'lora'.*houlsby.*pfeiffer"),
+        ({"placement": "output"}, r"placement.*attention.*ffn"),
+        ({"placement": []}, r"placement"),
+        ({"reduction_factor": 0}, r"reduction_factor must be a positive"),
+        ({"bottleneck_size": 0}, r"bottleneck_size must be a positive"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+    ],
+)
 def test_bad_options_raise_with_choices(options, match):
     with pytest.raises(ValueError, match=match):
         build_config("adapter", **options)
@@ -309,9 +353,9 @@ def test_reduction_factor_too_large_for_hidden_size():
 
 def test_wrapping_a_wrapped_model_points_to_add_adapter():
     wrapped = Adapter().apply(make_tiny("bert", "seqcls"))
-    with pytest.raises(ValueError, match="already a peftadapt AdaptedModel.*add_adapter"):
+    with pytest.raises(ValueError, match=r"already a peftadapt AdaptedModel.*add_adapter"):
         Adapter().apply(wrapped)
-    with pytest.raises(ValueError, match="already has peftadapt adapter modules.*add_adapter"):
+    with pytest.raises(ValueError, match=r"already has peftadapt adapter modules.*add_adapter"):
         Adapter().apply(wrapped.model)  # the HF model with adapters injected
 
 
@@ -319,16 +363,15 @@ def test_wrapping_a_peft_model_points_to_add_adapter():
     peft = pytest.importorskip("peft")
     model = make_tiny("llama", "causal")
     pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="peft PeftModel.*add_adapter"):
+    with pytest.raises(ValueError, match=r"peft PeftModel.*add_adapter"):
         Adapter().apply(pm)
-    with pytest.raises(ValueError, match="peft adapter layers.*add_adapter"):
+    with pytest.raises(ValueError, match=r"peft adapter layers.*add_adapter"):
         Adapter().apply(pm.get_base_model())
 
 
 def test_adapters_on_a_4bit_base_train_in_float32():
     pytest.importorskip("bitsandbytes")
     from peftadapt.quant import build_quantized
-
     from tests.conftest import _tiny_config
 
     model = build_quantized(_tiny_config("llama"), 4, task="causal", device="cpu")
@@ -363,7 +406,9 @@ def test_bottleneck_forward_and_grads_match_the_formula(x_dtype, scaling):
     assert torch.allclose(y, ref, atol=tol, rtol=0)
     w = torch.randn_like(y)
     params = [x, a.up.weight, a.up.bias, a.down.weight, a.down.bias]
-    for g, r in zip(torch.autograd.grad((y * w).sum(), params), torch.autograd.grad((ref * w).sum(), params)):
+    for g, r in zip(
+        torch.autograd.grad((y * w).sum(), params), torch.autograd.grad((ref * w).sum(), params), strict=True
+    ):
         assert torch.allclose(g, r, atol=tol * 10, rtol=0)
 
 

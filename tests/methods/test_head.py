@@ -11,16 +11,19 @@ from peftadapt.methods.base import build_config
 from tests.conftest import make_tiny, token_batch
 
 
-@pytest.mark.parametrize("kind, head, expected", [
-    ("bert", "seqcls", ["classifier"]),
-    ("bert", "tokcls", ["classifier"]),
-    ("bert", "base", []),
-    ("llama", "seqcls", ["score"]),
-    ("llama", "causal", ["lm_head"]),
-    ("gpt2", "seqcls", ["score"]),
-    ("gpt2", "causal", ["lm_head"]),
-    ("qwen2", "base", []),
-])
+@pytest.mark.parametrize(
+    "kind, head, expected",
+    [
+        ("bert", "seqcls", ["classifier"]),
+        ("bert", "tokcls", ["classifier"]),
+        ("bert", "base", []),
+        ("llama", "seqcls", ["score"]),
+        ("llama", "causal", ["lm_head"]),
+        ("gpt2", "seqcls", ["score"]),
+        ("gpt2", "causal", ["lm_head"]),
+        ("qwen2", "base", []),
+    ],
+)
 def test_find_task_head(kind, head, expected):
     assert find_task_head(make_tiny(kind, head)) == expected
 
@@ -88,7 +91,7 @@ def test_head_modules_option_and_errors():
 
 def test_model_without_head_suggests_a_classification_model():
     model = make_tiny("bert", "base")
-    with pytest.raises(ValueError, match="has no task head.*ForSequenceClassification"):
+    with pytest.raises(ValueError, match=r"has no task head.*ForSequenceClassification"):
         Head().apply(model)
     assert not any(getattr(m, "_peftadapt_injected", False) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())  # untouched

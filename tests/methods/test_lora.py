@@ -41,19 +41,47 @@ def test_lora_is_identity_at_init_and_counts_exactly():
     assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
 
 
-@pytest.mark.parametrize("kind,expected", [("bert", {"query", "value"}), ("gpt2", {"c_attn"}), ("qwen2", {"q_proj", "v_proj"}), ("mistral", {"q_proj", "v_proj"})])
+@pytest.mark.parametrize(
+    "kind,expected",
+    [
+        ("bert", {"query", "value"}),
+        ("gpt2", {"c_attn"}),
+        ("qwen2", {"q_proj", "v_proj"}),
+        ("mistral", {"q_proj", "v_proj"}),
+    ],
+)
 def test_default_targets_per_architecture(kind, expected):
     model = peftadapt.wrap(make_tiny(kind, "causal" if kind != "bert" else "base"), "lora")
-    adapted = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "lora_A") and n.rsplit(".", 1)[-1] not in ("lora_A", "lora_B")}
+    adapted = {
+        n.rsplit(".", 1)[-1]
+        for n, m in model.named_modules()
+        if hasattr(m, "lora_A") and n.rsplit(".", 1)[-1] not in ("lora_A", "lora_B")
+    }
     assert adapted == expected
 
 
 def test_all_linear_and_explicit_targets():
     m = peftadapt.wrap(make_tiny("llama", "causal"), "lora", target_modules="all-linear")
-    adapted = {n.rsplit(".", 1)[-1] for n, mod in m.named_modules() if hasattr(mod, "lora_A") and not n.endswith(("lora_A", "lora_B"))}
-    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # lm_head excluded by peft
+    adapted = {
+        n.rsplit(".", 1)[-1]
+        for n, mod in m.named_modules()
+        if hasattr(mod, "lora_A") and not n.endswith(("lora_A", "lora_B"))
+    }
+    assert adapted == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }  # lm_head excluded by peft
     m = peftadapt.wrap(make_tiny("llama", "causal"), "lora", target_modules=["down_proj"])
-    adapted = {n.rsplit(".", 1)[-1] for n, mod in m.named_modules() if hasattr(mod, "lora_A") and not n.endswith(("lora_A", "lora_B"))}
+    adapted = {
+        n.rsplit(".", 1)[-1]
+        for n, mod in m.named_modules()
+        if hasattr(mod, "lora_A") and not n.endswith(("lora_A", "lora_B"))
+    }
     assert adapted == {"down_proj"}
 
 

@@ -11,7 +11,10 @@ from tests.conftest import make_tiny, token_batch
 from tests.methods.test_lora import _logits
 
 
-@pytest.mark.parametrize("kind,head", [("bert", "seqcls"), ("gpt2", "seqcls"), ("llama", "causal"), ("qwen2", "seqcls"), ("mistral", "causal")])
+@pytest.mark.parametrize(
+    "kind,head",
+    [("bert", "seqcls"), ("gpt2", "seqcls"), ("llama", "causal"), ("qwen2", "seqcls"), ("mistral", "causal")],
+)
 def test_prefix_changes_outputs_trains_prefix_and_head_only(kind, head):
     base = make_tiny(kind, head)
     batch = token_batch()
@@ -33,7 +36,9 @@ def test_prefix_changes_outputs_trains_prefix_and_head_only(kind, head):
 
 
 def test_prefix_roundtrip_peftadapt_and_plain_peft(tmp_path):
-    model = peftadapt.wrap(make_tiny("bert", "seqcls"), "prefix", num_virtual_tokens=4, prefix_projection=True, projection_hidden_size=16)
+    model = peftadapt.wrap(
+        make_tiny("bert", "seqcls"), "prefix", num_virtual_tokens=4, prefix_projection=True, projection_hidden_size=16
+    )
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "modules_to_save" in n:
@@ -54,7 +59,9 @@ def test_prefix_for_other_depth_is_refused(tmp_path):
 def test_prefix_refusals():
     import transformers as tf
 
-    distil = tf.DistilBertForSequenceClassification(tf.DistilBertConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, hidden_dim=64))
+    distil = tf.DistilBertForSequenceClassification(
+        tf.DistilBertConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+    )
     with pytest.raises(ValueError, match="prefix tuning cannot be applied to a 'distilbert' model"):
         peftadapt.wrap(distil, "prefix")
     gc = make_tiny("llama", "causal")

@@ -27,12 +27,15 @@ def batch(minilm_tokenizer):
     return dict(enc, labels=torch.tensor(LABELS))
 
 
-@pytest.mark.parametrize("method,options", [
-    ("lora", {"r": 4}),
-    ("dora", {"r": 4}),
-    ("rslora", {"r": 4, "target_modules": "all-linear"}),
-    ("prefix", {"num_virtual_tokens": 4}),
-])
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("lora", {"r": 4}),
+        ("dora", {"r": 4}),
+        ("rslora", {"r": 4, "target_modules": "all-linear"}),
+        ("prefix", {"num_virtual_tokens": 4}),
+    ],
+)
 def test_method_trains_minilm_and_touches_only_its_parameters(minilm_classifier, batch, method, options):
     torch.manual_seed(0)
     model = peftadapt.wrap(minilm_classifier(), method, **options)

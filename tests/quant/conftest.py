@@ -5,11 +5,10 @@ from __future__ import annotations
 import warnings
 
 import pytest
-import torch
 
 pytest.importorskip("bitsandbytes")
 
-from tests.conftest import make_tiny, token_batch  # noqa: E402,F401
+from tests.conftest import make_tiny, token_batch  # noqa: F401
 
 
 @pytest.fixture(autouse=True)

@@ -14,8 +14,15 @@ import torch
 from peftadapt.quant import build_quantized, quant_bits, tensor_bytes
 
 # ~100 M parameters (Llama architecture, GQA): 402 MB in fp32, ~95 MB in NF4 + fp32 embeddings.
-_CONFIG = dict(vocab_size=8000, hidden_size=768, intermediate_size=2048, num_hidden_layers=14,
-               num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=256)
+_CONFIG = dict(
+    vocab_size=8000,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=14,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    max_position_embeddings=256,
+)
 
 _SCRIPT = textwrap.dedent(
     """
@@ -44,7 +51,8 @@ _SCRIPT = textwrap.dedent(
     ids = torch.randint(1, cfg.vocab_size, (1, 16))
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    grads = [p.grad.abs().sum().item() for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]  # B gets the first gradient (A is multiplied by B = 0)
+    # B gets the first gradient (A is multiplied by B = 0)
+    grads = [p.grad.abs().sum().item() for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
     print(json.dumps({"growth": (peak - base) * 1024, "bytes": sum(tensor_bytes(model).values()),
                       "loss": loss.item(), "grads": grads}))
     """
@@ -61,8 +69,9 @@ def test_build_peak_memory_is_about_the_quantized_size():
     # glibc: serve large blocks by mmap and give freed memory back, so RSS tracks what is alive rather than
     # what the allocator caches (its dynamic mmap threshold otherwise keeps freed weights resident at random)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    out = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(_CONFIG)], capture_output=True, text=True, env=env,
-                         timeout=900)  # quantizing ~90 M weights on the CPU; generous for a shared machine
+    out = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, json.dumps(_CONFIG)], capture_output=True, text=True, env=env, timeout=900
+    )  # quantizing ~90 M weights on the CPU; generous for a shared machine
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     fp32_bytes = 4 * _n_params(_CONFIG)
@@ -80,8 +89,14 @@ def test_build_small_qwen2_matches_what_from_pretrained_marks(bits):
     import peft
     import transformers as tf
 
-    cfg = tf.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    cfg = tf.Qwen2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = build_quantized(cfg, bits=bits, device="cpu", seed=0)
     assert quant_bits(model) == bits
     assert getattr(model, f"is_loaded_in_{bits}bit") is True

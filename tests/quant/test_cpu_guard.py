@@ -14,8 +14,26 @@ from peftadapt.quant._bnb import dequantize_weight, guard_4bit_cpu, is_bnb_layer
 from tests.conftest import token_batch
 
 bnb = pytest.importorskip("bitsandbytes")
-NF4 = torch.tensor([-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
-                    0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0])
+NF4 = torch.tensor(
+    [
+        -1.0,
+        -0.6962,
+        -0.5251,
+        -0.3949,
+        -0.2844,
+        -0.1848,
+        -0.0911,
+        0.0,
+        0.0796,
+        0.1609,
+        0.2461,
+        0.3379,
+        0.4407,
+        0.5626,
+        0.7230,
+        1.0,
+    ]
+)
 NF4_HALF_GAP = float((NF4[1:] - NF4[:-1]).max() / 2)  # 0.1519: no weight is further from its code
 
 
@@ -29,10 +47,12 @@ def avx512bf16(request, monkeypatch):
 def _linear4bit(out_f, in_f, seed=0):
     torch.manual_seed(seed)
     w = torch.randn(out_f, in_f) * 0.02
-    layer = bnb.nn.Linear4bit(in_f, out_f, bias=True, compute_dtype=torch.float32, compress_statistics=False,
-                              quant_type="nf4", device="meta")
-    layer.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, compress_statistics=False,
-                                     quant_type="nf4").to("cpu")
+    layer = bnb.nn.Linear4bit(
+        in_f, out_f, bias=True, compute_dtype=torch.float32, compress_statistics=False, quant_type="nf4", device="meta"
+    )
+    layer.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, compress_statistics=False, quant_type="nf4").to(
+        "cpu"
+    )
     layer.bias = torch.nn.Parameter(torch.randn(out_f) * 0.01, requires_grad=False)
     return layer, w
 
@@ -69,13 +89,18 @@ def test_an_evaluation_pass_leaves_a_wrapped_user_quantized_model_training_the_s
 
     # hidden 64, heads of 16: every base layer can be packed for the AVX512-BF16 kernel
     folder, _ = saved_tiny("llama", hidden_size=64, intermediate_size=128, head_dim=16)
-    qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.float32)
+    qconfig = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
     batch = token_batch()
 
     def model_and_grads(evaluate_first: bool):
-        base = AutoModelForCausalLM.from_pretrained(folder, quantization_config=qconfig, device_map="cpu",
-                                                    dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=qconfig, device_map="cpu", dtype=torch.float32
+        )
         torch.manual_seed(0)
         model = peftadapt.wrap(base, "lora", r=4, target_modules=["q_proj", "v_proj"])
         with torch.no_grad():  # B != 0, so the A matrices get a gradient

@@ -45,7 +45,10 @@ def test_paged_optimizer_on_cpu_warns_and_uses_the_unpaged_rule():
 
 def test_make_optimizer_checks_its_arguments():
     p = torch.nn.Parameter(torch.zeros(3))
-    with pytest.raises(ValueError, match=r"unknown optimizer 'sgd'.*'adamw_torch', 'adamw_8bit', 'paged_adamw_8bit', 'paged_adamw_32bit'"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown optimizer 'sgd'.*'adamw_torch', 'adamw_8bit', 'paged_adamw_8bit', 'paged_adamw_32bit'",
+    ):
         make_optimizer([p], name="sgd")
     with pytest.raises(ValueError, match="no parameters"):
         make_optimizer([], name="adamw_torch")

@@ -46,7 +46,7 @@ def test_load_wrap_train_with_coral_save_load_merge(saved_tiny, tmp_path, kind):
     assert all(torch.isfinite(torch.tensor(task_losses + coral_losses)))
     assert task_losses[-1] < task_losses[0] - 1.0, task_losses
     assert 0 < coral_losses[-1] < 0.6 * coral_losses[0], coral_losses  # the alignment term is optimized too
-    assert all(not torch.equal(a, b) for a, b in zip(before, trainable))
+    assert all(not torch.equal(a, b) for a, b in zip(before, trainable, strict=True))
 
     eval_batch = token_batch(seed=3)
     adapted = _logits(model, eval_batch)
@@ -82,8 +82,9 @@ def _adapted_4bit(folder, **lora):
 
     torch.manual_seed(0)
     base = load_quantized(folder, bits=4, device="cpu")
-    return get_peft_model(base, LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"],
-                                           init_lora_weights=False, **lora))
+    return get_peft_model(
+        base, LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False, **lora)
+    )
 
 
 @pytest.mark.parametrize("dtype,tol", [("fp32", 1e-4), ("bf16", 2e-2), ("fp16", 5e-3)])
@@ -109,8 +110,10 @@ def test_merge_dora_and_8bit(saved_tiny):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    eight = get_peft_model(load_quantized(folder, bits=8, device="cpu"),
-                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    eight = get_peft_model(
+        load_quantized(folder, bits=8, device="cpu"),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     ref = _logits(eight, batch)
     # LLM.int8() also quantizes the activations, the merged dense model does not: a looser match
     rel = (_logits(merge_quantized(eight, dtype="fp32"), batch) - ref).abs().max() / ref.abs().max()
@@ -139,15 +142,18 @@ def test_dora_on_a_cpu_8bit_base_is_refused_with_the_ways_out(saved_tiny):
     """peft + bitsandbytes fail at the second DoRA training step on a CPU 8-bit base (the 8-bit
     scales are gone); wrap refuses up front. The failure itself is checked, so this test notices
     when a new peft / bitsandbytes fixes it and the refusal can go."""
-    import peftadapt
     from peft import LoraConfig, get_peft_model
+
+    import peftadapt
 
     folder, _ = saved_tiny("llama")
     batch = token_batch()
     with pytest.raises(ValueError, match=r"DoRA on an 8-bit base.*4-bit base.*plain LoRA"):
         peftadapt.wrap(load_quantized(folder, bits=8, device="cpu"), "dora", r=4)
-    plain = get_peft_model(load_quantized(folder, bits=8, device="cpu", prepare=False),
-                           LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "v_proj"]))
+    plain = get_peft_model(
+        load_quantized(folder, bits=8, device="cpu", prepare=False),
+        LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "v_proj"]),
+    )
     plain.train()
     plain(**batch, labels=batch["input_ids"]).loss.backward()  # the first step works
     with pytest.raises(AttributeError):

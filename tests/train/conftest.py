@@ -12,8 +12,8 @@ import pytest
 from ..conftest import make_tiny
 
 VOCAB = 30522  # the MiniLM (BERT uncased) tokenizer
-POS = "good great fine nice lovely superb helpful calm".split()
-NEG = "bad awful terrible poor nasty horrible useless painful".split()
+POS = ["good", "great", "fine", "nice", "lovely", "superb", "helpful", "calm"]
+NEG = ["bad", "awful", "terrible", "poor", "nasty", "horrible", "useless", "painful"]
 
 
 def sentiment(n: int, seed: int, words: int = 5):
@@ -38,8 +38,9 @@ def tiny_classifier(seed: int = 0, dropout: float = 0.1, method: str = "lora", *
     """A wrapped tiny BERT classifier. dropout=0 makes training a deterministic function of the batches."""
     import peftadapt
 
-    m = make_tiny("bert", "seqcls", seed=seed, vocab_size=VOCAB,
-                  hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    m = make_tiny(
+        "bert", "seqcls", seed=seed, vocab_size=VOCAB, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout
+    )
     if method == "lora":
         options = {"r": 4, "dropout": dropout, **options}
     return peftadapt.wrap(m, method, **options)
@@ -104,6 +105,15 @@ def run_config(model_dir, files, out, **training) -> dict:
             "target": {"path": str(files / "target.csv"), "text": "text"},
             "eval": {"target": {"path": str(files / "test.csv"), "text": "text", "label": "label"}},
         },
-        "training": {"output_dir": str(out), "per_device_train_batch_size": 8, "max_steps": 8, "learning_rate": 0.02,
-                     "eval_steps": 4, "disable_tqdm": True, "plot": False, "seed": 0, **training},
+        "training": {
+            "output_dir": str(out),
+            "per_device_train_batch_size": 8,
+            "max_steps": 8,
+            "learning_rate": 0.02,
+            "eval_steps": 4,
+            "disable_tqdm": True,
+            "plot": False,
+            "seed": 0,
+            **training,
+        },
     }

@@ -29,32 +29,50 @@ def test_defaults_filled_in():
     assert isinstance(out.training, TrainConfig) and out.training.learning_rate == 1e-3
 
 
-@pytest.mark.parametrize("bad, words", [
-    (cfg(trainig={}), ["trainig", "did you mean training?"]),
-    (cfg(training={"lr": 1}), ["training.lr", "learning_rate", "warmup_ratio"]),
-    (cfg(model={"path": "m", "task": "regression"}), ["model.task", "'regression'", "causal_lm"]),
-    (cfg(model={"path": "m", "quantize": 3}), ["model.quantize", "4", "8"]),
-    (cfg(model={"task": "classification"}), ["model.path"]),
-    (cfg(training={"lr_scheduler_type": "step"}), ["training.lr_scheduler_type", "cosine", "linear"]),
-    (cfg(training={"mixed_precision": "fp8"}), ["training.mixed_precision", "bf16"]),
-    (cfg(training={"per_device_train_batch_size": 0}), ["training.per_device_train_batch_size", "positive"]),
-    (cfg(training={"report_to": ["tensorbord"]}), ["tensorbord", "tensorboard"]),
-    (cfg(regularizers=[{"name": "mmd"}]), ["data.target"]),
-    (cfg(regularizers=[{"name": "mmd", "schedule": "cosine"}],
-         data={"source": {"path": "s", "label": "y"}, "target": "t"}), ["regularizers[0].schedule", "dann"]),
-    (cfg(method={"name": "lorax"}), ["method.name", "lorax", "lora", "prefix"]),
-    (cfg(data={"source": {"path": "s.csv"}}), ["data.source.label"]),
-    (cfg(data={"source": {"path": "s", "label": "y", "colum": "x"}}), ["data.source.colum", "where"]),
-    (cfg(data={"source": {"path": "s", "label": "y"}, "labels": ["a", "b", "c"]},
-         model={"path": "m", "num_labels": 2}), ["data.labels", "num_labels"]),
-    (cfg(features={"pooling": "max"}), ["features.pooling", "mean", "cls"]),
-    (cfg(model={"path": "m", "quantize": 4, "quant_storage": "int4"}), ["model.quant_storage", "bf16", "uint8"]),
-    (cfg(model={"path": "m", "quant_storage": "bf16"}), ["model.quant_storage", "quantize: 4"]),
-    (cfg(data={"source": {"path": "s", "label": "y"}, "truncation": "middle"}), ["data.truncation", "left", "right"]),
-    (cfg(data={"source": {"path": "s", "label": "y"}, "balance": "undersample"}), ["data.balance", "oversample"]),
-    (cfg(model={"path": "m", "task": "causal_lm"}, data={"source": "s.jsonl", "balance": "oversample"}),
-     ["data.balance", "classification"]),
-])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        (cfg(trainig={}), ["trainig", "did you mean training?"]),
+        (cfg(training={"lr": 1}), ["training.lr", "learning_rate", "warmup_ratio"]),
+        (cfg(model={"path": "m", "task": "regression"}), ["model.task", "'regression'", "causal_lm"]),
+        (cfg(model={"path": "m", "quantize": 3}), ["model.quantize", "4", "8"]),
+        (cfg(model={"task": "classification"}), ["model.path"]),
+        (cfg(training={"lr_scheduler_type": "step"}), ["training.lr_scheduler_type", "cosine", "linear"]),
+        (cfg(training={"mixed_precision": "fp8"}), ["training.mixed_precision", "bf16"]),
+        (cfg(training={"per_device_train_batch_size": 0}), ["training.per_device_train_batch_size", "positive"]),
+        (cfg(training={"report_to": ["tensorbord"]}), ["tensorbord", "tensorboard"]),
+        (cfg(regularizers=[{"name": "mmd"}]), ["data.target"]),
+        (
+            cfg(
+                regularizers=[{"name": "mmd", "schedule": "cosine"}],
+                data={"source": {"path": "s", "label": "y"}, "target": "t"},
+            ),
+            ["regularizers[0].schedule", "dann"],
+        ),
+        (cfg(method={"name": "lorax"}), ["method.name", "lorax", "lora", "prefix"]),
+        (cfg(data={"source": {"path": "s.csv"}}), ["data.source.label"]),
+        (cfg(data={"source": {"path": "s", "label": "y", "colum": "x"}}), ["data.source.colum", "where"]),
+        (
+            cfg(
+                data={"source": {"path": "s", "label": "y"}, "labels": ["a", "b", "c"]},
+                model={"path": "m", "num_labels": 2},
+            ),
+            ["data.labels", "num_labels"],
+        ),
+        (cfg(features={"pooling": "max"}), ["features.pooling", "mean", "cls"]),
+        (cfg(model={"path": "m", "quantize": 4, "quant_storage": "int4"}), ["model.quant_storage", "bf16", "uint8"]),
+        (cfg(model={"path": "m", "quant_storage": "bf16"}), ["model.quant_storage", "quantize: 4"]),
+        (
+            cfg(data={"source": {"path": "s", "label": "y"}, "truncation": "middle"}),
+            ["data.truncation", "left", "right"],
+        ),
+        (cfg(data={"source": {"path": "s", "label": "y"}, "balance": "undersample"}), ["data.balance", "oversample"]),
+        (
+            cfg(model={"path": "m", "task": "causal_lm"}, data={"source": "s.jsonl", "balance": "oversample"}),
+            ["data.balance", "classification"],
+        ),
+    ],
+)
 def test_validation_names_key_and_allowed_values(bad, words):
     with pytest.raises(ValueError) as e:
         load_run_config(bad)
@@ -72,7 +90,7 @@ def test_yaml_file_paths_resolve_relative_to_the_config(tmp_path):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg(data={"source": {"path": "train.csv", "label": "label"}})))
     out = load_run_config(tmp_path / "run.yaml")
     assert out.data.source.path == str(tmp_path / "train.csv")
-    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+    with pytest.raises(FileNotFoundError, match=r"nope.yaml"):
         load_run_config(tmp_path / "nope.yaml")
     (tmp_path / "bad.yaml").write_text("model: [unclosed")
     with pytest.raises(ValueError, match="not valid YAML"):
@@ -80,7 +98,7 @@ def test_yaml_file_paths_resolve_relative_to_the_config(tmp_path):
 
 
 def test_trainconfig_direct_validation():
-    with pytest.raises(ValueError, match="training.warmup_ratio"):
+    with pytest.raises(ValueError, match=r"training.warmup_ratio"):
         TrainConfig(warmup_ratio=1.5)
     assert TrainConfig(report_to="tensorboard").report_to == ["tensorboard"]
     assert set(TrainConfig.help()) == set(TrainConfig().to_dict())
@@ -109,11 +127,19 @@ def test_truncation_and_balance_reach_the_trainer(tmp_path, minilm_tokenizer):
     texts = ["start " + "filler " * 30 + "verdict good"] * 6 + ["bad ending"] * 2
     labels = ["pos"] * 6 + ["neg"] * 2
     write_csv(tmp_path / "s.csv", texts, labels)
-    raw = {"model": {"path": str(model_dir)}, "method": {"name": "head"},
-           "data": {"labels": ["neg", "pos"], "max_length": 8, "truncation": "left", "balance": "oversample",
-                    "source": {"path": str(tmp_path / "s.csv"), "label": "label"},
-                    "eval": {"src": {"path": str(tmp_path / "s.csv"), "label": "label"}}},
-           "training": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "disable_tqdm": True, "plot": False}}
+    raw = {
+        "model": {"path": str(model_dir)},
+        "method": {"name": "head"},
+        "data": {
+            "labels": ["neg", "pos"],
+            "max_length": 8,
+            "truncation": "left",
+            "balance": "oversample",
+            "source": {"path": str(tmp_path / "s.csv"), "label": "label"},
+            "eval": {"src": {"path": str(tmp_path / "s.csv"), "label": "label"}},
+        },
+        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "disable_tqdm": True, "plot": False},
+    }
     trainer = build_trainer(load_run_config(raw))
     assert trainer.train_data.labels.count(0) == trainer.train_data.labels.count(1) == 6
     assert len(trainer.eval_data["src"]) == 8
@@ -127,8 +153,17 @@ def test_quant_storage_is_passed_to_load_quantized(monkeypatch, tmp_path):
 
     seen = {}
     monkeypatch.setattr(quant, "load_quantized", lambda path, **kw: seen.update(kw) or "model")
-    mcfg = load_run_config(cfg(model={"path": str(tmp_path), "task": "causal_lm", "quantize": 4,
-                                          "quant_storage": "bf16", "dtype": "bfloat16"},
-                                   data={"source": "s.jsonl"})).model
+    mcfg = load_run_config(
+        cfg(
+            model={
+                "path": str(tmp_path),
+                "task": "causal_lm",
+                "quantize": 4,
+                "quant_storage": "bf16",
+                "dtype": "bfloat16",
+            },
+            data={"source": "s.jsonl"},
+        )
+    ).model
     assert load_base_model(mcfg, None) == "model"
     assert seen["bits"] == 4 and seen["quant_storage"] == "bf16" and str(seen["dtype"]) == "torch.bfloat16"

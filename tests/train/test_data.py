@@ -11,7 +11,7 @@ def test_csv_tsv_jsonl_read_the_same_rows(tmp_path):
     texts, labels = ["a b", "c, d", "e\tf"], [0, 1, 1]
     write_csv(tmp_path / "d.csv", texts, labels)
     write_csv(tmp_path / "d.tsv", ["a b", "c, d", "e f"], labels, sep="\t")
-    write_jsonl(tmp_path / "d.jsonl", [{"text": t, "label": y} for t, y in zip(texts, labels)])
+    write_jsonl(tmp_path / "d.jsonl", [{"text": t, "label": y} for t, y in zip(texts, labels, strict=True)])
     for name in ("d.csv", "d.jsonl"):
         d = load_text_data(tmp_path / name, text="text", label="label")
         assert d.texts == texts and d.labels == labels
@@ -20,7 +20,7 @@ def test_csv_tsv_jsonl_read_the_same_rows(tmp_path):
 
 
 def test_missing_file_and_column_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.csv"):
+    with pytest.raises(FileNotFoundError, match=r"nope.csv"):
         load_text_data(tmp_path / "nope.csv")
     write_csv(tmp_path / "d.csv", ["x"], [0])
     with pytest.raises(ValueError, match=r"text column 'review' not found.*\['text', 'label'\]"):
@@ -47,8 +47,9 @@ def test_string_labels_map_through_the_label_list_and_filters(tmp_path):
         load_text_data(tmp_path / "d.csv", label="label")
     with pytest.raises(ValueError, match=r"'neutral'.*not in the label list"):
         load_text_data(tmp_path / "d.csv", label="label", labels=["negative", "positive"])
-    d = load_text_data(tmp_path / "d.csv", label="label", labels=["negative", "positive"],
-                       where_not={"label": "neutral"})
+    d = load_text_data(
+        tmp_path / "d.csv", label="label", labels=["negative", "positive"], where_not={"label": "neutral"}
+    )
     assert d.texts == ["a", "b", "d"] and d.labels == [1, 0, 1]
 
 

@@ -25,9 +25,16 @@ class Boom(Regularizer):
 
 def _trainer(tok, tmp_path, model=None, regularizers=("mmd",), **kw):
     model = model or tiny_classifier(dropout=0.0)
-    return Trainer(model, tok, text_data(24, 0), target=text_data(24, 1, labeled=False),
-                   regularizers=list(regularizers), output_dir=str(tmp_path), max_length=12,
-                   **{**FAST, "per_device_train_batch_size": 8, "max_steps": 4, **kw})
+    return Trainer(
+        model,
+        tok,
+        text_data(24, 0),
+        target=text_data(24, 1, labeled=False),
+        regularizers=list(regularizers),
+        output_dir=str(tmp_path),
+        max_length=12,
+        **{**FAST, "per_device_train_batch_size": 8, "max_steps": 4, **kw},
+    )
 
 
 def test_hooks_are_off_after_a_run_a_failing_step_and_a_failing_setup(tok, tmp_path):
@@ -50,8 +57,15 @@ def test_the_target_forward_runs_only_while_a_term_is_on(tok, tmp_path):
     model = tiny_classifier(dropout=0.0)
     sizes = []
     model.register_forward_pre_hook(lambda m, a, kw: sizes.append(kw["input_ids"].shape[0]), with_kwargs=True)
-    tr = _trainer(tok, tmp_path, model, regularizers=[Term("mmd", weight=0.1, start=0.5)], gradient_accumulation_steps=2,
-                  per_device_train_batch_size=4, per_device_target_batch_size=3)
+    tr = _trainer(
+        tok,
+        tmp_path,
+        model,
+        regularizers=[Term("mmd", weight=0.1, start=0.5)],
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=4,
+        per_device_target_batch_size=3,
+    )
     tr.train()
     # steps 0-1: 2 source micro-batches each; steps 2-3: source (4) and target (3) per micro-batch
     assert sizes == [4, 4, 4, 4] + [4, 3] * 4
@@ -83,8 +97,11 @@ def test_bitsandbytes_8bit_adamw_trains_on_the_cpu(tok, tmp_path, optim):
 
 
 def test_unknown_optim_lists_the_four_names(tok, tmp_path):
-    with pytest.raises(ValueError, match=r"training.optim: 'sgd' is not allowed; allowed values: \['adamw_torch', "
-                                         r"'adamw_8bit', 'paged_adamw_8bit', 'paged_adamw_32bit'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"training.optim: 'sgd' is not allowed; allowed values: \['adamw_torch', "
+        r"'adamw_8bit', 'paged_adamw_8bit', 'paged_adamw_32bit'\]",
+    ):
         _trainer(tok, tmp_path, optim="sgd")
 
 
@@ -93,7 +110,9 @@ def test_discriminators_join_the_factory_optimizer_at_disc_lr(tok, tmp_path):
 
     torch.manual_seed(0)
     dann = build("dann", in_features=32, hidden_size=8)
-    tr = _trainer(tok, tmp_path, regularizers=[Term(dann, weight=0.1)], discriminator_learning_rate=0.05, weight_decay=0.01)
+    tr = _trainer(
+        tok, tmp_path, regularizers=[Term(dann, weight=0.1)], discriminator_learning_rate=0.05, weight_decay=0.01
+    )
     tr.train()
     groups = tr.optimizer.param_groups
     assert [g["initial_lr"] for g in groups] == [0.02, 0.02, 0.05]

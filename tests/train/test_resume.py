@@ -1,7 +1,6 @@
 """A run killed with SIGKILL mid-checkpoint and resumed ends exactly like an uninterrupted run."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -40,12 +39,13 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_model_dir
     # must restore RNG states, the discriminator and the optimizer to match exactly
     training = dict(max_steps=10, eval_steps=2, save_steps=2, save_total_limit=2)
     killed = run_config(tiny_model_dir, run_files, tmp_path / "killed", **training)
-    killed["regularizers"] = [{"name": "dann", "weight": 0.2, "hidden_size": 16, "start": 0.2},
-                              {"name": "mmd", "weight": 0.1}]
+    killed["regularizers"] = [
+        {"name": "dann", "weight": 0.2, "hidden_size": 16, "start": 0.2},
+        {"name": "mmd", "weight": 0.1},
+    ]
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(killed))
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(cfg_path)], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(cfg_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]  # really SIGKILLed
     out = tmp_path / "killed"
     assert [s for s, _ in list_checkpoints(out)] == [2, 4]

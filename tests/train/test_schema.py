@@ -26,16 +26,19 @@ def error(raw, **kw) -> str:
     return str(e.value)
 
 
-@pytest.mark.parametrize("raw, key, suggestion", [
-    (cfg(training={"learnig_rate": 1.0}), "training.learnig_rate", "learning_rate"),
-    (cfg(data={"source": {"path": "s", "lable": "y"}}), "data.source.lable", "label"),
-    (cfg(data={"source": {"path": "s", "label": "y"}, "max_lenght": 9}), "data.max_lenght", "max_length"),
-    (cfg(model={"path": "m", "taks": "causal_lm"}), "model.taks", "task"),
-    (cfg(features={"poling": "cls"}), "features.poling", "pooling"),
-    (cfg(method={"name": "lora", "alpah": 8}), "method.alpah", "alpha"),
-    (cfg(regularizers=[{"name": "mmd", "bandwith": 1.0}]), "regularizers[0].bandwith", "bandwidth"),
-    (cfg(regularizers=[{"name": "mmd", "wieght": 1.0}]), "regularizers[0].wieght", "weight"),
-])
+@pytest.mark.parametrize(
+    "raw, key, suggestion",
+    [
+        (cfg(training={"learnig_rate": 1.0}), "training.learnig_rate", "learning_rate"),
+        (cfg(data={"source": {"path": "s", "lable": "y"}}), "data.source.lable", "label"),
+        (cfg(data={"source": {"path": "s", "label": "y"}, "max_lenght": 9}), "data.max_lenght", "max_length"),
+        (cfg(model={"path": "m", "taks": "causal_lm"}), "model.taks", "task"),
+        (cfg(features={"poling": "cls"}), "features.poling", "pooling"),
+        (cfg(method={"name": "lora", "alpah": 8}), "method.alpah", "alpha"),
+        (cfg(regularizers=[{"name": "mmd", "bandwith": 1.0}]), "regularizers[0].bandwith", "bandwidth"),
+        (cfg(regularizers=[{"name": "mmd", "wieght": 1.0}]), "regularizers[0].wieght", "weight"),
+    ],
+)
 def test_unknown_key_names_section_and_closest_valid_name(raw, key, suggestion):
     msg = error(raw)
     assert f"unknown key {key}; did you mean {suggestion}?" in msg, msg
@@ -46,7 +49,7 @@ def test_unknown_key_names_section_and_closest_valid_name(raw, key, suggestion):
 def test_every_renamed_training_key_names_its_new_name(old, new):
     msg = error(cfg(training={old: 1}))
     assert f"unknown key training.{old}; did you mean {new}? (renamed;" in msg, msg
-    assert new in [f for f in TrainConfig.help()]
+    assert new in list(TrainConfig.help())
 
 
 def test_renamed_keys_are_refused_by_the_python_trainer_too(minilm_tokenizer):
@@ -54,7 +57,7 @@ def test_renamed_keys_are_refused_by_the_python_trainer_too(minilm_tokenizer):
 
     from .conftest import text_data, tiny_classifier
 
-    with pytest.raises(ValueError, match="unknown key training.lr; did you mean learning_rate"):
+    with pytest.raises(ValueError, match=r"unknown key training.lr; did you mean learning_rate"):
         Trainer(tiny_classifier(), minilm_tokenizer, text_data(4, 0), lr=0.1)
     assert TrainConfig.from_dict({"learning_rate": 0.1}).replace(save_steps=3).save_steps == 3
 
@@ -80,10 +83,15 @@ def test_values_are_checked_against_their_annotation():
 
 
 def test_overrides_output_dir_and_round_trip(tmp_path):
-    raw = cfg(regularizers=[{"name": "dann", "weight": 0.1, "scope": "global", "hidden_size": 16}],
-              method={"name": "lora", "r": 4})
-    run = load_run_config(raw, overrides=["training.learning_rate=1e-2", "regularizers.0.weight=0.5",
-                                          "method.r=8", "features.pooling=cls"], output_dir=str(tmp_path))
+    raw = cfg(
+        regularizers=[{"name": "dann", "weight": 0.1, "scope": "global", "hidden_size": 16}],
+        method={"name": "lora", "r": 4},
+    )
+    run = load_run_config(
+        raw,
+        overrides=["training.learning_rate=1e-2", "regularizers.0.weight=0.5", "method.r=8", "features.pooling=cls"],
+        output_dir=str(tmp_path),
+    )
     assert run.training.learning_rate == 1e-2 and run.training.output_dir == str(tmp_path)
     term = run.regularizers[0]
     assert (term.name, term.weight, term.scope, term.options) == ("dann", 0.5, "global", {"hidden_size": 16})
@@ -92,7 +100,7 @@ def test_overrides_output_dir_and_round_trip(tmp_path):
     assert load_run_config(raw, overrides={"training.save_steps": 5}).training.save_steps == 5
     again = load_run_config(run.to_dict())
     assert isinstance(again, RunConfig) and again == run
-    with pytest.raises(ValueError, match="expected SECTION.KEY=VALUE"):
+    with pytest.raises(ValueError, match=r"expected SECTION.KEY=VALUE"):
         load_run_config(raw, overrides=["learning_rate"])
 
 

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from peftadapt.align import Term, build
-from peftadapt.train import TextData, Trainer
+from peftadapt.train import Trainer
 from peftadapt.train.checkpoint import list_checkpoints, trainable_state
 from peftadapt.train.loop import _lr_lambda, macro_f1
 
@@ -19,8 +19,16 @@ FAST = dict(disable_tqdm=True, plot=False, learning_rate=0.02)
 def _train(tok, tmp, seed=0, model_seed=0, **kw):
     model = tiny_classifier(seed=model_seed, dropout=kw.pop("dropout", 0.1))
     kw = {**FAST, "per_device_train_batch_size": 8, "max_steps": 6, **kw}
-    tr = Trainer(model, tok, text_data(40, 0), eval={"test": text_data(16, 2)}, output_dir=str(tmp),
-                 seed=seed, max_length=12, **kw)
+    tr = Trainer(
+        model,
+        tok,
+        text_data(40, 0),
+        eval={"test": text_data(16, 2)},
+        output_dir=str(tmp),
+        seed=seed,
+        max_length=12,
+        **kw,
+    )
     return tr, tr.train()
 
 
@@ -45,10 +53,12 @@ def test_training_learns_and_same_seed_gives_same_weights(tok, tmp_path):
 
 def test_gradient_accumulation_matches_the_big_batch(tok, tmp_path):
     # no dropout: the two runs see the same examples per optimizer step
-    big, _ = _train(tok, tmp_path / "big", dropout=0.0, per_device_train_batch_size=8,
-                    gradient_accumulation_steps=1, max_steps=4)
-    acc, _ = _train(tok, tmp_path / "acc", dropout=0.0, per_device_train_batch_size=4,
-                    gradient_accumulation_steps=2, max_steps=4)
+    big, _ = _train(
+        tok, tmp_path / "big", dropout=0.0, per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=4
+    )
+    acc, _ = _train(
+        tok, tmp_path / "acc", dropout=0.0, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=4
+    )
     lb = [r["loss"] for r in big.history if r["split"] == "train"]
     la = [r["loss"] for r in acc.history if r["split"] == "train"]
     assert la == pytest.approx(lb, abs=1e-5)
@@ -56,23 +66,38 @@ def test_gradient_accumulation_matches_the_big_batch(tok, tmp_path):
     for k in wb:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
     # and a run without accumulation at batch 4 is a different run
-    small, _ = _train(tok, tmp_path / "small", dropout=0.0, per_device_train_batch_size=4,
-                      gradient_accumulation_steps=1, max_steps=4)
+    small, _ = _train(
+        tok, tmp_path / "small", dropout=0.0, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=4
+    )
     assert [r["loss"] for r in small.history if r["split"] == "train"][1] != pytest.approx(lb[1], abs=1e-4)
 
 
 def test_checkpoint_rotation_keeps_last_and_best(tok, tmp_path):
     # "best" = highest eval loss: early, while the last checkpoint is the newest
-    tr, _ = _train(tok, tmp_path, max_steps=8, eval_steps=2, save_total_limit=1, metric_for_best_model="test/loss",
-                   greater_is_better=True, load_best_model_at_end=False)
+    tr, _ = _train(
+        tok,
+        tmp_path,
+        max_steps=8,
+        eval_steps=2,
+        save_total_limit=1,
+        metric_for_best_model="test/loss",
+        greater_is_better=True,
+        load_best_model_at_end=False,
+    )
     evals = [r for r in tr.history if r["split"] == "eval"]
     best_step = max(evals, key=lambda r: r["test/loss"])["step"]
     assert best_step < 8
     steps = [s for s, _ in list_checkpoints(tmp_path)]
     assert steps == sorted({best_step, 8})
     ck = tmp_path / "checkpoint-8"
-    for f in ("adapter", "trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.safetensors",
-              "trainer_state.json"):
+    for f in (
+        "adapter",
+        "trainable.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng.safetensors",
+        "trainer_state.json",
+    ):
         assert (ck / f).exists(), f
     assert not list(tmp_path.glob(".tmp-*"))
     state = json.loads((ck / "trainer_state.json").read_text())
@@ -80,8 +105,16 @@ def test_checkpoint_rotation_keeps_last_and_best(tok, tmp_path):
 
 
 def test_early_stopping_restores_the_best_weights(tok, tmp_path):
-    tr, final = _train(tok, tmp_path, max_steps=30, eval_steps=2, early_stopping_patience=2,
-                       metric_for_best_model="test/loss", greater_is_better=True, save_total_limit=1)
+    tr, final = _train(
+        tok,
+        tmp_path,
+        max_steps=30,
+        eval_steps=2,
+        early_stopping_patience=2,
+        metric_for_best_model="test/loss",
+        greater_is_better=True,
+        save_total_limit=1,
+    )
     evals = [r for r in tr.history if r["split"] == "eval"]
     best = max(evals, key=lambda r: r["test/loss"])
     # stopped 2 evaluations after the best one, long before max_steps
@@ -103,18 +136,27 @@ def test_alignment_terms_schedules_and_discriminator_lr(tok, tmp_path):
     dann = build("dann", in_features=32, hidden_size=16)
     before = [p.detach().clone() for p in dann.parameters()]
     terms = [Term(dann, weight=0.5, start=0.5), Term(build("mmd"), weight=0.2, schedule="linear")]
-    tr = Trainer(model, tok, text_data(32, 0), target=text_data(32, 1, labeled=False), regularizers=terms,
-                 output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=4,
-                 discriminator_learning_rate=0.05, **FAST)
+    tr = Trainer(
+        model,
+        tok,
+        text_data(32, 0),
+        target=text_data(32, 1, labeled=False),
+        regularizers=terms,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=4,
+        discriminator_learning_rate=0.05,
+        **FAST,
+    )
     tr.train()
-    disc_group = [g for g in tr.optimizer.param_groups if abs(g["initial_lr"] - 0.05) < 1e-12][0]
+    disc_group = next(g for g in tr.optimizer.param_groups if abs(g["initial_lr"] - 0.05) < 1e-12)
     assert {id(p) for p in disc_group["params"]} == {id(p) for p in dann.parameters()}
     train = [r for r in tr.history if r["split"] == "train"]
     # DANN is off before half of training, MMD ramps linearly from 0
     assert [("reg/dann" in r) for r in train] == [False, False, True, True]
     assert [r["weight/mmd"] for r in train] == pytest.approx([0.0, 0.05, 0.1, 0.15])
     assert all(r["loss"] == pytest.approx(r["task_loss"] + r["reg_loss"], abs=1e-6) for r in train)
-    assert any(not torch.equal(a, b) for a, b in zip(before, dann.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, dann.parameters(), strict=True))
 
 
 def test_logit_regularizers_rejected_for_causal_lm(tok, tmp_path):
@@ -131,9 +173,18 @@ def test_causal_lm_perplexity(tok, tmp_path):
     # the head trains fully so a few steps move the perplexity a lot
     lm = peftadapt.wrap(make_tiny("llama", "causal", vocab_size=VOCAB), "lora", r=8, modules_to_save=["lm_head"])
     text = ["the cat sat on the mat and the dog sat on the log"] * 16
-    tr = Trainer(lm, tok, text, eval={"held": text[:4]}, task="causal_lm", output_dir=str(tmp_path),
-                 per_device_train_batch_size=4, max_steps=8, max_length=24,
-                 **{**FAST, "learning_rate": 0.03})
+    tr = Trainer(
+        lm,
+        tok,
+        text,
+        eval={"held": text[:4]},
+        task="causal_lm",
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=8,
+        max_length=24,
+        **{**FAST, "learning_rate": 0.03},
+    )
     before = tr.evaluate()
     # perplexity is exp(mean next-token NLL); for one text that mean is the model's own loss
     one = tok(text[:1], return_tensors="pt")
@@ -160,8 +211,14 @@ def test_lr_schedules_and_macro_f1():
 
 def test_metric_for_best_must_exist(tok):
     with pytest.raises(ValueError, match=r"metric_for_best_model.*'test/acc'.*test/accuracy"):
-        Trainer(tiny_classifier(), tok, text_data(8, 0), eval={"test": text_data(4, 1)},
-                metric_for_best_model="test/acc", **FAST)
+        Trainer(
+            tiny_classifier(),
+            tok,
+            text_data(8, 0),
+            eval={"test": text_data(4, 1)},
+            metric_for_best_model="test/acc",
+            **FAST,
+        )
     with pytest.raises(ValueError, match="no trainable parameters"):
         Trainer(make_tiny("bert", "seqcls", vocab_size=VOCAB).requires_grad_(False), tok, text_data(8, 0), **FAST)
 
@@ -171,7 +228,14 @@ def test_missing_tracker_package_is_a_clear_error(tok, tmp_path):
 
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         pytest.skip("tensorboard is installed")
-    tr = Trainer(tiny_classifier(), tok, text_data(8, 0), output_dir=str(tmp_path), report_to=["tensorboard"],
-                 max_steps=1, **FAST)
+    tr = Trainer(
+        tiny_classifier(),
+        tok,
+        text_data(8, 0),
+        output_dir=str(tmp_path),
+        report_to=["tensorboard"],
+        max_steps=1,
+        **FAST,
+    )
     with pytest.raises(ImportError, match="pip install tensorboard"):
         tr.train()
