@@ -9,6 +9,7 @@ from .align import register as register_regularizer
 from .core.hf import find_task_head
 from .core.version import __version__
 from .features import FeatureTap
+from .integrations import add_alignment
 from .methods import METHODS, AdaptedModel, Adapter, Head, LoRA, MethodConfig, Prefix, register_method
 from .quant import build_quantized, load_quantized, merge_quantized, prepare_for_kbit_training
 from .train import TextData, TrainConfig, Trainer
@@ -34,5 +35,5 @@ __all__ = [
     "LoRA", "Adapter", "Prefix", "Head", "MethodConfig", "METHODS", "register_method", "AdaptedModel",
     "find_task_head", "FeatureTap", "align", "Term", "Alignment", "DomainAdaptation", "MMD", "CORAL", "DANN", "CDAN", "Entropy",
     "register_regularizer", "Trainer", "TrainConfig", "TextData", "load_quantized", "build_quantized",
-    "prepare_for_kbit_training", "merge_quantized", "bench",
+    "prepare_for_kbit_training", "merge_quantized", "bench", "add_alignment",
 ]
