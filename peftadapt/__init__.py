@@ -9,6 +9,7 @@ from .align import register as register_regularizer
 from .core.hf import find_task_head
 from .core.version import __version__
 from .features import FeatureTap
+from .integrations import add_alignment
 from .methods import METHODS, AdaptedModel, Adapter, Head, LoRA, MethodConfig, Prefix, register_method
 from .quant import build_quantized, load_quantized, merge_quantized, prepare_for_kbit_training
 from .train import TextData, TrainConfig, Trainer
@@ -51,6 +52,7 @@ __all__ = [
     "__version__",
     "adapter_names",
     "add_adapter",
+    "add_alignment",
     "align",
     "base_model",
     "bench",

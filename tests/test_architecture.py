@@ -22,7 +22,7 @@ LAYERS = [
     ["peftadapt"],  # the public re-exports (the root __init__ only)
     ["peftadapt.cli"],
     ["peftadapt.demo", "peftadapt.bench"],
-    ["peftadapt.train"],
+    ["peftadapt.train", "peftadapt.integrations"],
     ["peftadapt.wrap"],
     ["peftadapt.backends"],
     ["peftadapt.methods"],
