@@ -78,6 +78,10 @@ def _unmark(model: nn.Module, dtype: torch.dtype) -> None:
             except AttributeError:
                 cfg.quantization_config = None
         cfg.dtype = dtype  # transformers >= 4.56 (older versions read torch_dtype, set from dtype on save)
+        # transformers 4.x records the dtype before quantization here and drops it from the saved JSON
+        # only while quantization_config is present: without it, save_pretrained fails (a torch.dtype)
+        if "_pre_quantization_dtype" in vars(cfg):
+            del cfg._pre_quantization_dtype
     for attr in ("_peftadapt_kbit_prepared",):
         if attr in vars(model):
             delattr(model, attr)
