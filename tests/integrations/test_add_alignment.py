@@ -151,7 +151,8 @@ def test_minilm_trainer_logs_every_term_and_resumes_exactly(tok, tmp_path):
         for key in ("task_loss", "reg_loss", "reg/mmd", "weight/mmd", "weight/dann"):
             assert key in r, (key, r)
         # the logged loss is the task loss plus the weighted terms (both averaged alike)
-        assert r["loss"] == pytest.approx(r["task_loss"] + r["reg_loss"], abs=1e-5)
+        # (transformers 4.x rounds the logged loss to 4 decimals)
+        assert r["loss"] == pytest.approx(r["task_loss"] + r["reg_loss"], abs=1e-4)
     assert logs[0]["weight/dann"] == pytest.approx(0.1)  # off at step 0, on at step 1 (p = 0.25)
     assert logs[1]["weight/dann"] == pytest.approx(0.2) and "reg/dann" in logs[1]
     assert (tmp_path / "full" / "checkpoint-2" / STATE_FILE).exists()

@@ -62,7 +62,7 @@ def test_sft_trainer_trains_logs_and_resumes(tok, tmp_path):
     assert logs[0]["weight/mmd"] == pytest.approx(0.5)  # off at step 0, on at step 1 (p = 0.25)
     for r in logs:
         assert {"task_loss", "reg_loss", "reg/mmd", "weight/mmd", "mean_token_accuracy"} <= r.keys(), r
-        assert r["loss"] == pytest.approx(r["task_loss"] + r["reg_loss"], abs=1e-5)
+        assert r["loss"] == pytest.approx(r["task_loss"] + r["reg_loss"], abs=1e-4)  # 4.x rounds the loss
     after = {n: p.detach().clone() for n, p in full.model.named_parameters() if p.requires_grad}
     assert max(float((after[n] - before[n]).abs().max()) for n in after) > 1e-4
 
