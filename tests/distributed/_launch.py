@@ -36,8 +36,16 @@ def gloo_available() -> str | None:
     return None
 
 
-def launch(scenario: str, out: Path, world: int = 2, timeout: float = 150.0, **args) -> list[dict]:
-    """Run ``scenario`` on ``world`` processes; return each rank's result dict (rank order)."""
+def launch(
+    scenario: str | None,
+    out: Path,
+    world: int = 2,
+    timeout: float = 150.0,
+    worker: str = "tests.distributed._worker",
+    **args,
+) -> list[dict]:
+    """Run ``scenario`` of the ``worker`` module (``python -m worker [scenario] out``) on ``world``
+    processes; return each rank's result dict (``out/result<rank>.json``, rank order)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps(args))
     port = free_port()
@@ -63,7 +71,7 @@ def launch(scenario: str, out: Path, world: int = 2, timeout: float = 150.0, **a
         procs.append(
             (
                 subprocess.Popen(
-                    [sys.executable, "-m", "tests.distributed._worker", scenario, str(out)],
+                    [sys.executable, "-m", worker, *([scenario] if scenario else []), str(out)],
                     cwd=REPO,
                     env=env,
                     stdout=log,

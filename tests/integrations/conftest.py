@@ -28,9 +28,8 @@ def perturb_lora(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
     return model
 
 
-def hf_args(out: str, **kw: Any) -> Any:
-    import transformers as tf
-
+def hf_options(out: str, **kw: Any) -> dict[str, Any]:
+    """The TrainingArguments options every plugin test shares (tiny, CPU, deterministic), with ``kw``."""
     opts: dict[str, Any] = {
         "output_dir": out,
         "max_steps": 4,
@@ -45,7 +44,13 @@ def hf_args(out: str, **kw: Any) -> Any:
         "dataloader_num_workers": 0,
     }
     opts.update(kw)
-    return tf.TrainingArguments(**opts)
+    return opts
+
+
+def hf_args(out: str, **kw: Any) -> Any:
+    import transformers as tf
+
+    return tf.TrainingArguments(**hf_options(out, **kw))
 
 
 def tiny_llama_lora(seed: int = 0) -> torch.nn.Module:

@@ -10,7 +10,7 @@ import torch
 
 from peftadapt import MMD, Term, add_alignment
 
-from .conftest import sentiment, tiny_llama_lora
+from .conftest import hf_options, sentiment, tiny_llama_lora
 
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
@@ -27,22 +27,9 @@ def _sft(tok: Any, out: str, **kw: Any) -> Any:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    opts: dict[str, Any] = {
-        "output_dir": out,
-        "max_steps": 4,
-        "per_device_train_batch_size": 4,
-        "logging_steps": 2,
-        "save_steps": 2,
-        "report_to": [],
-        "use_cpu": True,
-        "learning_rate": 1e-2,
-        "disable_tqdm": True,
-        "seed": 0,
-        "max_length": 32,
-        "packing": False,
-        "bf16": False,
-    }
-    opts.update(kw)
+    # SFTConfig takes TrainingArguments' options; no worker processes, no bf16 on the CPU
+    opts = hf_options(out, **{"max_length": 32, "packing": False, "bf16": False, **kw})
+    opts.pop("dataloader_num_workers", None)
     model = tiny_llama_lora()
     source = Dataset.from_dict({"text": sentiment(16, 0)[0]})
     trainer = SFTTrainer(model=model, args=SFTConfig(**opts), train_dataset=source, processing_class=_tokenizer(tok))
