@@ -78,6 +78,26 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: Poo
     return hidden[rows, idx]
 
 
+def last_hidden_layer(model: nn.Module) -> str:
+    """Name of the module whose output is the backbone's last hidden state: the final norm
+    (``norm`` / ``ln_f`` / ...) that is a sibling of the largest layer stack, else that stack's
+    last block. The default tap of a model without a task head, and of a causal LM whose fused
+    LM head (TRL) never calls ``lm_head``."""
+    named = dict(model.named_modules())
+    stacks = [(n, m) for n, m in named.items() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if stacks:
+        stack_name, stack = max(stacks, key=lambda nm: (len(nm[1]), -nm[0].count(".")))
+        prefix = stack_name.rsplit(".", 1)[0] + "." if "." in stack_name else ""
+        # A final norm that is a sibling of the layer stack produces the last hidden state.
+        for norm in FINAL_NORM_NAMES:
+            if prefix + norm in named:
+                return prefix + norm
+        return f"{stack_name}.{len(stack) - 1}"
+    raise ValueError(
+        f"{type(model).__name__} has no task head ({list(OUTPUT_HEADS)}) and no layer stack; pass layer='<module name>'"
+    )
+
+
 class FeatureTap:
     """Capture features from one layer of ``model`` during its forward pass.
 
@@ -149,7 +169,7 @@ class FeatureTap:
                 if hits:
                     n = min(hits, key=lambda s: s.count("."))
                     return n, named[n], "input"
-            n = FeatureTap._last_hidden_name(model, named)
+            n = last_hidden_layer(model)
             return n, named[n], "output"
         if not isinstance(layer, str):
             raise TypeError(f"layer must be None, a module name or an nn.Module, got {type(layer).__name__}")
@@ -169,22 +189,6 @@ class FeatureTap:
                 return top[0], named[top[0]], "output"
         sample = [n for n in named if n][:12]
         raise ValueError(f"no module named {layer!r} in {type(model).__name__}; module names look like {sample}")
-
-    @staticmethod
-    def _last_hidden_name(model: nn.Module, named: dict[str, nn.Module]) -> str:
-        stacks = [(n, m) for n, m in named.items() if isinstance(m, nn.ModuleList) and len(m) > 0]
-        if stacks:
-            stack_name, stack = max(stacks, key=lambda nm: (len(nm[1]), -nm[0].count(".")))
-            prefix = stack_name.rsplit(".", 1)[0] + "." if "." in stack_name else ""
-            # A final norm that is a sibling of the layer stack produces the last hidden state.
-            for norm in FINAL_NORM_NAMES:
-                if prefix + norm in named:
-                    return prefix + norm
-            return f"{stack_name}.{len(stack) - 1}"
-        raise ValueError(
-            f"{type(model).__name__} has no task head ({list(OUTPUT_HEADS)}) and no layer stack; "
-            f"pass layer='<module name>'"
-        )
 
     # -- hooks -------------------------------------------------------------------
     def _top_pre(self, module, args, kwargs):

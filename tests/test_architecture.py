@@ -22,7 +22,8 @@ LAYERS = [
     ["peftadapt"],  # the public re-exports (the root __init__ only)
     ["peftadapt.cli"],
     ["peftadapt.demo", "peftadapt.bench"],
-    ["peftadapt.train", "peftadapt.integrations"],
+    ["peftadapt.integrations"],  # add_alignment: the DA step inside other trainers, on our data order
+    ["peftadapt.train"],
     ["peftadapt.wrap"],
     ["peftadapt.backends"],
     ["peftadapt.methods"],

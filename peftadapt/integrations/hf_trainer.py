@@ -44,9 +44,9 @@ from torch import nn
 
 from ..align.step import DomainAdaptation, as_alignment
 from ..core import comm
-from ..core.hf import FINAL_NORM_NAMES, is_causal_lm, unwrap
+from ..core.hf import is_causal_lm, unwrap
 from ..core.io import write_atomic
-from ..features import Pooling
+from ..features import Pooling, last_hidden_layer
 from .target import TargetBatches, prepare_for_trainer
 
 __all__ = ["STATE_FILE", "AlignmentPlugin", "add_alignment"]
@@ -58,18 +58,6 @@ _ATTR = "peftadapt_alignment"
 def _is_sft(trainer: Any) -> bool:
     """Whether ``trainer`` is (a subclass of) TRL's SFTTrainer, without importing trl."""
     return any(c.__name__ == "SFTTrainer" and c.__module__.startswith("trl") for c in type(trainer).__mro__)
-
-
-def _final_norm(model: nn.Module) -> str:
-    """Name of the final norm (the backbone's last hidden state): TRL's fused LM head reads it
-    without calling ``lm_head``, so a tap on the head's input would see nothing."""
-    hits = [n for n, _ in model.named_modules() if n.split(".")[-1] in FINAL_NORM_NAMES]
-    if not hits:
-        raise ValueError(
-            f"{type(unwrap(model)).__name__} has no final norm module named one of "
-            f"{list(FINAL_NORM_NAMES)}; pass layer='<module name>' (the backbone's last hidden state)"
-        )
-    return min(hits, key=lambda s: s.count("."))
 
 
 def _max_steps(trainer: Any) -> None:
@@ -456,7 +444,8 @@ def add_alignment(
         )
     causal = is_causal_lm(model)
     if layer is None and causal:
-        layer = _final_norm(model)
+        # TRL's fused LM head never calls lm_head, so a tap on its input would see nothing
+        layer = last_hidden_layer(model)
     da = DomainAdaptation(model, alignment, layer=layer, pooling=pooling, causal_lm=causal)
     try:
         da.to(trainer.args.device)

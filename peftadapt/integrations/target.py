@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ..train.data import epoch_order
+
 __all__ = ["TargetBatches", "target_indices"]
 
 # columns of a tokenized example the model reads; everything else (labels above all) is dropped
@@ -39,14 +41,13 @@ def target_indices(n: int, batch_size: int, micro_step: int, *, seed: int, rank:
     if n < 1 or batch_size < 1:
         raise ValueError(f"target_indices needs n >= 1 and batch_size >= 1, got n={n}, batch_size={batch_size}")
     start = (micro_step * world + rank) * batch_size
-    perms: dict[int, torch.Tensor] = {}
+    perms: dict[int, list[int]] = {}
     out = []
     for j in range(start, start + batch_size):
         epoch = j // n
         if epoch not in perms:
-            g = torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch)
-            perms[epoch] = torch.randperm(n, generator=g)
-        out.append(int(perms[epoch][j % n]))
+            perms[epoch] = epoch_order(n, seed, epoch)  # the permutation peftadapt's own Trainer draws
+        out.append(perms[epoch][j % n])
     return out
 
 

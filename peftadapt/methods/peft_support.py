@@ -10,13 +10,12 @@ import re
 
 import torch.nn as nn
 
-from ..core.hf import hf_config
+from ..core.hf import CAUSAL_LM_SUFFIXES, hf_config
 
 # transformers class-name suffix -> peft TaskType name
 _TASK_BY_SUFFIX = (
     ("ForSequenceClassification", "SEQ_CLS"),
-    ("ForCausalLM", "CAUSAL_LM"),
-    ("LMHeadModel", "CAUSAL_LM"),  # GPT2LMHeadModel
+    *((suffix, "CAUSAL_LM") for suffix in CAUSAL_LM_SUFFIXES),  # LlamaForCausalLM, GPT2LMHeadModel
     ("ForTokenClassification", "TOKEN_CLS"),
     ("ForQuestionAnswering", "QUESTION_ANS"),
     ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),

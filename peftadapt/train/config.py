@@ -13,7 +13,7 @@ import dataclasses
 from typing import Any, ClassVar, Literal, get_args
 
 from ..align.scope import Scope
-from ..core.fields import field
+from ..core.fields import field, help_of
 from ..quant.optim import Optim  # the factory's names: one list
 from ._fields import check_fields, check_keys
 
@@ -160,7 +160,7 @@ class TrainConfig:
 
     @classmethod
     def help(cls) -> dict[str, str]:
-        return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
+        return help_of(cls)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
