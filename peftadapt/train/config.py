@@ -22,7 +22,6 @@ TASKS = get_args(Task)
 LrSchedulerType = Literal["linear", "cosine", "constant"]
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 Tracker = Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]
-TRACKERS = get_args(Tracker)
 
 # Old peftadapt key -> TrainingArguments name (0.1 run files); only for the error message.
 RENAMED = {
