@@ -28,6 +28,7 @@ from .quant import cast_trainable_to_fp32, check_prefix_compat, guard_4bit_cpu, 
 __all__ = [
     "adapter_names",
     "add_adapter",
+    "after_optimizer_step",
     "base_model",
     "disabled",
     "is_wrapped",
@@ -133,6 +134,16 @@ def set_adapter(model: nn.Module, name: str) -> None:
         raise ValueError(f"no adapter named {name!r}; this model has {names}")
     # torch types Module attributes as Tensor | Module
     model.set_adapter(name)  # type: ignore[operator]
+
+
+def after_optimizer_step(model: nn.Module, step: int) -> None:
+    """What the method does after ``optimizer.step()`` and before ``zero_grad()`` of optimizer step
+    ``step`` (0-based): AdaLoRA allocates its rank budget from the gradients. peftadapt's ``Trainer``
+    and ``add_alignment`` call it; a plain PyTorch loop should too. Nothing for other methods or a
+    model ``wrap`` did not make."""
+    backend = backend_of(model)
+    if backend is not None:
+        backend.after_optimizer_step(model, step)
 
 
 # -- parameters ----------------------------------------------------------------------
