@@ -118,7 +118,7 @@ class PeftBackend:
         shapes = _read_safetensors_shapes(path)
         _check_peft_adapter_fits(target, cfg, shapes, path)
         config = _peft_config_here(target, cfg, shapes)
-        # peft loads prompt learning (prefix, prompt tuning) for inference only; made trainable below
+        # peft loads prompt learning (prefix, prompt tuning) for inference only; set trainable or frozen below
         peft_trainable = is_trainable and not config.is_prompt_learning
         try:
             if self.owns(base):
@@ -137,30 +137,32 @@ class PeftBackend:
             raise ValueError(
                 f"the adapter in {path} does not fit this {hf_config(target).model_type} model: {e}"
             ) from e
-        if is_trainable and config.is_prompt_learning:
-            _prompt_trainable(loaded, adapter_name)
+        if config.is_prompt_learning:
+            _prompt_trainable(loaded, adapter_name, is_trainable)
         return loaded
 
 
-def _prompt_trainable(model: Any, adapter_name: str) -> None:
-    """Make a prompt-learning adapter that peft loaded for inference trainable again.
+def _prompt_trainable(model: Any, adapter_name: str, trainable: bool) -> None:
+    """Set a prompt-learning adapter that peft loaded for inference trainable, or frozen.
 
-    peft saves a prefix as its flat key/value vectors (the MLP's output when it was trained with
-    ``prefix_projection``) and loads it only for inference. Training goes on from those vectors
-    directly (the projection is a reparameterisation: same function, no MLP to restore); the
-    adapter's task-head copy (``modules_to_save``) trains again too.
+    peft loads prompt learning for inference only, and leaves its prompt trainable. It saves a
+    prefix as its flat key/value vectors (the MLP's output when it was trained with
+    ``prefix_projection``): training goes on from those vectors directly (the projection is a
+    reparameterisation: same function, no MLP to restore). The adapter's task-head copy
+    (``modules_to_save``) follows the prompt.
     """
     config = model.peft_config[adapter_name]
     encoder = model.prompt_encoder[adapter_name]
-    if getattr(encoder, "prefix_projection", False):
-        encoder.prefix_projection = False
-        config.prefix_projection = False
-    config.inference_mode = False
+    if trainable:
+        if getattr(encoder, "prefix_projection", False):
+            encoder.prefix_projection = False
+            config.prefix_projection = False
+        config.inference_mode = False
     for p in encoder.parameters():
-        p.requires_grad_(True)
+        p.requires_grad_(trainable)
     for name, p in model.named_parameters():
         if f".modules_to_save.{adapter_name}." in name:
-            p.requires_grad_(True)
+            p.requires_grad_(trainable)
 
 
 def _merged(model: nn.Module) -> bool:
