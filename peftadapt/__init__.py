@@ -16,6 +16,7 @@ from .train import TextData, TrainConfig, Trainer
 from .wrap import (
     adapter_names,
     add_adapter,
+    after_optimizer_step,
     base_model,
     disabled,
     is_wrapped,
@@ -54,6 +55,7 @@ __all__ = [
     "adapter_names",
     "add_adapter",
     "add_alignment",
+    "after_optimizer_step",
     "align",
     "base_model",
     "bench",

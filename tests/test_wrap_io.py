@@ -49,7 +49,7 @@ def test_plain_peft_and_transformers_load_our_adapter(tmp_path):
 
 
 # What transformers' own load_adapter makes of each method's saved adapter (README, "Saved adapters").
-HF_EXACT = ["lora", "ia3", "adalora", "loha", "lokr", "oft"]
+HF_EXACT = ["lora", "rslora", "ia3", "adalora", "loha", "lokr", "oft"]
 HF_REFUSES = {
     "prefix": "does not support prompt learning",
     "prompt_tuning": "does not support prompt learning",

@@ -142,3 +142,16 @@ def test_defaults_help_and_option_checks():
         peftadapt.wrap(make_tiny(), "peft", peft_type="NOPE")
     with pytest.raises(ValueError, match="unknown method 'ia4'"):
         peftadapt.wrap(make_tiny(), "ia4")
+
+
+def test_run_file_names_peft_methods_with_their_options():
+    from peftadapt.train import load_run_config
+
+    base = {"model": {"path": "m"}, "data": {"source": {"path": "s.csv", "label": "y"}}}
+    run = load_run_config({**base, "method": {"name": "ia3", "feedforward_modules": ["down_proj"]}})
+    assert run.method.name == "ia3" and run.method.options == {"feedforward_modules": ["down_proj"]}
+    load_run_config({**base, "method": {"name": "adalora", "total_step": 100, "target_r": 4}})
+    with pytest.raises(ValueError, match=r"unknown key method\.feedforward_module; did you mean feedforward_modules"):
+        load_run_config({**base, "method": {"name": "ia3", "feedforward_module": ["down_proj"]}})
+    with pytest.raises(ValueError, match=r"method \(adalora\): adalora: AdaLoRA does not work when `total_step`"):
+        load_run_config({**base, "method": "adalora"})
