@@ -1,7 +1,8 @@
 """The two-line API: ``wrap`` a transformers model, then load, merge, switch.
 
 ``wrap(model, "lora", r=8)`` returns a ``peft.PeftModel`` for the methods that
-sit on peft (LoRA, DoRA, rsLoRA, prefix) and a :class:`peftadapt.AdaptedModel`
+sit on peft (LoRA, DoRA, rsLoRA, prefix, IA3, VeRA, AdaLoRA, LoHa, LoKr, OFT, prompt
+tuning, or any ``peft.PeftConfig``) and a :class:`peftadapt.AdaptedModel`
 for our own (bottleneck adapters, head-only). Every function here accepts
 either kind, so user code does not need to know which one it holds: each asks
 the model's backend (:mod:`peftadapt.backends`) to do the work.
@@ -67,9 +68,11 @@ def wrap(model: nn.Module, method: str | MethodConfig, *, adapter_name: str = "d
     """Adapt a transformers model with a parameter-efficient method.
 
     ``method`` is a name (``"lora"``, ``"dora"``, ``"rslora"``, ``"adapter"``,
-    ``"houlsby"``, ``"pfeiffer"``, ``"prefix"``, ``"head"``) or a config object
-    (``LoRA(r=8)``, ``Adapter(...)``, ``Prefix(...)``, ``Head()``); ``options``
-    are that method's fields (see ``peftadapt.LoRA.help()`` etc.).
+    ``"houlsby"``, ``"pfeiffer"``, ``"prefix"``, ``"head"``; peft's ``"ia3"``, ``"vera"``,
+    ``"adalora"``, ``"loha"``, ``"lokr"``, ``"oft"``, ``"prompt_tuning"``), a config object
+    (``LoRA(r=8)``, ``Adapter(...)``, ``Prefix(...)``, ``Head()``) or any ``peft.PeftConfig``;
+    ``options`` are that method's fields (see ``peftadapt.LoRA.help()``,
+    ``peftadapt.PeftMethod.help("ia3")`` etc.).
 
     The base weights are frozen; the method's parameters, and the task head where
     the model has one, are trainable. Returns the wrapped model.
@@ -110,7 +113,7 @@ def add_adapter(model: nn.Module, name: str, method: str | MethodConfig, **optio
     backend = _backend(model, "add_adapter")
     config = build_config(method, **options)
     if config.backend != backend.name:
-        kind = "peft-backed (lora/dora/prefix)" if backend.name == "peft" else "peftadapt-native (adapter/head)"
+        kind = "peft-backed (lora, prefix, ia3, ...)" if backend.name == "peft" else "peftadapt-native (adapter/head)"
         raise ValueError(
             f"cannot add a {config.method!r} adapter to a model wrapped with a {kind} method; "
             "several named adapters on one model must come from the same family"
@@ -174,7 +177,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def merge(model: nn.Module, unload: bool = True) -> nn.Module:
-    """Fold LoRA into the base weights.
+    """Fold LoRA (or IA3, VeRA, AdaLoRA, LoHa, LoKr, OFT) into the base weights.
 
     ``unload=True`` returns a plain transformers model (same outputs, within fp32
     tolerance); ``unload=False`` merges in place and keeps the wrapper so that

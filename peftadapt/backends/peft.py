@@ -1,10 +1,10 @@
-"""The peft backend: LoRA / DoRA / rsLoRA and prefix tuning, carried by a ``peft.PeftModel``.
+"""The peft backend: every method that sits on peft (LoRA, prefix, IA3, ...), carried by a ``peft.PeftModel``.
 
 Saved in peft's own format (``adapter_config.json`` + ``adapter_model.safetensors``), so
-``PeftModel.from_pretrained`` and transformers' ``load_adapter`` read what we write and we
-read what they write. Before handing a folder to peft, :meth:`PeftBackend.load` checks the
-saved shapes against the model and says what differs (peft's own errors are deep size
-mismatches).
+``PeftModel.from_pretrained`` reads what we write and we read what it writes (transformers'
+``load_adapter``: the README says which methods it reads). Before handing a folder to peft,
+:meth:`PeftBackend.load` checks the saved shapes against the model and says what differs
+(peft's own errors are deep size mismatches).
 """
 
 from __future__ import annotations

@@ -155,3 +155,17 @@ def test_run_file_names_peft_methods_with_their_options():
         load_run_config({**base, "method": {"name": "ia3", "feedforward_module": ["down_proj"]}})
     with pytest.raises(ValueError, match=r"method \(adalora\): adalora: AdaLoRA does not work when `total_step`"):
         load_run_config({**base, "method": "adalora"})
+
+
+def test_import_and_build_config_do_not_import_peft():
+    """peft costs seconds to import; only wrapping with (or reading the options of) a peft method loads it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, peftadapt\n"
+        "from peftadapt.methods import build_config\n"
+        "build_config('lora', r=4); build_config('adapter')\n"
+        "assert 'peft' not in sys.modules, 'peft imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
