@@ -10,6 +10,7 @@ checked as well (:func:`count_nonfinite`): nothing non-finite is ever saved.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -56,9 +57,9 @@ def describe_step(losses: Mapping[str, Sequence[torch.Tensor]], grad_norm: torch
     parts = [f"task loss {means['task_loss']:.4g}"] + [
         f"{k[len('reg/') :]} {v:.4g}" for k, v in means.items() if k.startswith("reg/")
     ]
-    if not torch.isfinite(torch.tensor(loss)):
+    if not math.isfinite(loss):
         return f"the loss is {loss:.4g} ({', '.join(parts)})"
-    if grad_norm is not None and not torch.isfinite(torch.as_tensor(float(grad_norm))):
+    if grad_norm is not None and not math.isfinite(float(grad_norm)):
         return f"the gradient norm is {float(grad_norm):.4g} (loss {loss:.4g})"
     return f"a gradient is not finite (loss {loss:.4g})"
 
