@@ -8,7 +8,8 @@
     peftadapt bench ...            (memory / speed benchmarks: peftadapt bench --help)
 
 The config is validated before anything heavy is loaded; a bad key or value
-is reported with the allowed ones and exit status 2.
+is reported with the allowed ones and exit status 2. A run stopped by a NaN / inf
+loss or gradient (``training.nan_policy``) prints its one line and exits with status 1.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from collections.abc import Sequence
 import yaml
 
 from .bench.cli import main as bench_main
-from .core.io import write_json
+from .core.io import json_safe, write_json
 from .demo import run_demo
+from .train.nonfinite import NonFiniteError
 from .train.runner import build_trainer, evaluate_checkpoint
 from .train.schema import format_schema, load_run_config, schema
 
@@ -89,12 +91,15 @@ def _train(args) -> int:
     if acc is None or acc.is_main_process:  # under `accelerate launch`: one summary, not one per process
         print(
             json.dumps(
-                {
-                    "output_dir": out,
-                    "final_metrics": metrics,
-                    **{k: v for k, v in trainer.summary.items() if k != "final_metrics"},
-                },
+                json_safe(
+                    {
+                        "output_dir": out,
+                        "final_metrics": metrics,
+                        **{k: v for k, v in trainer.summary.items() if k != "final_metrics"},
+                    }
+                ),
                 indent=2,
+                allow_nan=False,
             )
         )
     return 0
@@ -102,7 +107,7 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     metrics = evaluate_checkpoint(load_run_config(args.config, args.set), args.checkpoint)
-    print(json.dumps(metrics, indent=2))
+    print(json.dumps(json_safe(metrics), indent=2, allow_nan=False))
     if args.output:
         write_json(args.output, metrics)
     return 0
@@ -137,6 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return {"train": _train, "eval": _eval, "config": _config, "demo": _demo}[args.command](args)
+    except NonFiniteError as e:  # the run failed (not the input): status 1, the step and the way out
+        if os.environ.get("PEFTADAPT_DEBUG"):
+            raise
+        print(f"peftadapt {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         if os.environ.get("PEFTADAPT_DEBUG"):
             raise

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from .numerics import full_precision, stat_dtype
 from .registry import register
 from .regularizer import Regularizer
@@ -46,8 +48,10 @@ class CORAL(Regularizer):
 
     def __init__(self, scale: float | None = None) -> None:
         super().__init__()
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
-            raise ValueError(f"CORAL scale must be a positive number or None (paper: 1/(4 d^2)), got {scale!r}")
+        if scale is not None and (
+            isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf
+        ):
+            raise ValueError(f"CORAL scale must be a finite positive number or None (paper: 1/(4 d^2)), got {scale!r}")
         self.scale = None if scale is None else float(scale)
 
     def _min_batch_reason(self) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .numerics import full_precision, stat_dtype
@@ -31,7 +33,11 @@ class Entropy(Regularizer):
 
     Inputs: ``target_logits (B_t, C)`` (required); features and source logits are
     not used (features are still checked when given, for a consistent interface).
-    Computed from log-softmax in fp32 at least, autocast off.
+    Computed from log-softmax in fp32 at least, autocast off. Logits more than
+    ``-2 log(tiny)`` (175 in fp32) below their row's maximum are clamped there first:
+    their probability underflows to exactly 0 either way, so the loss is unchanged,
+    and finite logits spanning more than the dtype's range (``[-3e38, 3e38]``)
+    give a finite loss and gradient instead of ``0 * -inf = NaN``.
 
     Example::
 
@@ -54,9 +60,9 @@ class Entropy(Regularizer):
         if (
             isinstance(diversity_weight, bool)
             or not isinstance(diversity_weight, (int, float))
-            or not diversity_weight >= 0
+            or not 0 <= diversity_weight < math.inf
         ):
-            raise ValueError(f"diversity_weight must be a number >= 0, got {diversity_weight!r}")
+            raise ValueError(f"diversity_weight must be a finite number >= 0, got {diversity_weight!r}")
         if num_classes is not None and (
             isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
         ):
@@ -72,7 +78,7 @@ class Entropy(Regularizer):
             batch = ft.shape[0]
         lt = self.check_logits(target_logits, "target_logits", batch, self.num_classes)
         with full_precision(lt):
-            logp = torch.log_softmax(lt.to(stat_dtype(lt)), dim=1)
+            logp = torch.log_softmax(_bounded_logits(lt.to(stat_dtype(lt))), dim=1)
             p = logp.exp()
             loss = -(p * logp).sum(1).mean()
             if self.diversity:
@@ -83,3 +89,12 @@ class Entropy(Regularizer):
 
     def extra_repr(self) -> str:
         return f"diversity={self.diversity}, diversity_weight={self.diversity_weight}, num_classes={self.num_classes}"
+
+
+def _bounded_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Logits shifted so each row's maximum is 0 and clamped below at ``2 log(tiny)``: the same
+    softmax (a class clamped there has probability exactly 0 before and after) without ``x - max``
+    overflowing to -inf; the clamped entries get gradient 0, which is their true gradient in this dtype.
+    The maximum is detached: log-softmax does not depend on the shift."""
+    shifted = logits - logits.max(dim=1, keepdim=True).values.detach()
+    return shifted.clamp_min(2.0 * math.log(torch.finfo(logits.dtype).tiny))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -32,7 +33,10 @@ class MMD(Regularizer):
     kernel_num=5 around the base) and base bandwidth ``h`` set from the batch,
     detached: the mean (``"mean"``) or median (``"median"``) squared distance
     over the distinct pairs of the pooled batch Z = [X_s; X_t]; or a fixed
-    float.
+    float. A batch-derived ``h`` is floored at ``eps * mean_i ||z_i||^2`` (``eps``
+    the dtype's machine epsilon, ``z`` the pooled features): distances below the
+    features' own rounding are not resolved. Identical features (``h = 0``) then
+    give loss 0 and gradient 0 instead of ``1 / h`` overflowing.
 
     Estimators (Gretton et al. 2012, JMLR 13, eq. 3 and Lemma 14):
 
@@ -70,15 +74,15 @@ class MMD(Regularizer):
     ) -> None:
         super().__init__()
         mults = tuple(float(c) for c in kernel_multipliers)
-        if not mults or any(not (c > 0) for c in mults):
+        if not mults or any(not (0 < c < math.inf) for c in mults):
             raise ValueError(
-                f"kernel_multipliers must be a non-empty list of positive numbers, got {kernel_multipliers!r}"
+                f"kernel_multipliers must be a non-empty list of finite positive numbers, got {kernel_multipliers!r}"
             )
         if isinstance(bandwidth, str):
             if bandwidth not in _BANDWIDTHS:
                 raise ValueError(f"unknown bandwidth {bandwidth!r}; valid: {list(_BANDWIDTHS)} or a positive float")
-        elif isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float)) or not bandwidth > 0:
-            raise ValueError(f"bandwidth must be {list(_BANDWIDTHS)} or a positive float, got {bandwidth!r}")
+        elif isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float)) or not 0 < bandwidth < math.inf:
+            raise ValueError(f"bandwidth must be {list(_BANDWIDTHS)} or a finite positive float, got {bandwidth!r}")
         if estimator not in _ESTIMATORS:
             raise ValueError(f"unknown estimator {estimator!r}; valid estimators: {list(_ESTIMATORS)}")
         self.kernel_multipliers = mults
@@ -88,12 +92,15 @@ class MMD(Regularizer):
     def _min_batch_reason(self) -> str:
         return " (the unbiased and linear MMD estimators use pairs of distinct samples)"
 
-    def _base_bandwidth(self, z: torch.Tensor) -> torch.Tensor:
-        """h from the pooled batch z (N, d), detached."""
+    def _base_bandwidth(self, z: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """h from the pooled batch z (N, d), detached; ``scale``: the mean squared norm of the features
+        before they were mean-shifted (the floor's reference; default: z's own)."""
         if not isinstance(self.bandwidth, str):
             return torch.tensor(self.bandwidth, dtype=z.dtype, device=z.device)
         z = z.detach()
         n = z.shape[0]
+        if scale is None:
+            scale = z.pow(2).sum(1).mean()
         if self.bandwidth == "mean":
             # sum_{i,j} ||z_i - z_j||^2 = 2n sum_i ||z_i - mean||^2: O(N d), no N x N matrix, no cancellation.
             total = 2.0 * n * (z - z.mean(0, keepdim=True)).pow(2).sum()
@@ -102,8 +109,12 @@ class MMD(Regularizer):
             d = _sq_dists(z, z)
             off = ~torch.eye(n, dtype=torch.bool, device=z.device)
             h = d[off].median()
-        # Identical points give h = 0; any positive h then yields k = 1 everywhere (loss 0).
-        return h.clamp_min(torch.finfo(z.dtype).tiny)
+        # Identical points give h = 0; any positive h then yields k = 1 everywhere (loss 0), but the
+        # gradient has a 1/h factor: at finfo.tiny it overflows to inf and inf * 0 = NaN. A floor at the
+        # features' rounding level (relative to their scale) keeps 1/h finite and the gradient ~0 there;
+        # sqrt(tiny) covers all-zero features.
+        fi = torch.finfo(z.dtype)
+        return torch.maximum(h, (fi.eps * scale).clamp_min(fi.tiny**0.5))
 
     def _kernel(self, sq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         out = torch.exp(-sq / (self.kernel_multipliers[0] * h))  # kernel_multipliers is non-empty (checked)
@@ -124,9 +135,10 @@ class MMD(Regularizer):
             # Distances are translation invariant: shift by the pooled mean (a constant, so the
             # gradient is unchanged) so the Gram-expansion distances do not cancel in fp32 when
             # features share a large offset (common in LLM hidden states).
-            shift = torch.cat([x, y], 0).detach().mean(0, keepdim=True)
+            pooled = torch.cat([x, y], 0).detach()
+            shift = pooled.mean(0, keepdim=True)
             x, y = x - shift, y - shift
-            h = self._base_bandwidth(torch.cat([x, y], 0))
+            h = self._base_bandwidth(torch.cat([x, y], 0), pooled.pow(2).sum(1).mean())
             if self.estimator == "unbiased":
                 return self._unbiased(x, y, h)
             return self._linear(x, y, h)

@@ -58,8 +58,9 @@ class Term(nn.Module):
         if not callable(schedule) and not isinstance(schedule, str):
             raise TypeError(f"schedule must be a name {list(SCHEDULES)} or a callable, got {schedule!r}")
         for label, v, hi in (("weight", weight, math.inf), ("warmup", warmup, 1.0), ("start", start, 1.0)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or not (0.0 <= v <= hi):
-                raise ValueError(f"Term {label} must be a number in [0, {hi}], got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not (0.0 <= v <= hi):
+                want = "a number >= 0 (and finite)" if hi == math.inf else f"a number in [0, {hi}]"
+                raise ValueError(f"Term {label} must be {want}, got {v!r}")
         if schedule == "constant" and warmup > 0:
             raise ValueError("warmup has no effect with schedule='constant'; use schedule='linear' or 'dann'")
         if start + warmup > 1.0 + 1e-12:

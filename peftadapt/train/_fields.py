@@ -9,14 +9,17 @@ names the key, the value and what was expected.
 Coercions (the only ones): an int where a float is expected becomes a float;
 a string that parses as a number where a float is expected becomes that float
 (YAML 1.1 reads ``1e-3`` as a string: it wants ``1.0e-3``); a single value
-where a list is expected becomes a one-item list.
+where a list is expected becomes a one-item list. A float must be finite:
+``.inf`` / ``.nan`` are refused, as nothing a run file sets means them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -114,16 +117,19 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         kt, vt = get_args(tp)
         return {coerce(k, kt, key): coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
+        with contextlib.suppress(ValueError):  # not a number: the type error below names it
+            value = float(value)
     ok = (isinstance(value, tp) and not (isinstance(value, bool) and tp is not bool)) or (
         tp is float and isinstance(value, int) and not isinstance(value, bool)
     )
     if not ok:
         raise ValueError(f"{key}: expected {describe(tp)}, got {value!r}")
-    return float(value) if tp is float else value
+    if tp is float:
+        number = float(value) if isinstance(value, float) or abs(value) < 2**1023 else math.inf
+        if not math.isfinite(number):  # YAML's .inf / .nan, or an int past float range: no setting means them
+            raise ValueError(f"{key}: expected a finite number, got {value!r}")
+        return number
+    return value
 
 
 def check_fields(obj: Any, where: str) -> None:

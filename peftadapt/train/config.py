@@ -22,6 +22,7 @@ TASKS = get_args(Task)
 LrSchedulerType = Literal["linear", "cosine", "constant"]
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 Tracker = Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]
+NanPolicy = Literal["stop", "skip"]  # what a step with a NaN / inf loss or gradient norm does
 
 # Old peftadapt key -> TrainingArguments name (0.1 run files); only for the error message.
 RENAMED = {
@@ -106,6 +107,14 @@ class TrainConfig:
         "source examples per micro-batch summed over all processes; overrides "
         "per_device_train_batch_size and must be a multiple of the number of processes",
     )
+    nan_policy: NanPolicy = field(
+        "stop",
+        "a step whose loss or gradient norm is NaN / inf: stop the run with an error naming the step, or skip "
+        "its update (counted in summary.json); see docs/training.md",
+    )
+    max_skipped_steps_in_a_row: int = field(
+        10, "with nan_policy: skip, stop once more than this many steps in a row were skipped"
+    )
     align_scope: Scope = field(
         "auto",
         "with several processes: global (alignment loss over the whole batch), local (each process "
@@ -146,6 +155,7 @@ class TrainConfig:
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0 or null")
+        need(self.max_skipped_steps_in_a_row >= 1, "max_skipped_steps_in_a_row", "must be a positive integer")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

@@ -6,7 +6,8 @@ nanoGPT's ``train.py``)::
     setup()                     accelerator, data, DomainAdaptation, optimizer, scheduler, resume
     while step < total:
         train_step()            gradient_accumulation_steps micro-batches through DomainAdaptation.loss, backward;
-                                discriminator gradients averaged; clip; optimizer + scheduler step
+                                discriminator gradients averaged; clip; a NaN / inf loss or gradient stops
+                                the run (or skips the update: nan_policy); optimizer + scheduler step
         log                     on log steps only: the one host sync of the step
         evaluate()              on eval steps: track the best metric, maybe stop early
         save_checkpoint()       when due
@@ -46,7 +47,7 @@ from tqdm.auto import tqdm
 from ..align.step import DomainAdaptation, as_alignment, check_alignment
 from ..core import comm
 from ..core.hf import hf_config, unwrap
-from ..core.io import write_json
+from ..core.io import json_safe, write_json
 from ..features import Pooling
 from ..quant.optim import make_optimizer
 from ..wrap import after_optimizer_step
@@ -62,6 +63,7 @@ from .data import (
     warn_unused_target_labels,
 )
 from .evaluate import LOWER_IS_BETTER, evaluate_model, macro_f1, metric_names  # noqa: F401  (public here too)
+from .nonfinite import NonFiniteError, count_nonfinite, describe_step, nonfinite_names, step_is_finite, way_out
 from .plots import plot_history
 
 
@@ -92,6 +94,8 @@ class RunState:
     bad_evals: int = 0  # evaluations since the best (early stopping)
     last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
     stopped_early: bool = False
+    skipped_steps: int = 0  # steps whose update was skipped for a non-finite value (nan_policy: skip)
+    skipped_in_a_row: int = 0
 
 
 @dataclasses.dataclass
@@ -101,6 +105,7 @@ class StepOutput:
     losses: dict[str, list[torch.Tensor]]  # "task_loss", "reg_loss", "reg/<term>": one per micro-batch
     weights: dict[str, float]  # "<term>": lambda_k(p) at this step
     grad_norm: torch.Tensor | None
+    skipped: bool = False  # the update was skipped: a loss or the gradient was not finite (nan_policy: skip)
 
 
 class Trainer:
@@ -187,6 +192,7 @@ class Trainer:
         # an accelerate.Accelerator from setup() on (accelerate ships no types, so Any loses nothing)
         self.accelerator: Any = None
         self.da: DomainAdaptation | None = None
+        self._term_checks: dict[Any, bool] = {}  # each term's own check_finite, while train() turns it off
 
     def _pick_best_metric(self) -> None:
         """Which metric picks the best checkpoint (and drives early stopping), and its direction."""
@@ -246,6 +252,8 @@ class Trainer:
             if self.da is not None:
                 self.da.remove()
                 self.da = None
+            for reg, check in self._term_checks.items():  # the terms' own finite checks back as they were
+                reg.check_finite = check
 
     def setup(self, resume: bool | str = False) -> None:
         """Everything before the first step: seed, accelerator, data, the DA step, optimizer, resume."""
@@ -321,6 +329,12 @@ class Trainer:
             causal_lm=self.task == "causal_lm",
         ).to(self.accelerator.device)
         comm.broadcast_parameters(self.alignment)
+        # The step's finite check covers the terms: a NaN / inf feature makes the loss non-finite, which
+        # stops the run naming the step (or is skipped: nan_policy). A term's own input check would raise a
+        # ValueError instead, and costs a host sync per call; it is off while this trainer runs.
+        self._term_checks = {t.regularizer: t.regularizer.check_finite for t in self.alignment.members}
+        for reg in self._term_checks:
+            reg.check_finite = False
 
     def _setup_optimizer(self) -> None:
         """Adapter / head parameters (no weight decay on biases and norms) through the
@@ -392,6 +406,7 @@ class Trainer:
                 saved["bad_evals"],
             )
             st.last_eval, st.stopped_early = saved.get("last_eval", {}), saved.get("stopped_early", False)
+            st.skipped_steps, st.skipped_in_a_row = saved.get("skipped_steps", 0), saved.get("skipped_in_a_row", 0)
             self.history = [r for r in saved["history"] if r["step"] <= st.step]
         # every process must resume from the same step (e.g. output_dir not shared between machines)
         preflight.check_same_resume_step(st.step, acc.device)
@@ -401,8 +416,9 @@ class Trainer:
 
     def train_step(self) -> StepOutput:
         """One optimizer step: ``gradient_accumulation_steps`` micro-batches through the DA step and backward,
-        the discriminators' gradients averaged over the processes, clip, optimizer and
-        scheduler step. No host sync: the losses stay device tensors."""
+        the discriminators' gradients averaged over the processes, clip, the finite check, optimizer and
+        scheduler step. One host sync of one flag (is every loss and the gradient finite?); the losses
+        stay device tensors."""
         cfg, acc, st = self.config, self.accelerator, self.state
         progress = st.step / st.total
         need_target = self.da is not None and self.da.active(progress)  # else skip loading it
@@ -431,11 +447,63 @@ class Trainer:
         grad_norm = None
         if cfg.max_grad_norm is not None:
             grad_norm = acc.clip_grad_norm_(self._trainable, cfg.max_grad_norm)
+        if not self._step_is_finite(losses, grad_norm):
+            self._skip_step(describe_step(losses, grad_norm))  # raises under nan_policy: stop
+            return StepOutput(losses, weights, grad_norm, skipped=True)
+        st.skipped_in_a_row = 0
         self.optimizer.step()
         after_optimizer_step(self.model, st.step)  # AdaLoRA's rank allocation reads this step's gradients
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepOutput(losses, weights, grad_norm)
+
+    def _step_is_finite(self, losses: dict[str, list[torch.Tensor]], grad_norm: torch.Tensor | None) -> bool:
+        """Every loss of the step and the gradient norm finite, on every process (one host sync). Without
+        clipping the gradients themselves are checked. Under fp16 loss scaling a non-finite gradient is the
+        GradScaler's to handle (it skips that update and lowers the scale): only the losses count."""
+        acc = self.accelerator
+        scaled = getattr(acc, "scaler", None) is not None
+        grads = None if grad_norm is not None or scaled else [p.grad for p in self._trainable if p.grad is not None]
+        ok = step_is_finite(losses, None if scaled else grad_norm, grads)
+        if acc.num_processes > 1:  # one process's NaN is everyone's: they must all skip or all stop
+            ok = acc.reduce(ok.float(), reduction="sum") == acc.num_processes
+        return bool(ok)
+
+    def _skip_step(self, what: str) -> None:
+        """A non-finite step: raise :class:`NonFiniteError` (``nan_policy: stop``, or too many skipped in a
+        row), else drop its gradients, leave the weights and optimizer state as they are, count it and warn.
+        The scheduler still steps: the learning rate stays a function of the step."""
+        cfg, st, step = self.config, self.state, self.state.step + 1
+        if cfg.nan_policy == "stop":
+            raise NonFiniteError(f"step {step}: {what}; {way_out(cfg)}, or set training.nan_policy: skip", step)
+        st.skipped_steps += 1
+        st.skipped_in_a_row += 1
+        if st.skipped_in_a_row > cfg.max_skipped_steps_in_a_row:
+            raise NonFiniteError(
+                f"step {step}: {st.skipped_in_a_row} steps in a row were non-finite (nan_policy: skip, "
+                f"max_skipped_steps_in_a_row: {cfg.max_skipped_steps_in_a_row}); the last: {what}; {way_out(cfg)}",
+                step,
+            )
+        if getattr(self.accelerator, "scaler", None) is not None:
+            # fp16: the GradScaler's bookkeeping wants its step. Not unscaled yet (no clipping): NaN gradients
+            # make it skip the update and lower the scale; unscaled by clipping: no gradients, no update.
+            if cfg.max_grad_norm is None:
+                for p in self._trainable:
+                    if p.grad is not None:
+                        p.grad.fill_(float("nan"))
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # torch warns when the very first step skipped the optimizer
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
+        if self.accelerator.is_main_process:
+            warnings.warn(
+                f"step {step}: update skipped, {what} ({st.skipped_in_a_row} in a row, {st.skipped_steps} in all; "
+                f"nan_policy: skip)",
+                stacklevel=2,
+            )
 
     def _evaluate_and_track(self) -> bool:
         """Evaluate, log, track the best metric, count evaluations without improvement
@@ -459,6 +527,7 @@ class Trainer:
         """Write ``checkpoint-<step>`` (every process gathers sharded parameters; the main one
         writes), then rotate: keep the newest ``save_total_limit`` and the best."""
         cfg, acc, st = self.config, self.accelerator, self.state
+        self._check_weights_finite(f"checkpoint-{st.step}")
         state = {
             "step": st.step,
             "best": st.best,
@@ -469,6 +538,8 @@ class Trainer:
             "last_eval": st.last_eval,
             "metric_for_best": self.best_metric_name,
             "stopped_early": st.stopped_early,
+            "skipped_steps": st.skipped_steps,
+            "skipped_in_a_row": st.skipped_in_a_row,
             "config": cfg.to_dict(),
         }
         acc.wait_for_everyone()
@@ -513,6 +584,7 @@ class Trainer:
             "metric_for_best": self.best_metric_name,
             "best": st.best,
             "final_metrics": final,
+            "skipped_steps": st.skipped_steps,
             "seconds": seconds,
             "seconds_per_step": seconds / max(1, steps_done),
         }
@@ -524,6 +596,7 @@ class Trainer:
             "stopped_early": st.stopped_early,
             "best_step": st.best_step,
             "final_metrics": final,
+            "skipped_steps": st.skipped_steps,
             "seconds": seconds,
         }
         return final
@@ -532,6 +605,7 @@ class Trainer:
         """``final/`` (adapter, trainable tensors, summary) written to a temp folder and renamed;
         with sharded parameters every process takes part in the gather, otherwise only the writer."""
         acc, out_dir = self.accelerator, self.output_dir
+        self._check_weights_finite("final/")
         acc.wait_for_everyone()
         unwrapped = acc.unwrap_model(self._train_model)
         weights = ckpt.trainable_state(unwrapped) if acc.is_main_process or ckpt.is_sharded(unwrapped) else None
@@ -550,6 +624,27 @@ class Trainer:
         write_json(out_dir / "summary.json", summary)
         if self.config.plot:
             plot_history(self.history, out_dir / "training_curves.png")
+
+    def _check_weights_finite(self, what: str) -> None:
+        """Raise :class:`NonFiniteError` before ``what`` is written if a trainable weight (adapter, head,
+        discriminator) is NaN or inf: nothing non-finite is ever saved. Every process calls it (a collective
+        with several); one pass over the trainable tensors, one host sync."""
+        acc, st = self.accelerator, self.state
+        bad = count_nonfinite(self._trainable).to(acc.device)
+        if acc.num_processes > 1:
+            bad = acc.reduce(bad, reduction="sum")
+        n = int(bad)
+        if n:
+            named = [(k, p) for k, p in self.model.named_parameters() if p.requires_grad]
+            if self.alignment is not None:
+                named += [(f"regularizers.{k}", p) for k, p in self.alignment.named_parameters() if p.requires_grad]
+            names = nonfinite_names(named)  # this process's shards: may miss another process's
+            raise NonFiniteError(
+                f"step {st.step}: {n} trainable weight values are NaN or inf"
+                + (f" (in {', '.join(names)})" if names else "")
+                + f", so {what} was not written; {way_out(self.config)}",
+                st.step,
+            )
 
     # -- evaluation ----------------------------------------------------------------------
     def evaluate(self, data: Mapping[str, Any] | None = None) -> dict[str, float]:
@@ -603,6 +698,8 @@ class Trainer:
         return Accelerator(**kwargs)
 
     def _is_better(self, value: float, best: float | None) -> bool:
+        if not math.isfinite(value):  # a NaN / inf metric is never the best (nor restored at the end)
+            return False
         if best is None:
             return True
         return value > best if self.greater_is_better else value < best
@@ -631,6 +728,8 @@ class Trainer:
             record.update({f"weight/{k}": w for k, w in out.weights.items()})
         if out.grad_norm is not None:
             record["grad_norm"] = float(out.grad_norm)
+        if out.skipped:
+            record["skipped"] = True
         if self.accelerator.num_processes > 1:  # the mean over processes, not rank 0's shard
             self._reduce_losses(record, [k[len("reg/") :] for k in means if k.startswith("reg/")])
         return record
@@ -645,7 +744,7 @@ class Trainer:
         self.history.append(record)
         if self.accelerator.is_main_process:
             with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")  # NaN: null, valid JSON
             if self.config.report_to:
                 self.accelerator.log(
                     {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},

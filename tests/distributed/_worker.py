@@ -109,11 +109,28 @@ def scenario_trainer(out: Path, rank: int, world: int, args: dict) -> dict:
             resume=str(out / "run" / "checkpoint-2") if rank == 0 else False
         )
     )
+    res["errors"]["nan_one_rank"] = _nan_on_one_rank(tok, out / "nan", rank)
     res["saves"] = saves
     res["history"] = tr.history
     res["world"] = tr.accelerator.num_processes
     res["distributed_type"] = str(tr.accelerator.distributed_type)
     return res
+
+
+def _nan_on_one_rank(tok, out_dir: Path, rank: int) -> str | None:
+    """Rank 1's step-2 logits are inf (its loss NaN), rank 0's are fine: both must stop at step 2."""
+    import math
+
+    from peftadapt.train import NonFiniteError
+
+    tr = _trainer(tok, out_dir, rank=rank)
+    head = tr.model.base_model.model.classifier
+    head.register_forward_hook(lambda m, i, o: o + math.inf if rank == 1 and tr.state.step == 1 else o)
+    try:
+        tr.train()
+    except NonFiniteError as e:
+        return f"{type(e).__name__} at step {e.step}: {e}"
+    return None
 
 
 def scenario_all(out: Path, rank: int, world: int, args: dict) -> dict:

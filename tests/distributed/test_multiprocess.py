@@ -101,6 +101,10 @@ def test_bad_input_fails_on_every_rank_without_hanging(launched):
             "resumed_from_step (ranks [0] vs ranks [1]). The processes resumed from different checkpoints"
             in e["resume_mismatch"]
         )
+    nan = [e.pop("nan_one_rank") for e in errs]  # one rank's NaN stops every rank at that step
+    assert nan[1].startswith("NonFiniteError at step 2: step 2: the loss is nan (task loss nan, mmd ")
+    assert nan[0].startswith("NonFiniteError at step 2: step 2: the gradient norm is nan (loss ")  # DDP's average
+    assert sorted(p.name for p in (launched[0] / "nan").glob("checkpoint-*")) == []
     assert errs[0] == errs[1]
 
 
