@@ -8,21 +8,26 @@
     peftadapt bench ...            (memory / speed benchmarks: peftadapt bench --help)
 
 The config is validated before anything heavy is loaded; a bad key or value
-is reported with the allowed ones and exit status 2.
+is reported with the allowed ones and exit status 2. A write that fails for
+lack of space, a read-only filesystem or a permission (``ENOSPC``, ``EROFS``,
+``EACCES``, ``EDQUOT``) is one line naming the file, exit status 1; any other
+error is a traceback (``PEFTADAPT_DEBUG=1`` shows one for the above too).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import yaml
 
 from .bench.cli import main as bench_main
-from .core.io import write_json
+from .core.io import check_writable_dir, write_json
 from .demo import run_demo
 from .train.runner import build_trainer, evaluate_checkpoint
 from .train.schema import format_schema, load_run_config, schema
@@ -80,8 +85,26 @@ def _config(args) -> int:
     return 0
 
 
+# OSErrors that say the disk, not the program, is at fault: one line and a way out
+DISK_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the filesystem is read-only",
+    errno.EACCES: "permission denied",
+}
+
+
+def _disk_error(command: str, e: OSError, folder: str | None) -> str:
+    path = e.filename or folder or "the output folder"
+    fix = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+    if command == "train":
+        fix += " (or choose another --output-dir), then continue with peftadapt train --resume"
+    return f"cannot write {str(path)!r}: {DISK_ERRORS[e.errno]}; {fix}"
+
+
 def _train(args) -> int:
     run = load_run_config(args.config, args.set, output_dir=args.output_dir)
+    args.writing = run.training.output_dir  # named by a disk error that gives no file name
     trainer = build_trainer(run)
     metrics = trainer.train(resume=args.resume)
     out = run.training.output_dir
@@ -101,9 +124,16 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    metrics = evaluate_checkpoint(load_run_config(args.config, args.set), args.checkpoint)
+    run = load_run_config(args.config, args.set)
+    if args.output:  # before the evaluation, not after it
+        if Path(args.output).is_dir():
+            raise ValueError(f"--output: {args.output!r} is a folder; give a JSON file name, e.g. {args.output}/m.json")
+        check_writable_dir(Path(args.output).absolute().parent, "--output")
+        args.writing = args.output
+    metrics = evaluate_checkpoint(run, args.checkpoint)
     print(json.dumps(metrics, indent=2))
     if args.output:
+        Path(args.output).absolute().parent.mkdir(parents=True, exist_ok=True)
         write_json(args.output, metrics)
     return 0
 
@@ -142,6 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"peftadapt {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in DISK_ERRORS or os.environ.get("PEFTADAPT_DEBUG"):
+            raise  # not the disk's fault: a bug, shown whole
+        print(f"peftadapt {args.command}: error: {_disk_error(args.command, e, getattr(args, 'writing', None))}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -302,8 +302,11 @@ def _read_yaml(path: Path) -> Any:
     with open(path, encoding="utf-8") as f:
         try:
             return yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from None
+        except yaml.YAMLError as e:  # one line: where and what (its own text spans several)
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"{path}: not valid YAML{at}: {what}") from None
 
 
 def load_run_config(
