@@ -178,6 +178,19 @@ def load_rows(
     return rows, columns
 
 
+def check_label_names(labels: Sequence[str | int], where: str = "labels") -> None:
+    """ValueError for a label list that names a class twice (as written, or as the same string:
+    ``[0, "0"]``): the class count and every index after it would be wrong."""
+    seen: dict[str, int] = {}
+    for i, lab in enumerate(labels):
+        key = str(lab).strip()
+        if key in seen:
+            raise ValueError(
+                f"{where}: {lab!r} is listed twice (entries {seen[key]} and {i}); each class once, in class order"
+            )
+        seen[key] = i
+
+
 def encode_labels(
     raw: Sequence[Any], *, labels: Sequence[str | int] | None = None, num_labels: int | None = None, name: str = "data"
 ) -> list[int]:
@@ -187,6 +200,7 @@ def encode_labels(
     entry's index); without one, labels must be integers (or integer strings).
     """
     if labels is not None:
+        check_label_names(labels)
         index = {str(lab): i for i, lab in enumerate(labels)}
         out = []
         for i, r in enumerate(raw):

@@ -102,7 +102,6 @@ def load_base_model(mcfg: ModelConfig, num_labels: int | None, gradient_checkpoi
     """The transformers model named by ``model:`` (4/8-bit through peftadapt.load_quantized;
     bitsandbytes is imported only then). Looked up on the module so tests can stand in for it."""
     path, task = mcfg.path, mcfg.task
-    check_model_folder(path, "model.path")
     kwargs: dict[str, Any] = {}
     if task == "classification":
         kwargs["num_labels"] = num_labels

@@ -37,7 +37,7 @@ from ..methods.base import ALIASES, METHODS, build_config, method_names
 from ..quant.load import QuantStorage
 from ._fields import REQUIRED, as_dict, build, check_fields, check_keys, choices, describe, hints
 from .config import Task, TrainConfig
-from .data import Format
+from .data import Format, check_label_names
 
 # Literal types over the tuples' one home (the lower layers own the lists).
 Dtype = Literal["float32", "bfloat16", "float16"]  # torch dtype names for model.dtype
@@ -197,6 +197,8 @@ class DataConfig:
     def validate(self, where: str) -> None:
         if self.labels is not None and not self.labels:
             raise ValueError(f"{where}.labels: must be a non-empty list of label names, got {self.labels!r}")
+        if self.labels:
+            check_label_names(self.labels, f"{where}.labels")
         if self.max_length < 2:
             raise ValueError(f"{where}.max_length: must be an integer >= 2, got {self.max_length!r}")
 
@@ -231,6 +233,12 @@ class RunConfig:
         for key, spec in data.specs().items():
             if task == "classification" and key != "data.target" and not spec.label:
                 raise ValueError(f"{key}.label is required for a classifier: the name of the label column")
+        for i, t in enumerate(self.regularizers):
+            if task != "classification" and getattr(REGULARIZERS[t.name.lower()][0], "needs_logits", False):
+                raise ValueError(
+                    f"regularizers[{i}] ({t.name}): {t.name} reads class predictions, so it needs "
+                    f"model.task: classification; with {task} use mmd, coral or dann"
+                )
         if self.regularizers and data.target is None:
             raise ValueError("regularizers need unlabeled target data: add data.target (or remove the regularizers)")
         if data.balance != "none" and task != "classification":
