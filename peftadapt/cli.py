@@ -29,6 +29,7 @@ import yaml
 from .bench.cli import main as bench_main
 from .core.io import check_writable_dir, write_json
 from .demo import run_demo
+from .train.progress import on_terminal
 from .train.runner import build_trainer, evaluate_checkpoint
 from .train.schema import format_schema, load_run_config, schema
 
@@ -99,7 +100,7 @@ def _disk_error(command: str, e: OSError, folder: str | None) -> str:
     fix = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
     if command == "train":
         fix += " (or choose another --output-dir), then continue with peftadapt train --resume"
-    return f"cannot write {str(path)!r}: {DISK_ERRORS[e.errno]}; {fix}"
+    return f"cannot write {str(path)!r}: {DISK_ERRORS.get(e.errno or 0, e.strerror)}; {fix}"
 
 
 def _train(args) -> int:
@@ -155,9 +156,23 @@ def _bench(argv: Sequence[str]) -> int:
     return 0 if rc is None else int(rc)
 
 
+def _no_bars_off_terminal() -> None:
+    """In a log file, the hub's and transformers' own bars (loading, writing shards) are noise."""
+    if on_terminal():
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
+    hub = sys.modules.get("huggingface_hub")
+    if hub is not None:  # imported already: switch its bars off (transformers follows it when imported)
+        hub.utils.disable_progress_bars()
+    tf_logging = sys.modules.get("transformers.utils.logging")
+    if tf_logging is not None:
+        tf_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _no_bars_off_terminal()
     if argv and argv[0] == "bench":  # its own parser reads the rest
         return _bench(argv[1:])
     parser = _parser()
@@ -175,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         if e.errno not in DISK_ERRORS or os.environ.get("PEFTADAPT_DEBUG"):
             raise  # not the disk's fault: a bug, shown whole
-        print(f"peftadapt {args.command}: error: {_disk_error(args.command, e, getattr(args, 'writing', None))}", file=sys.stderr)
+        message = _disk_error(args.command, e, getattr(args, "writing", None))
+        print(f"peftadapt {args.command}: error: {message}", file=sys.stderr)
         return 1
 
 

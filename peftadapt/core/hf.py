@@ -38,6 +38,9 @@ OUTPUT_HEADS = (*CLASSIFIER_HEADS, "lm_head")
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
 
 
+# The attribute `wrap(model, "full")` sets on a model whose every weight trains (full fine-tuning).
+FULL_FINETUNE_MARK = "_peftadapt_full_finetune"
+
 # transformers' causal-LM class names end like this (LlamaForCausalLM, GPT2LMHeadModel)
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
@@ -133,6 +136,8 @@ def wrapped_reason(model: nn.Module) -> str | None:
     layer, or adapters loaded through transformers' ``add_adapter``."""
     if getattr(type(model), "_peftadapt_wrapper", False):
         return "it is already a peftadapt AdaptedModel"
+    if getattr(model, FULL_FINETUNE_MARK, False):
+        return "it is set up for full fine-tuning (peftadapt.wrap(model, 'full'))"
     peft = sys.modules.get("peft")  # a PeftModel can only exist if peft was imported
     if peft is not None:
         if isinstance(model, getattr(peft, "PeftModel", ())):
@@ -190,7 +195,9 @@ def check_model_folder(path: str | os.PathLike[str], key: str = "model.path", mo
     p = Path(path).expanduser()
     if not p.exists():
         if not _HUB_ID.match(str(path)):
-            raise FileNotFoundError(f"{key}: folder not found: {str(path)!r}; give the folder of a save_pretrained model")
+            raise FileNotFoundError(
+                f"{key}: folder not found: {str(path)!r}; give the folder of a save_pretrained model"
+            )
         if hub_offline():
             from huggingface_hub import try_to_load_from_cache
 
@@ -213,7 +220,9 @@ def check_model_folder(path: str | os.PathLike[str], key: str = "model.path", mo
     try:
         parsed = json.loads(config.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{key}: {str(config)!r} is not valid JSON ({e}); re-save the model (save_pretrained)") from None
+        raise ValueError(
+            f"{key}: {str(config)!r} is not valid JSON ({e}); re-save the model (save_pretrained)"
+        ) from None
     if not isinstance(parsed, dict):
         raise ValueError(f"{key}: {str(config)!r} holds {type(parsed).__name__}, not a JSON object; re-save the model")
     for weights in sorted(p.glob("*.safetensors")):

@@ -2,7 +2,8 @@
 
 ``lora`` and ``prefix`` sit on peft (``backend = "peft"``); ``adapter`` (Houlsby / Pfeiffer)
 and ``head`` are ours (``backend = "native"``), carried by :class:`AdaptedModel`
-(:mod:`.adapted_model`, injected :mod:`.slots`, file format :mod:`.native_format`).
+(:mod:`.adapted_model`, injected :mod:`.slots`, file format :mod:`.native_format`); ``full``
+(full fine-tuning, ``backend = "full"``) marks the model itself trainable.
 Importing this package imports every method module, so the registry
 (:data:`.base.METHODS`) is complete whenever any method code runs, and loading a saved
 native adapter can always rebuild its config by name.
@@ -11,6 +12,7 @@ native adapter can always rebuild its config by name.
 from .adapted_model import AdaptedModel
 from .adapter import Adapter
 from .base import METHODS, MethodConfig, build_config, method_names, register_method
+from .full import Full
 from .head import Head
 from .lora import LoRA
 from .prefix import Prefix
@@ -19,6 +21,7 @@ __all__ = [
     "METHODS",
     "AdaptedModel",
     "Adapter",
+    "Full",
     "Head",
     "LoRA",
     "MethodConfig",

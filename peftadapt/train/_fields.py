@@ -82,7 +82,7 @@ def checked_keywords(cls: type) -> type:
     """Class decorator for a config dataclass built from Python: an unknown keyword
     (``TrainConfig(lerning_rate=...)``) gets :func:`unknown_key`'s did-you-mean and the valid
     names instead of the dataclass's bare TypeError."""
-    init = cls.__init__
+    init = cls.__init__  # type: ignore[misc]  # the dataclass's generated __init__, wrapped below
     valid = [f.name for f in dataclasses.fields(cls)]
 
     @functools.wraps(init)

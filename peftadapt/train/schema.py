@@ -96,7 +96,9 @@ class MethodSection:
     _shorthand: ClassVar[str] = "name"
     _extra: ClassVar[str] = "options"
 
-    name: str = field("lora", "a registered method: lora, dora, rslora, adapter, houlsby, pfeiffer, prefix, head")
+    name: str = field(
+        "lora", "a registered method: lora, dora, rslora, adapter, houlsby, pfeiffer, prefix, head, full (every weight)"
+    )
     options: dict[str, Any] = field({}, "the method's own options, written next to name (e.g. r: 8)")
 
     def __post_init__(self):
@@ -241,6 +243,11 @@ class RunConfig:
                 )
         if self.regularizers and data.target is None:
             raise ValueError("regularizers need unlabeled target data: add data.target (or remove the regularizers)")
+        if self.method.name.lower() == "full" and self.model.quantize:
+            raise ValueError(
+                "method: full trains every weight, and quantized weights (model.quantize) cannot train; "
+                "drop model.quantize or use method: lora (QLoRA)"
+            )
         if data.balance != "none" and task != "classification":
             raise ValueError("data.balance: oversample balances class labels; it needs model.task: classification")
 

@@ -11,10 +11,10 @@ import torch.nn as nn
 
 pytest.importorskip("bitsandbytes")
 
-import peftadapt  # noqa: E402
-from peftadapt.core.hf import unwrap  # noqa: E402
+import peftadapt
+from peftadapt.core.hf import unwrap
 
-from ..conftest import make_tiny  # noqa: E402
+from ..conftest import make_tiny
 
 
 def _lora_step(model: nn.Module) -> nn.Module:
