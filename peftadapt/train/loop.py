@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from ..align.step import DomainAdaptation, as_alignment, check_alignment
 from ..core import comm
 from ..core.hf import hf_config, unwrap, wrapped_reason
-from ..core.io import write_json
+from ..core.io import check_writable_dir, write_json
 from ..features import Pooling
 from ..quant.optim import make_optimizer
 from . import checkpoint as ckpt
@@ -150,6 +150,7 @@ class Trainer:
         if task not in TASKS:
             raise ValueError(f"task {task!r} is not supported; valid tasks: {list(TASKS)}")
         self.config = _make_config(config, overrides)
+        check_writable_dir(self.config.output_dir, "output_dir")  # before any work, not at the first save
         self.task, self.max_length = task, int(max_length)
         self.model, self.tokenizer = model, tokenizer
         self.feature_layer, self.pooling, self.name = feature_layer, pooling, name
