@@ -277,7 +277,11 @@ def _apply_overrides(raw: dict[str, Any], overrides: Sequence[str] | Mapping[str
             if "=" not in item or "." not in item.split("=", 1)[0]:
                 raise ValueError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. training.learning_rate=1.0e-3")
             key, value = item.split("=", 1)
-            items.append((key, yaml.safe_load(value)))
+            try:
+                items.append((key, yaml.safe_load(value)))
+            except yaml.YAMLError as e:
+                what = getattr(e, "problem", None) or type(e).__name__
+                raise ValueError(f"--set {item!r}: the value is not valid YAML ({what}); quote it") from None
     for key, value in items:
         *path, last = key.split(".")
         node: Any = raw

@@ -313,7 +313,9 @@ def _build(edit):
 
 
 def _load_config(edit):
-    return lambda tmp_path, broken, run_files, monkeypatch: _api_config(tmp_path, broken, run_files, edit)
+    return lambda tmp_path, broken, run_files, monkeypatch: _api_config(  # noqa: F811
+        tmp_path, broken, run_files, edit
+    )
 
 
 def _read(name):
@@ -482,7 +484,7 @@ def test_python_full_finetuning_and_refusals(tmp_path):
 
     model = peftadapt.wrap(make_tiny("bert", "seqcls", vocab_size=VOCAB), "full")
     assert all(p.requires_grad for p in model.parameters()) and peftadapt.is_wrapped(model)
-    with pytest.raises(ValueError, match="already wrapped.*full fine-tuning"):
+    with pytest.raises(ValueError, match=r"already wrapped.*full fine-tuning"):
         peftadapt.wrap(model, "lora")
     peftadapt.save(model, tmp_path / "m")
     back = peftadapt.load(make_tiny("bert", "seqcls", vocab_size=VOCAB, seed=1), tmp_path / "m")
