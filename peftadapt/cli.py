@@ -20,6 +20,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -96,11 +97,13 @@ DISK_ERRORS = {
 
 
 def _disk_error(command: str, e: OSError, folder: str | None) -> str:
-    path = e.filename or folder or "the output folder"
+    path = str(e.filename or folder or "the output folder")
+    # core.io.write_atomic's hidden temp file (.m.json.k3j2.tmp) stands for the file it becomes
+    path = re.sub(r"(^|/)\.([^/]+)\.[^./]+\.tmp$", r"\1\2", path)
     fix = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
     if command == "train":
         fix += " (or choose another --output-dir), then continue with peftadapt train --resume"
-    return f"cannot write {str(path)!r}: {DISK_ERRORS.get(e.errno or 0, e.strerror)}; {fix}"
+    return f"cannot write {path!r}: {DISK_ERRORS.get(e.errno or 0, e.strerror)}; {fix}"
 
 
 def _train(args) -> int:

@@ -118,6 +118,16 @@ def _disk_error(code: int, strerror: str) -> Callable[[Any, dict], None]:
     return setup
 
 
+def _eval_disk_full(monkeypatch, b) -> None:
+    """The metrics file's write fails for space (a write() error carries no file name)."""
+
+    def dump(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("peftadapt.cli.evaluate_checkpoint", lambda run, ck: {"target/accuracy": 0.5})
+    monkeypatch.setattr("peftadapt.core.io.json.dump", dump)
+
+
 CLI_CASES = [
     # the model folder: checked before the data and the model (was a 72-78 line traceback)
     Case("model_path_missing", lambda c, b: c["model"].update(path="/no/such/model"), ["model.path", "/no/such/model"]),
@@ -194,6 +204,16 @@ CLI_CASES = [
         command="eval",
     ),
     # the disk mid-run: one line naming the file and the way out, exit status 1
+    Case(
+        "eval_output_disk_full",
+        lambda c, b: None,
+        ["metrics.json", "no space left"],
+        before=None,
+        command="eval",
+        extra=["--output", "{dir}/metrics.json"],
+        setup=_eval_disk_full,
+        rc=1,
+    ),
     Case(
         "disk_full_mid_run",
         lambda c, b: None,
