@@ -229,3 +229,25 @@ def check_model_folder(path: str | os.PathLike[str], key: str = "model.path", mo
         problem = _safetensors_problem(weights)
         if problem:
             raise ValueError(f"{key}: {str(weights)!r} is corrupt ({problem}); re-save or re-download the model")
+
+
+def saved_classifier_rows(path: str | os.PathLike[str]) -> tuple[str, int] | None:
+    """``(weight name, classes)`` of the classifier head saved in a model folder's safetensors
+    files (read from their headers only), or None: no such folder, or no head saved (a bare
+    encoder, whose head a classifier run initializes fresh)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return None
+    for weights in sorted(p.glob("*.safetensors")):
+        if _safetensors_problem(weights):
+            continue
+        with open(weights, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for name, info in header.items():
+            parts = name.split(".")
+            if parts[-1] == "weight" and len(parts) >= 2 and parts[-2] in CLASSIFIER_HEADS and len(parts) <= 3:
+                shape = info.get("shape") if isinstance(info, dict) else None
+                if shape and len(shape) == 2:
+                    return name, int(shape[0])
+    return None

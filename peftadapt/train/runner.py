@@ -19,7 +19,7 @@ import torch
 from .. import quant
 from ..align import Alignment, Term
 from ..align.registry import build_with_defaults
-from ..core.hf import check_model_folder
+from ..core.hf import check_model_folder, saved_classifier_rows
 from ..core.io import check_writable_dir
 from ..features import FeatureTap
 from ..wrap import load as load_adapter
@@ -69,6 +69,18 @@ def check_inputs(run: RunConfig, output: bool = True) -> None:
     check_model_folder(run.model.path, "model.path")
     if run.model.tokenizer:
         check_model_folder(run.model.tokenizer, "model.tokenizer", model=False)
+
+
+def check_head_size(run: RunConfig, num_labels: int | None) -> None:
+    """A classifier head saved in model.path must have this run's number of classes (transformers
+    would stop with a size-mismatch report); checked from the safetensors header, before loading."""
+    saved = saved_classifier_rows(run.model.path) if run.model.task == "classification" else None
+    if saved is not None and num_labels is not None and saved[1] != num_labels:
+        raise ValueError(
+            f"model.path: its saved classifier ({saved[0]}) has {saved[1]} classes but this run has {num_labels} "
+            "(data.labels / model.num_labels / the labels in the data); match them, or start from the "
+            "model without its trained head"
+        )
 
 
 @contextlib.contextmanager
@@ -176,6 +188,7 @@ def build_trainer(run: RunConfig):
     source, target, evals = load_data(run, nl)
     if task == "classification" and nl is None:
         nl = max(2, max(_labels(source)) + 1)  # integer labels without a list: 0..max
+    check_head_size(run, nl)
     if run.data.balance == "oversample":
         source = balance_classes(source)
     tokenizer = load_tokenizer(run.model, run.data.truncation)
@@ -221,6 +234,7 @@ def evaluate_checkpoint(run: RunConfig, checkpoint: str | Path) -> dict[str, flo
         raise ValueError("eval needs data.eval in the config: {name: {path: ..., text: ..., label: ...}}")
     if run.model.task == "classification" and nl is None:
         nl = max(2, max(max(_labels(d)) for d in evals.values()) + 1)
+    check_head_size(run, nl)
     tokenizer = load_tokenizer(run.model, run.data.truncation)  # as in training
     base = load_base_model(run.model, nl)
     model = load_adapter(base, str(adapter))

@@ -423,7 +423,8 @@ def format_schema() -> str:
             lines.append(f"      {r['help']}")
         if sec == "method":
             for name in sorted(METHODS):
-                lines.append(f"  options of {name}: {', '.join(f.name for f in dataclasses.fields(METHODS[name])) or '(none)'}")
+                options = ", ".join(f.name for f in dataclasses.fields(METHODS[name])) or "(none)"
+                lines.append(f"  options of {name}: {options}")
         if sec == "regularizers":
             for name in regularizer_names():
                 lines.append(f"  options of {name}: {', '.join(init_params(REGULARIZERS[name][0])) or '(none)'}")

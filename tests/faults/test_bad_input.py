@@ -178,6 +178,12 @@ CLI_CASES = [
         ["data.labels", "'negative'", "twice"],
     ),
     Case(
+        "labels_do_not_fit_the_saved_head",
+        lambda c, b: c["data"].update(labels=["negative", "positive", "neutral"]),
+        ["model.path", "classifier.weight", "2 classes", "this run has 3"],
+        before="model",
+    ),
+    Case(
         "full_finetune_quantized",
         lambda c, b: (c.update(method={"name": "full"}), c["model"].update(quantize=4)),
         ["method: full", "model.quantize"],
@@ -321,12 +327,12 @@ def _api_config(tmp_path, broken, run_files, edit) -> Any:  # noqa: F811
     return load_run_config(cfg)
 
 
-def _build(edit):
-    """build_trainer on an edited run config (the data / model loaders forbidden)."""
+def _build(edit, before: str = "data"):
+    """build_trainer on an edited run config (the loaders that must not run yet forbidden)."""
 
     def go(tmp_path, broken, run_files, monkeypatch):  # noqa: F811
         run = _api_config(tmp_path, broken, run_files, edit)
-        _forbid(monkeypatch, "data")
+        _forbid(monkeypatch, before)
         runner.build_trainer(run)
 
     return go
@@ -385,6 +391,11 @@ API_CASES = [
         "output_dir_is_a_file",
         _build(lambda c, b: c["training"].update(output_dir=str(b["file"]))),
         ["training.output_dir", "is a file"],
+    ),
+    (
+        "labels_do_not_fit_the_saved_head",
+        _build(lambda c, b: c["data"].update(labels=["negative", "positive", "neutral"]), before="model"),
+        ["classifier.weight", "this run has 3"],
     ),
     ("csv_not_utf8", _read("latin1.csv"), ["latin1.csv", "line 3"]),
     ("jsonl_not_utf8", _read("latin1.jsonl"), ["latin1.jsonl", "line 2"]),
