@@ -10,7 +10,7 @@ from .core.hf import find_task_head
 from .core.version import __version__
 from .features import FeatureTap
 from .integrations import add_alignment
-from .methods import METHODS, AdaptedModel, Adapter, Head, LoRA, MethodConfig, PeftMethod, Prefix, register_method
+from .methods import METHODS, AdaptedModel, Adapter, Full, Head, LoRA, MethodConfig, PeftMethod, Prefix, register_method
 from .quant import build_quantized, load_quantized, merge_quantized, prepare_for_kbit_training
 from .train import TextData, TrainConfig, Trainer
 from .wrap import (
@@ -42,6 +42,7 @@ __all__ = [
     "DomainAdaptation",
     "Entropy",
     "FeatureTap",
+    "Full",
     "Head",
     "LoRA",
     "MethodConfig",

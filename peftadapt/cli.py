@@ -10,22 +10,29 @@
 The config is validated before anything heavy is loaded; a bad key or value
 is reported with the allowed ones and exit status 2. A run stopped by a NaN / inf
 loss or gradient (``training.nan_policy``) prints its one line and exits with status 1.
+A write that fails for lack of space, a read-only filesystem or a permission (``ENOSPC``,
+``EROFS``, ``EACCES``, ``EDQUOT``) is one line naming the file, exit status 1; any other
+error is a traceback (``PEFTADAPT_DEBUG=1`` shows one for the above too).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import yaml
 
 from .bench.cli import main as bench_main
-from .core.io import json_safe, write_json
+from .core.io import check_writable_dir, json_safe, write_json
 from .demo import run_demo
 from .train.nonfinite import NonFiniteError
+from .train.progress import on_terminal
 from .train.runner import build_trainer, evaluate_checkpoint
 from .train.schema import format_schema, load_run_config, schema
 
@@ -82,8 +89,28 @@ def _config(args) -> int:
     return 0
 
 
+# OSErrors that say the disk, not the program, is at fault: one line and a way out
+DISK_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the filesystem is read-only",
+    errno.EACCES: "permission denied",
+}
+
+
+def _disk_error(command: str, e: OSError, folder: str | None) -> str:
+    path = str(e.filename or folder or "the output folder")
+    # core.io.write_atomic's hidden temp file (.m.json.k3j2.tmp) stands for the file it becomes
+    path = re.sub(r"(^|/)\.([^/]+)\.[^./]+\.tmp$", r"\1\2", path)
+    fix = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+    if command == "train":
+        fix += " (or choose another --output-dir), then continue with peftadapt train --resume"
+    return f"cannot write {path!r}: {DISK_ERRORS.get(e.errno or 0, e.strerror)}; {fix}"
+
+
 def _train(args) -> int:
     run = load_run_config(args.config, args.set, output_dir=args.output_dir)
+    args.writing = run.training.output_dir  # named by a disk error that gives no file name
     trainer = build_trainer(run)
     metrics = trainer.train(resume=args.resume)
     out = run.training.output_dir
@@ -106,9 +133,16 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    metrics = evaluate_checkpoint(load_run_config(args.config, args.set), args.checkpoint)
+    run = load_run_config(args.config, args.set)
+    if args.output:  # before the evaluation, not after it
+        if Path(args.output).is_dir():
+            raise ValueError(f"--output: {args.output!r} is a folder; give a JSON file name, e.g. {args.output}/m.json")
+        check_writable_dir(Path(args.output).absolute().parent, "--output")
+        args.writing = args.output
+    metrics = evaluate_checkpoint(run, args.checkpoint)
     print(json.dumps(json_safe(metrics), indent=2, allow_nan=False))
     if args.output:
+        Path(args.output).absolute().parent.mkdir(parents=True, exist_ok=True)
         write_json(args.output, metrics)
     return 0
 
@@ -130,9 +164,23 @@ def _bench(argv: Sequence[str]) -> int:
     return 0 if rc is None else int(rc)
 
 
+def _no_bars_off_terminal() -> None:
+    """In a log file, the hub's and transformers' own bars (loading, writing shards) are noise."""
+    if on_terminal():
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
+    hub = sys.modules.get("huggingface_hub")
+    if hub is not None:  # imported already: switch its bars off (transformers follows it when imported)
+        hub.utils.disable_progress_bars()
+    tf_logging = sys.modules.get("transformers.utils.logging")
+    if tf_logging is not None:
+        tf_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _no_bars_off_terminal()
     if argv and argv[0] == "bench":  # its own parser reads the rest
         return _bench(argv[1:])
     parser = _parser()
@@ -152,6 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"peftadapt {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in DISK_ERRORS or os.environ.get("PEFTADAPT_DEBUG"):
+            raise  # not the disk's fault: a bug, shown whole
+        message = _disk_error(args.command, e, getattr(args, "writing", None))
+        print(f"peftadapt {args.command}: error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

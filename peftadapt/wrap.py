@@ -68,14 +68,16 @@ def wrap(model: nn.Module, method: str | MethodConfig, *, adapter_name: str = "d
     """Adapt a transformers model with a parameter-efficient method.
 
     ``method`` is a name (``"lora"``, ``"dora"``, ``"rslora"``, ``"adapter"``,
-    ``"houlsby"``, ``"pfeiffer"``, ``"prefix"``, ``"head"``; peft's ``"ia3"``, ``"vera"``,
+    ``"houlsby"``, ``"pfeiffer"``, ``"prefix"``, ``"head"``, ``"full"``; peft's ``"ia3"``, ``"vera"``,
     ``"adalora"``, ``"loha"``, ``"lokr"``, ``"oft"``, ``"prompt_tuning"``), a config object
-    (``LoRA(r=8)``, ``Adapter(...)``, ``Prefix(...)``, ``Head()``) or any ``peft.PeftConfig``;
+    (``LoRA(r=8)``, ``Adapter(...)``, ``Prefix(...)``, ``Head()``, ``Full()``) or any ``peft.PeftConfig``;
     ``options`` are that method's fields (see ``peftadapt.LoRA.help()``,
     ``peftadapt.PeftMethod.help("ia3")`` etc.).
 
     The base weights are frozen; the method's parameters, and the task head where
-    the model has one, are trainable. Returns the wrapped model.
+    the model has one, are trainable. Returns the wrapped model. ``"full"`` is full
+    fine-tuning: the model itself comes back with every weight trainable (saved whole,
+    as ``save_pretrained`` writes it).
     """
     check_transformers_model(model)
     validate_adapter_name(adapter_name)

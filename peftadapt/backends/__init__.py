@@ -2,7 +2,8 @@
 
 A method config names its backend (``MethodConfig.backend``): ``"peft"`` for LoRA,
 prefix and the other peft methods (a ``peft.PeftModel``, peft's file format), ``"native"`` for bottleneck adapters and
-head-only (an :class:`~peftadapt.methods.AdaptedModel`, our file format). :mod:`peftadapt.wrap`
+head-only (an :class:`~peftadapt.methods.AdaptedModel`, our file format), ``"full"`` for full
+fine-tuning (the transformers model itself, saved whole). :mod:`peftadapt.wrap`
 asks :func:`backend_of` (a wrapped model) or :func:`backend_for_folder` (a saved
 adapter) and calls the protocol; it never switches on
 the model's type itself.
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 
 import torch.nn as nn
 
+from .full import FullBackend
 from .native import NativeBackend
 from .peft import PeftBackend
 
@@ -37,7 +39,7 @@ class Backend(Protocol):
     def load(self, base: nn.Module, path: Path, adapter_name: str | None, is_trainable: bool) -> nn.Module: ...
 
 
-BACKENDS: dict[str, Backend] = {"peft": PeftBackend(), "native": NativeBackend()}
+BACKENDS: dict[str, Backend] = {"peft": PeftBackend(), "native": NativeBackend(), "full": FullBackend()}
 
 
 def backend_of(model: object) -> Backend | None:
@@ -47,5 +49,6 @@ def backend_of(model: object) -> Backend | None:
 
 def backend_for_folder(path: Path) -> Backend | None:
     """The backend whose config file is in the adapter folder ``path`` (ours first: a folder
-    holding both is a native one with a stray peft config)."""
-    return next((b for b in (BACKENDS["native"], BACKENDS["peft"]) if (path / b.config_file).is_file()), None)
+    holding both is a native one with a stray peft config; a whole model's config.json last)."""
+    order = (BACKENDS["native"], BACKENDS["peft"], BACKENDS["full"])
+    return next((b for b in order if (path / b.config_file).is_file()), None)

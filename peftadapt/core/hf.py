@@ -4,12 +4,19 @@
 - :func:`unwrap`: the transformers model inside a peft ``PeftModel`` or a peftadapt
   ``AdaptedModel`` (both expose ``get_base_model()``);
 - :func:`find_task_head`, :func:`count_params` (4-bit weights counted as peft counts them),
-  :func:`check_transformers_model` and the adapter-name rule :func:`validate_adapter_name`.
+  :func:`check_transformers_model` and the adapter-name rule :func:`validate_adapter_name`;
+- :func:`check_model_folder`: what a ``save_pretrained`` folder must hold, checked in
+  milliseconds before anything is loaded (config.json parses, no safetensors file is cut short).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import struct
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,6 +37,9 @@ OUTPUT_HEADS = (*CLASSIFIER_HEADS, "lm_head")
 # Final norms that produce the last hidden state in decoder stacks.
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
 
+
+# The attribute `wrap(model, "full")` sets on a model whose every weight trains (full fine-tuning).
+FULL_FINETUNE_MARK = "_peftadapt_full_finetune"
 
 # transformers' causal-LM class names end like this (LlamaForCausalLM, GPT2LMHeadModel)
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -126,6 +136,8 @@ def wrapped_reason(model: nn.Module) -> str | None:
     layer, or adapters loaded through transformers' ``add_adapter``."""
     if getattr(type(model), "_peftadapt_wrapper", False):
         return "it is already a peftadapt AdaptedModel"
+    if getattr(model, FULL_FINETUNE_MARK, False):
+        return "it is set up for full fine-tuning (peftadapt.wrap(model, 'full'))"
     peft = sys.modules.get("peft")  # a PeftModel can only exist if peft was imported
     if peft is not None:
         if isinstance(model, getattr(peft, "PeftModel", ())):
@@ -137,4 +149,105 @@ def wrapped_reason(model: nn.Module) -> str | None:
         return "it already has adapters loaded through transformers' add_adapter"
     if any(getattr(type(m), "_peftadapt_injected", False) for m in model.modules()):
         return "it already has peftadapt adapter modules injected"
+    return None
+
+
+# -- a saved model folder, checked before loading ------------------------------------------
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_TRUE = ("1", "on", "yes", "true")
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
+    return any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file cannot load (truncated, bad header), read from its header only."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            if size < 8:
+                return f"{size} bytes, shorter than a safetensors header"
+            (n,) = struct.unpack("<Q", f.read(8))
+            if 8 + n > size:
+                return f"its header says {n} bytes of metadata but the file has {size} bytes: truncated"
+            header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"its header is not valid JSON ({e})"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    need = 8 + n + max(ends, default=0)
+    if need > size:
+        return f"the tensors need {need} bytes but the file has {size}: truncated"
+    return None
+
+
+def check_model_folder(path: str | os.PathLike[str], key: str = "model.path", model: bool = True) -> None:
+    """One clear error for a model folder that cannot load, before anything is loaded.
+
+    A local folder must hold a ``config.json`` that parses and weights whose safetensors
+    headers are whole (a truncated download or copy fails here, not deep in the loader). A
+    name that is not a local path is a hub id: fine while the hub is reachable, refused
+    offline unless the hub cache holds it. ``model=False``: a tokenizer folder (no
+    config.json or weights needed).
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        if not _HUB_ID.match(str(path)):
+            raise FileNotFoundError(
+                f"{key}: folder not found: {str(path)!r}; give the folder of a save_pretrained model"
+            )
+        if hub_offline():
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(str(path), "config.json"), str):
+                raise ValueError(
+                    f"{key}: {str(path)!r} is not a local folder, and the hub is offline (HF_HUB_OFFLINE=1) with "
+                    "no cached copy; give the folder of a save_pretrained model"
+                )
+        return
+    if not p.is_dir():
+        raise ValueError(f"{key}: {str(path)!r} is a file; give the folder of a save_pretrained model")
+    config = p / "config.json"
+    if not model:
+        return
+    if not config.is_file():
+        raise ValueError(
+            f"{key}: {str(path)!r} holds no config.json, so it is not a save_pretrained model folder "
+            f"(it holds {sorted(q.name for q in p.iterdir())[:8]})"
+        )
+    try:
+        parsed = json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"{key}: {str(config)!r} is not valid JSON ({e}); re-save the model (save_pretrained)"
+        ) from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{key}: {str(config)!r} holds {type(parsed).__name__}, not a JSON object; re-save the model")
+    for weights in sorted(p.glob("*.safetensors")):
+        problem = _safetensors_problem(weights)
+        if problem:
+            raise ValueError(f"{key}: {str(weights)!r} is corrupt ({problem}); re-save or re-download the model")
+
+
+def saved_classifier_rows(path: str | os.PathLike[str]) -> tuple[str, int] | None:
+    """``(weight name, classes)`` of the classifier head saved in a model folder's safetensors
+    files (read from their headers only), or None: no such folder, or no head saved (a bare
+    encoder, whose head a classifier run initializes fresh)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return None
+    for weights in sorted(p.glob("*.safetensors")):
+        if _safetensors_problem(weights):
+            continue
+        with open(weights, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for name, info in header.items():
+            parts = name.split(".")
+            if parts[-1] == "weight" and len(parts) >= 2 and parts[-2] in CLASSIFIER_HEADS and len(parts) <= 3:
+                shape = info.get("shape") if isinstance(info, dict) else None
+                if shape and len(shape) == 2:
+                    return name, int(shape[0])
     return None

@@ -1,4 +1,5 @@
 """Atomic writes: a temp file in the same folder, then a rename; a killed write leaves no half file.
+Also the check that an output folder can be written before a run starts.
 
 JSON is always valid JSON: a non-finite float (NaN, inf), which ``json.dump`` would write as the
 non-standard ``NaN`` / ``Infinity`` that strict readers reject, is written as ``null``
@@ -56,3 +57,27 @@ def write_json(path: str | Path, obj: Any) -> None:
             f.write(text)
 
     write_atomic(path, write)
+
+
+def check_writable_dir(path: str | os.PathLike[str], key: str) -> None:
+    """ValueError (one line naming ``key`` and the path) unless ``path`` is a folder this process
+    can write in, or can be created: checked by writing a probe file in it (or in its nearest
+    existing parent), which also catches a read-only filesystem and a full disk (``os.access``
+    does not, for root). Creates nothing."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{key}: {str(path)!r} is a file, not a folder; choose another {key}")
+    probe = p
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{key}: {str(path)!r} cannot be created: {str(probe)!r} is a file; choose another {key}")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".peftadapt-write-test-")
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        where = "" if probe == p else f" (its nearest existing parent {str(probe)!r})"
+        raise ValueError(
+            f"{key}: cannot write in {str(path)!r}{where}: {e.strerror or e}; choose a writable {key}"
+        ) from None

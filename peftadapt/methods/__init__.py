@@ -4,7 +4,8 @@
 ``adalora``, ``loha``, ``lokr``, ``oft``, ``prompt_tuning``, or any ``peft.PeftConfig``) sit
 on peft (``backend = "peft"``); ``adapter`` (Houlsby / Pfeiffer)
 and ``head`` are ours (``backend = "native"``), carried by :class:`AdaptedModel`
-(:mod:`.adapted_model`, injected :mod:`.slots`, file format :mod:`.native_format`).
+(:mod:`.adapted_model`, injected :mod:`.slots`, file format :mod:`.native_format`); ``full``
+(full fine-tuning, ``backend = "full"``) marks the model itself trainable.
 Importing this package imports every method module, so the registry
 (:data:`.base.METHODS`) is complete whenever any method code runs, and loading a saved
 native adapter can always rebuild its config by name.
@@ -13,6 +14,7 @@ native adapter can always rebuild its config by name.
 from .adapted_model import AdaptedModel
 from .adapter import Adapter
 from .base import METHODS, MethodConfig, build_config, method_names, register_method
+from .full import Full
 from .head import Head
 from .lora import LoRA
 from .peft_method import PEFT_TYPES, PeftMethod
@@ -23,6 +25,7 @@ __all__ = [
     "PEFT_TYPES",
     "AdaptedModel",
     "Adapter",
+    "Full",
     "Head",
     "LoRA",
     "MethodConfig",

@@ -8,6 +8,7 @@ from typing import Any, Literal, get_args
 import torch
 import torch.nn as nn
 
+from ..core.hf import OUTPUT_HEADS
 from ._bnb import bnb, check_bits, default_compute_dtype, default_device, guard_4bit_cpu, resolve_dtype
 from .prepare import prepare_for_kbit_training
 
@@ -131,8 +132,11 @@ def load_quantized(
         device / device_map: where to put it; default the GPU if there is one,
             else the CPU. ``device_map`` is passed to Accelerate as is
             (e.g. ``"auto"``, ``{"": 0}``) and wins over ``device``.
-        skip_modules: module names to keep unquantized (transformers' default
-            keeps the output head).
+        skip_modules: module names to keep unquantized; default the task and LM
+            heads (``core.hf.OUTPUT_HEADS``: ``classifier``, ``score``, ``qa_outputs``,
+            ``lm_head``), as :func:`build_quantized` does. A head stays a float
+            ``nn.Linear`` so it can be trained (peft's ``modules_to_save``) and, when
+            the checkpoint has none (a fresh classifier), initialized.
         quant_storage: 4-bit only, the dtype the packed 4-bit weights are stored
             in (``bnb_4bit_quant_storage``): ``None`` / ``"uint8"`` (default, two
             4-bit codes per byte), or ``"bf16"`` / ``"fp16"`` / ``"fp32"`` (the same
@@ -181,7 +185,10 @@ def load_quantized(
     for k in ("quantization_config", "torch_dtype", "load_in_4bit", "load_in_8bit"):
         if k in from_pretrained_kwargs:
             raise ValueError(f"do not pass {k!r}: load_quantized sets it from bits/quant_type/double_quant/dtype")
-    qconfig = bnb_config(bits, quant_type, double_quant, compute_dtype, skip_modules, quant_storage=storage)
+    # transformers' own default skips only the output embeddings: a classifier head would be
+    # quantized (peft cannot train it; a freshly initialized one crashes in bitsandbytes)
+    skip = list(OUTPUT_HEADS) if skip_modules is None else list(skip_modules)
+    qconfig = bnb_config(bits, quant_type, double_quant, compute_dtype, skip, quant_storage=storage)
     model = cls.from_pretrained(
         path,
         quantization_config=qconfig,

@@ -67,13 +67,34 @@ def describe(tp: Any) -> str:
     return "any" if tp is Any else getattr(tp, "__name__", str(tp))
 
 
-def unknown_key(key: str, where: str, valid: list[str], renamed: Mapping[str, str] | None = None) -> ValueError:
+class UnknownKeyError(ValueError, TypeError):
+    """An unknown key or keyword: a ValueError (a bad run file) and a TypeError (a bad keyword
+    argument, what Python raises for one), so either ``except`` catches it."""
+
+
+def unknown_key(key: str, where: str, valid: list[str], renamed: Mapping[str, str] | None = None) -> UnknownKeyError:
     """``unknown key training.lr; did you mean learning_rate? (valid keys in training: [...])``."""
     new = (renamed or {}).get(key)
     close = [new] if new else difflib.get_close_matches(str(key), valid, n=1)
     hint = f"; did you mean {close[0]}?" if close else ""
     why = "renamed; " if new else ""
-    return ValueError(f"unknown key {where}.{key}{hint} ({why}valid keys in {where}: {valid})")
+    return UnknownKeyError(f"unknown key {where}.{key}{hint} ({why}valid keys in {where}: {valid})")
+
+
+def checked_keywords(cls: type) -> type:
+    """Class decorator for a config dataclass built from Python: an unknown keyword
+    (``TrainConfig(lerning_rate=...)``) gets :func:`unknown_key`'s did-you-mean and the valid
+    names instead of the dataclass's bare TypeError."""
+    init = cls.__init__  # type: ignore[misc]  # the dataclass's generated __init__, wrapped below
+    valid = [f.name for f in dataclasses.fields(cls)]
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        check_keys(kwargs, valid, getattr(cls, "_where", cls.__name__), getattr(cls, "_renamed", None))
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[misc]  # replacing the generated __init__ is the point
+    return cls
 
 
 def check_keys(raw: Mapping[str, Any], valid: list[str], where: str, renamed: Mapping[str, str] | None = None) -> None:

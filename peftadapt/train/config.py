@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal, get_args
 from ..align.scope import Scope
 from ..core.fields import field, help_of
 from ..quant.optim import Optim  # the factory's names: one list
-from ._fields import check_fields, check_keys
+from ._fields import check_fields, checked_keywords
 
 Task = Literal["classification", "causal_lm"]
 TASKS = get_args(Task)
@@ -46,6 +46,7 @@ RENAMED = {
 }
 
 
+@checked_keywords
 @dataclasses.dataclass
 class TrainConfig:
     """Optimization, evaluation, checkpoint and logging options of a run."""
@@ -159,8 +160,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Like ``TrainConfig(**d)``, but an unknown or renamed key names the valid one."""
-        check_keys(d, [f.name for f in dataclasses.fields(cls)], cls._where, RENAMED)
+        """``TrainConfig(**d)``: an unknown or renamed key names the valid one (as a keyword does)."""
         return cls(**d)
 
     def replace(self, **changes: Any) -> TrainConfig:

@@ -16,6 +16,7 @@ import csv
 import dataclasses
 import json
 import os
+import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -74,11 +75,45 @@ def _detect_format(path: Path, fmt: str | None) -> str:
     )
 
 
+# Python's csv module refuses fields over 131,072 characters by default; a long document is
+# a legal CSV field (and the same text in JSONL reads fine), so the limit is lifted.
+CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
+
+
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> ValueError:
+    """Which line of ``path`` is not UTF-8 (the decoder knows only a byte offset in a chunk)."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                byte = line[bad.start : bad.start + 1].hex()
+                return ValueError(
+                    f"{path}: line {n} is not UTF-8 (byte 0x{byte} at column {bad.start + 1}); "
+                    "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                )
+    return ValueError(f"{path}: not UTF-8 ({e.reason}); save the file as UTF-8")
+
+
 def _read_rows(path: Path, fmt: str, split: str | None) -> tuple[list[dict[str, Any]], list[str]]:
+    try:
+        return _read_file_rows(path, fmt, split)
+    except UnicodeDecodeError as e:
+        if fmt == "hf":
+            raise
+        raise _not_utf8(path, e) from None
+
+
+def _read_file_rows(path: Path, fmt: str, split: str | None) -> tuple[list[dict[str, Any]], list[str]]:
     if fmt in ("csv", "tsv"):
+        if csv.field_size_limit() < CSV_FIELD_LIMIT:
+            csv.field_size_limit(CSV_FIELD_LIMIT)
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
-            rows = list(reader)
+            try:
+                rows = list(reader)
+            except csv.Error as e:
+                raise ValueError(f"{path}: line {reader.line_num} is not valid {fmt.upper()} ({e})") from None
             return rows, list(reader.fieldnames or [])
     if fmt == "jsonl":
         rows = []
@@ -143,6 +178,19 @@ def load_rows(
     return rows, columns
 
 
+def check_label_names(labels: Sequence[str | int], where: str = "labels") -> None:
+    """ValueError for a label list that names a class twice (as written, or as the same string:
+    ``[0, "0"]``): the class count and every index after it would be wrong."""
+    seen: dict[str, int] = {}
+    for i, lab in enumerate(labels):
+        key = str(lab).strip()
+        if key in seen:
+            raise ValueError(
+                f"{where}: {lab!r} is listed twice (entries {seen[key]} and {i}); each class once, in class order"
+            )
+        seen[key] = i
+
+
 def encode_labels(
     raw: Sequence[Any], *, labels: Sequence[str | int] | None = None, num_labels: int | None = None, name: str = "data"
 ) -> list[int]:
@@ -152,6 +200,7 @@ def encode_labels(
     entry's index); without one, labels must be integers (or integer strings).
     """
     if labels is not None:
+        check_label_names(labels)
         index = {str(lab): i for i, lab in enumerate(labels)}
         out = []
         for i, r in enumerate(raw):

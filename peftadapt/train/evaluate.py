@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .config import Task
 from .data import TextData, as_text_data, check_tokenizer, collate, tokenize
+from .progress import on_terminal
 
 # metrics where smaller is better (the best checkpoint is the lowest)
 LOWER_IS_BETTER = ("loss", "perplexity")
@@ -56,6 +57,7 @@ def evaluate_model(
 
     Classifiers: loss (mean cross-entropy), accuracy, macro_f1. Causal LMs:
     loss (mean next-token NLL over all real tokens) and perplexity = exp(loss).
+    ``progress``: a bar per eval set, shown only where stderr is a terminal.
     """
     check_tokenizer(tokenizer)
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
@@ -75,7 +77,7 @@ def evaluate_model(
             desc=f"eval {name}",
             unit="batch",
             leave=False,
-            disable=not progress,
+            disable=not progress or not on_terminal(),  # a bar in a log file is only noise
             dynamic_ncols=True,
         ):
             labels = None if gold is None else gold[i : i + batch_size]

@@ -46,8 +46,8 @@ from tqdm.auto import tqdm
 
 from ..align.step import DomainAdaptation, as_alignment, check_alignment
 from ..core import comm
-from ..core.hf import hf_config, unwrap
-from ..core.io import json_safe, write_json
+from ..core.hf import hf_config, unwrap, wrapped_reason
+from ..core.io import check_writable_dir, json_safe, write_json
 from ..features import Pooling
 from ..quant.optim import make_optimizer
 from ..wrap import after_optimizer_step
@@ -65,6 +65,7 @@ from .data import (
 from .evaluate import LOWER_IS_BETTER, evaluate_model, macro_f1, metric_names  # noqa: F401  (public here too)
 from .nonfinite import NonFiniteError, count_nonfinite, describe_step, nonfinite_names, step_is_finite, way_out
 from .plots import plot_history
+from .progress import PlainProgress, on_terminal
 
 
 def _lr_lambda(kind: str, warmup: int, total: int):
@@ -113,7 +114,8 @@ class Trainer:
 
     Args:
         model: a model returned by ``peftadapt.wrap`` (its trainable parameters
-            are what gets trained).
+            are what gets trained; ``wrap(model, "full")`` for full fine-tuning). An
+            unwrapped model is refused.
         tokenizer: the model's tokenizer (must have a pad token).
         train: labeled source data: a :class:`TextData`, ``(texts, labels)``,
             or (causal LM) a list of texts.
@@ -154,6 +156,7 @@ class Trainer:
         if task not in TASKS:
             raise ValueError(f"task {task!r} is not supported; valid tasks: {list(TASKS)}")
         self.config = _make_config(config, overrides)
+        check_writable_dir(self.config.output_dir, "output_dir")  # before any work, not at the first save
         self.task, self.max_length = task, int(max_length)
         self.model, self.tokenizer = model, tokenizer
         self.feature_layer, self.pooling, self.name = feature_layer, pooling, name
@@ -187,6 +190,11 @@ class Trainer:
             check_alignment(self.alignment, model, causal_lm=task == "causal_lm")
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("the model has no trainable parameters; wrap it first: peftadapt.wrap(model, 'lora')")
+        if wrapped_reason(model) is None:  # it would train every weight and save them as an "adapter"
+            raise ValueError(
+                f"this {type(model).__name__} is not wrapped; wrap it with a method (peftadapt.wrap(model, 'lora')), "
+                "or to train every weight say so: peftadapt.wrap(model, 'full') (run file: method: full)"
+            )
         self._pick_best_metric()
         self.history: list[dict[str, Any]] = []
         # an accelerate.Accelerator from setup() on (accelerate ships no types, so Any loses nothing)
@@ -222,13 +230,16 @@ class Trainer:
             self.setup(resume)
             cfg, st = self.config, self.state
             t0, steps_done = time.perf_counter(), 0
+            shown = not cfg.disable_tqdm and self.accelerator.is_main_process
+            # off a terminal (a log file): plain lines instead of a bar that redraws
+            plain = PlainProgress(self.name, st.total) if shown and not on_terminal() else None
             with tqdm(
                 total=st.total,
                 initial=st.step,
                 desc=self.name,
                 unit="step",
                 dynamic_ncols=True,
-                disable=cfg.disable_tqdm or not self.accelerator.is_main_process,
+                disable=not shown or plain is not None,
             ) as bar:
                 while st.step < st.total and not st.stopped_early:
                     out = self.train_step()
@@ -238,10 +249,14 @@ class Trainer:
                         record = self._train_record(out)  # the step's only host sync
                         self._log(record)
                         bar.set_postfix(self._postfix(record))
+                        if plain is not None:
+                            plain.step(st.step, self._postfix(record))
                     do_eval = bool(self.eval_data) and (
                         (cfg.eval_steps and st.step % cfg.eval_steps == 0) or st.step == st.total
                     )
                     new_best = self._evaluate_and_track() if do_eval else False
+                    if do_eval and plain is not None:
+                        plain.eval(st.step, st.last_eval)
                     bar.update(1)
                     # checkpoint: every save_steps steps (default: every evaluation), each new best, the end
                     due = (st.step % cfg.save_steps == 0) if cfg.save_steps else do_eval
@@ -662,7 +677,7 @@ class Trainer:
             max_length=self.max_length,
             batch_size=self.config.per_device_eval_batch_size or 2 * self.config.per_device_train_batch_size,
             accelerator=self.accelerator,
-            progress=not self.config.disable_tqdm and self.accelerator.is_main_process,
+            progress=not self.config.disable_tqdm and self.accelerator.is_main_process and on_terminal(),
         )
 
     def metric_names(self) -> list[str]:

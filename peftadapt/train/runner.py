@@ -1,14 +1,16 @@
 """From a checked :class:`~peftadapt.train.schema.RunConfig` to a model, data, regularizers and a Trainer.
 
-Used by ``peftadapt train`` / ``peftadapt eval``. Order matters: data files
-are read and checked first (cheap, and most mistakes live there), then the
-model is loaded, wrapped, and the regularizers are built with the feature
-width measured on the model.
+Used by ``peftadapt train`` / ``peftadapt eval``. Order matters: the cheap
+checks come first (:func:`check_inputs`: the output folder can be written, the
+model folder is whole), then the data files are read and checked (most
+mistakes live there), then the model is loaded, wrapped, and the regularizers
+are built with the feature width measured on the model.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,8 @@ import torch
 from .. import quant
 from ..align import Alignment, Term
 from ..align.registry import build_with_defaults
+from ..core.hf import check_model_folder, saved_classifier_rows
+from ..core.io import check_writable_dir
 from ..features import FeatureTap
 from ..wrap import load as load_adapter
 from ..wrap import wrap
@@ -57,10 +61,44 @@ def load_data(run: RunConfig, num_labels: int | None) -> tuple[TextData, TextDat
     return source, target, evals
 
 
+def check_inputs(run: RunConfig, output: bool = True) -> None:
+    """The checks that take milliseconds, before the data and the model are loaded: the
+    output folder can be written (``output``), the model (and tokenizer) folder is whole."""
+    if output:
+        check_writable_dir(run.training.output_dir, "training.output_dir")
+    check_model_folder(run.model.path, "model.path")
+    if run.model.tokenizer:
+        check_model_folder(run.model.tokenizer, "model.tokenizer", model=False)
+
+
+def check_head_size(run: RunConfig, num_labels: int | None) -> None:
+    """A classifier head saved in model.path must have this run's number of classes (transformers
+    would stop with a size-mismatch report); checked from the safetensors header, before loading."""
+    saved = saved_classifier_rows(run.model.path) if run.model.task == "classification" else None
+    if saved is not None and num_labels is not None and saved[1] != num_labels:
+        raise ValueError(
+            f"model.path: its saved classifier ({saved[0]}) has {saved[1]} classes but this run has {num_labels} "
+            "(data.labels / model.num_labels / the labels in the data); match them, or start from the "
+            "model without its trained head"
+        )
+
+
+@contextlib.contextmanager
+def _loading(key: str, path: str) -> Iterator[None]:
+    """transformers' loading errors (a file it cannot read, a hub it cannot reach: OSError) as one line."""
+    try:
+        yield
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{key}: cannot load {path!r}: {first}") from None
+
+
 def load_tokenizer(mcfg: ModelConfig, truncation: str = "right"):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(mcfg.tokenizer or mcfg.path)
+    key, path = ("model.tokenizer", mcfg.tokenizer) if mcfg.tokenizer else ("model.path", mcfg.path)
+    with _loading(key, path):
+        tok = AutoTokenizer.from_pretrained(path)
     if mcfg.pad_token == "eos":
         if tok.eos_token is None:
             raise ValueError("model.pad_token: eos, but the tokenizer has no eos token; give a token string")
@@ -76,8 +114,6 @@ def load_base_model(mcfg: ModelConfig, num_labels: int | None, gradient_checkpoi
     """The transformers model named by ``model:`` (4/8-bit through peftadapt.load_quantized;
     bitsandbytes is imported only then). Looked up on the module so tests can stand in for it."""
     path, task = mcfg.path, mcfg.task
-    if not Path(path).exists() and (os.environ.get("HF_HUB_OFFLINE") == "1"):
-        raise FileNotFoundError(f"model.path: folder not found: {path!r} (offline: a local folder is needed)")
     kwargs: dict[str, Any] = {}
     if task == "classification":
         kwargs["num_labels"] = num_labels
@@ -86,17 +122,19 @@ def load_base_model(mcfg: ModelConfig, num_labels: int | None, gradient_checkpoi
     if mcfg.quantize:
         if mcfg.quant_storage:
             kwargs["quant_storage"] = mcfg.quant_storage
-        return quant.load_quantized(
-            path,
-            bits=mcfg.quantize,
-            task="seqcls" if task == "classification" else "causal",
-            gradient_checkpointing=gradient_checkpointing,
-            **kwargs,
-        )
+        with _loading("model.path", path):
+            return quant.load_quantized(
+                path,
+                bits=mcfg.quantize,
+                task="seqcls" if task == "classification" else "causal",
+                gradient_checkpointing=gradient_checkpointing,
+                **kwargs,
+            )
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-    return cls.from_pretrained(path, **kwargs)
+    with _loading("model.path", path):
+        return cls.from_pretrained(path, **kwargs)
 
 
 def wrap_model(base, run: RunConfig):
@@ -146,9 +184,11 @@ def build_trainer(run: RunConfig):
 
     training, task = run.training, run.model.task
     nl = run.num_labels
+    check_inputs(run)
     source, target, evals = load_data(run, nl)
     if task == "classification" and nl is None:
         nl = max(2, max(_labels(source)) + 1)  # integer labels without a list: 0..max
+    check_head_size(run, nl)
     if run.data.balance == "oversample":
         source = balance_classes(source)
     tokenizer = load_tokenizer(run.model, run.data.truncation)
@@ -188,11 +228,13 @@ def evaluate_checkpoint(run: RunConfig, checkpoint: str | Path) -> dict[str, flo
             "written by peftadapt train, e.g. OUTPUT_DIR/final)"
         )
     nl = run.num_labels
+    check_inputs(run, output=False)
     _, _, evals = load_data(run, nl)
     if not evals:
         raise ValueError("eval needs data.eval in the config: {name: {path: ..., text: ..., label: ...}}")
     if run.model.task == "classification" and nl is None:
         nl = max(2, max(max(_labels(d)) for d in evals.values()) + 1)
+    check_head_size(run, nl)
     tokenizer = load_tokenizer(run.model, run.data.truncation)  # as in training
     base = load_base_model(run.model, nl)
     model = load_adapter(base, str(adapter))

@@ -37,7 +37,7 @@ from ..methods.base import ALIASES, METHODS, build_config, method_names
 from ..quant.load import QuantStorage
 from ._fields import REQUIRED, as_dict, build, check_fields, check_keys, choices, describe, hints
 from .config import Task, TrainConfig
-from .data import Format
+from .data import Format, check_label_names
 
 # Literal types over the tuples' one home (the lower layers own the lists).
 Dtype = Literal["float32", "bfloat16", "float16"]  # torch dtype names for model.dtype
@@ -98,8 +98,8 @@ class MethodSection:
 
     name: str = field(
         "lora",
-        "a registered method: lora, dora, rslora, adapter, houlsby, pfeiffer, prefix, head, or a peft method: "
-        "ia3, vera, adalora, loha, lokr, oft, prompt_tuning",
+        "a registered method: lora, dora, rslora, adapter, houlsby, pfeiffer, prefix, head, full (every weight), "
+        "or a peft method: ia3, vera, adalora, loha, lokr, oft, prompt_tuning",
     )
     options: dict[str, Any] = field({}, "the method's own options, written next to name (e.g. r: 8)")
 
@@ -201,6 +201,8 @@ class DataConfig:
     def validate(self, where: str) -> None:
         if self.labels is not None and not self.labels:
             raise ValueError(f"{where}.labels: must be a non-empty list of label names, got {self.labels!r}")
+        if self.labels:
+            check_label_names(self.labels, f"{where}.labels")
         if self.max_length < 2:
             raise ValueError(f"{where}.max_length: must be an integer >= 2, got {self.max_length!r}")
 
@@ -235,8 +237,19 @@ class RunConfig:
         for key, spec in data.specs().items():
             if task == "classification" and key != "data.target" and not spec.label:
                 raise ValueError(f"{key}.label is required for a classifier: the name of the label column")
+        for i, t in enumerate(self.regularizers):
+            if task != "classification" and getattr(REGULARIZERS[t.name.lower()][0], "needs_logits", False):
+                raise ValueError(
+                    f"regularizers[{i}] ({t.name}): {t.name} reads class predictions, so it needs "
+                    f"model.task: classification; with {task} use mmd, coral or dann"
+                )
         if self.regularizers and data.target is None:
             raise ValueError("regularizers need unlabeled target data: add data.target (or remove the regularizers)")
+        if self.method.name.lower() == "full" and self.model.quantize:
+            raise ValueError(
+                "method: full trains every weight, and quantized weights (model.quantize) cannot train; "
+                "drop model.quantize or use method: lora (QLoRA)"
+            )
         if data.balance != "none" and task != "classification":
             raise ValueError("data.balance: oversample balances class labels; it needs model.task: classification")
 
@@ -266,7 +279,11 @@ def _apply_overrides(raw: dict[str, Any], overrides: Sequence[str] | Mapping[str
             if "=" not in item or "." not in item.split("=", 1)[0]:
                 raise ValueError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. training.learning_rate=1.0e-3")
             key, value = item.split("=", 1)
-            items.append((key, yaml.safe_load(value)))
+            try:
+                items.append((key, yaml.safe_load(value)))
+            except yaml.YAMLError as e:
+                what = getattr(e, "problem", None) or type(e).__name__
+                raise ValueError(f"--set {item!r}: the value is not valid YAML ({what}); quote it") from None
     for key, value in items:
         *path, last = key.split(".")
         node: Any = raw
@@ -306,8 +323,11 @@ def _read_yaml(path: Path) -> Any:
     with open(path, encoding="utf-8") as f:
         try:
             return yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from None
+        except yaml.YAMLError as e:  # one line: where and what (its own text spans several)
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"{path}: not valid YAML{at}: {what}") from None
 
 
 def load_run_config(
@@ -405,7 +425,8 @@ def format_schema() -> str:
             lines.append(f"      {r['help']}")
         if sec == "method":
             for name in sorted(METHODS):
-                lines.append(f"  options of {name}: {', '.join(f.name for f in dataclasses.fields(METHODS[name]))}")
+                options = ", ".join(f.name for f in dataclasses.fields(METHODS[name])) or "(none)"
+                lines.append(f"  options of {name}: {options}")
         if sec == "regularizers":
             for name in regularizer_names():
                 lines.append(f"  options of {name}: {', '.join(init_params(REGULARIZERS[name][0])) or '(none)'}")
