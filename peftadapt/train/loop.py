@@ -49,6 +49,7 @@ from ..core.hf import hf_config, unwrap
 from ..core.io import write_json
 from ..features import Pooling
 from ..quant.optim import make_optimizer
+from ..quant.prepare import checkpoint_kwargs, enable_checkpointing
 from . import checkpoint as ckpt
 from . import preflight
 from .config import TASKS, Task, TrainConfig
@@ -258,7 +259,7 @@ class Trainer:
         set_seed(cfg.seed)
         self.accelerator = self._make_accelerator()
         if cfg.gradient_checkpointing:
-            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]  # torch types Module attributes as Tensor | Module
+            enable_checkpointing(self.base, **checkpoint_kwargs(cfg.gradient_checkpointing_kwargs))
             hf_config(self.base).use_cache = False
         self._setup_data()
         self._setup_alignment()

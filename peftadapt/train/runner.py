@@ -17,6 +17,7 @@ import torch
 from .. import quant
 from ..align import Alignment, Term
 from ..align.registry import build_with_defaults
+from ..core.hf import check_attn_implementation
 from ..features import FeatureTap
 from ..wrap import load as load_adapter
 from ..wrap import wrap
@@ -83,6 +84,9 @@ def load_base_model(mcfg: ModelConfig, num_labels: int | None, gradient_checkpoi
         kwargs["num_labels"] = num_labels
     if mcfg.dtype:
         kwargs["dtype"] = getattr(torch, mcfg.dtype)
+    kwargs["attn_implementation"] = check_attn_implementation(
+        mcfg.attn_implementation, where="model.attn_implementation"
+    )
     if mcfg.quantize:
         if mcfg.quant_storage:
             kwargs["quant_storage"] = mcfg.quant_storage
