@@ -9,8 +9,12 @@ LoRA r=16 on all linear layers, bf16 compute, AdamW (``adamw_torch``) in every t
   peftadapt        build_quantized (our k-bit preparation) + peftadapt.wrap + peftadapt.Trainer
   trl_mmd          the same model in TRL's SFTTrainer + peftadapt.add_alignment(MMD on last-token features,
                    a second, target batch per step)
-  trl_peft         build_quantized(prepare=False) (what from_pretrained with a BitsAndBytesConfig gives)
-                   + SFTTrainer(peft_config=LoraConfig(...)): TRL runs peft's prepare_model_for_kbit_training
+  trl_peft         TRL's QLoRA recipe: a 4-bit model as from_pretrained with a BitsAndBytesConfig gives it
+                   (here build_quantized(prepare=False)) + SFTTrainer(peft_config=LoraConfig(...)); TRL wraps
+                   it with peft's get_peft_model (it does not call prepare_model_for_kbit_training, whose fp32
+                   upcast bench_qlora.py's peft_qlora mode measures)
+
+TRL casts the LoRA weights of a 4-bit model to bf16 (both TRL parts; peftadapt's Trainer keeps them fp32).
   70b              the peftadapt part on a 70B shape (Llama-3-70B), one step: does it fit, peak vs analytic
 
 Each part runs in its own process under its own timeout (a failure or a kill loses that part only),
@@ -95,7 +99,7 @@ def analytic(size: str, impl: str, ckpt: bool, seq: int, batch: int, dtype: str,
         quant="4bit",
         grad_ckpt=ckpt,
         optimizer="adamw_torch",
-        adapter_dtype="float32",
+        adapter_dtype="bfloat16" if impl.startswith("trl") else "float32",  # TRL casts QLoRA adapters to bf16
         dequant=True,
         regularizer=impl == "trl_mmd",
         r=r,
@@ -222,6 +226,9 @@ def _peftadapt_trainer(a, model, tok, steps: int, clock: _Clock, out: str):
             clock.stop()
 
     tr.train_step = timed_step  # type: ignore[method-assign]
+    # no checkpoints (the TRL parts run with save_strategy="no"): at 70B the trainable weights and AdamW
+    # state are 2.5 GB to write, time the budget needs for the steps
+    tr.save_checkpoint = lambda: None  # type: ignore[method-assign]
     return tr
 
 
@@ -287,9 +294,9 @@ def worker(a) -> dict[str, Any]:
     if cuda:
         res["peak"] = torch.cuda.max_memory_allocated()
         res["peak_reserved"] = torch.cuda.max_memory_reserved()
-        res["model_bytes_before_steps"] = base
     else:
         res["peak"] = peak_rss_bytes()  # the process's peak RSS, all of it: on the CPU this only exercises the code
+    res["before_steps"] = base  # the model (CUDA: allocated; CPU: the process's RSS)
     res["peak_over_analytic"] = round(res["peak"] / res["analytic"]["total"], 3)
     return res
 
@@ -333,21 +340,25 @@ def markdown(results: list[dict[str, Any]], info: dict[str, Any], command: str) 
             "Llama shapes from `peftadapt.bench.models.LLAMA_SIZES`, random weights built in 4-bit NF4 "
             "(`build_quantized`), LoRA r=16 on all linear layers, AdamW. Peak = max_memory_allocated over the "
             "steps (reserved in brackets; on the CPU: the process's peak RSS, an exercise of the code only). "
-            "Analytic = `analytic_memory` for our preparation (computed; the trl_peft row shows what peft's "
-            "fp32 upcast adds). tokens/s counts the target batch of trl_mmd too."
+            "Analytic = `analytic_memory` (computed; LoRA in bf16 for the TRL rows, which TRL casts to bf16, fp32 "
+            "for peftadapt's Trainer). tokens/s counts the target batch of trl_mmd too."
         ),
         "",
-        "| part | model | grad. ckpt | trainable | peak MiB | analytic MiB | peak / analytic | step (s) | tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        (
+            "| part | model | grad. ckpt | trainable | before steps MiB | analytic weights MiB | peak MiB "
+            "| analytic MiB | peak / analytic | step (s) | tokens/s |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['name']} | {r.get('size', '')} | | | failed: {r['error'][-160:]} | | | | |")
+            lines.append(f"| {r['name']} | {r.get('size', '')} | | | failed: {r['error'][-160:]} | | | | | | |")
             continue
         peak = fmt_mib(r["peak"]) + (f" ({fmt_mib(r['peak_reserved'])})" if "peak_reserved" in r else "")
         lines.append(
             f"| {r['name']} | {r['size']} ({r['params'] / 1e9:.2f} B) | {'on' if r['ckpt'] else 'off'} | "
-            f"{r['trainable'] / 1e6:.2f} M | {peak} | {fmt_mib(r['analytic']['total'])} | "
+            f"{r['trainable'] / 1e6:.2f} M | {fmt_mib(r['before_steps'])} | {fmt_mib(r['analytic']['weights'])} | "
+            f"{peak} | {fmt_mib(r['analytic']['total'])} | "
             f"{r['peak_over_analytic']:.2f} | {r['step_s']:.3f} | {r['tokens_per_s']} |"
         )
     return "\n".join(lines) + "\n"

@@ -35,13 +35,13 @@ def test_parts_order_and_selection():
 
 def test_analytic_counts_the_target_batch_and_checkpointing():
     a = {i: G.analytic("8b", i, True, 2048, 2, "bfloat16", 16)["total"] for i in G.IMPLS}
-    assert a["trl_mmd"] > a["peftadapt"] == a["trl_peft"]
+    assert a["trl_mmd"] > a["peftadapt"] > a["trl_peft"]  # TRL's adapters are bf16, ours fp32
     assert G.analytic("8b", "peftadapt", False, 2048, 2, "bfloat16", 16)["total"] > a["peftadapt"] + 2**34
 
 
 def test_a_failed_part_is_a_row_not_a_crash():
     md = G.markdown([{"name": "70b/ckpt", "size": "70b", "error": "timeout after 150s"}], {"cuda": True}, "x")
-    assert "| 70b/ckpt | 70b | | | failed: timeout after 150s |" in md
+    assert "| 70b/ckpt | 70b | | | failed: timeout after 150s | | | | | | |" in md
 
 
 def test_tiny_cpu_run_writes_json_and_markdown(tmp_path):
