@@ -70,14 +70,15 @@ def parts(tiny: bool, only: list[str] | None) -> list[dict[str, Any]]:
 
 
 def word_tokenizer(vocab: int):
-    """A tokenizer whose text ``"t5 t17 t3"`` is exactly the ids 5, 17, 3 (no download; random ids)."""
+    """A tokenizer whose text ``"t5 t17 t3"`` is exactly the ids 5, 17, 3 (no download; random ids >= 3)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = {f"t{i}": i for i in range(vocab)}
-    tk = Tokenizer(models.WordLevel(words, unk_token="t1"))
+    # special tokens are split out of the text before the words: their names must not be inside a word
+    words = {"<pad>": 0, "<unk>": 1, "<eos>": 2, **{f"t{i}": i for i in range(3, vocab)}}
+    tk = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="t0", eos_token="t2", unk_token="t1")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
 def random_texts(n: int, seq: int, vocab: int, seed: int) -> list[str]:

@@ -10,8 +10,8 @@
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if ls .whl/*.whl >/dev/null 2>&1; then
-    # bitsandbytes, trl, datasets and datasets' dill / multiprocess, without their dependencies
+if ! "$PY" -c "import bitsandbytes, trl, datasets" >/dev/null 2>&1 && ls .whl/*.whl >/dev/null 2>&1; then
+    # what is missing: bitsandbytes, trl, datasets and datasets' dill / multiprocess, without their dependencies
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site \
         .whl/*.whl || { echo "gpu_check.sh: installing .whl/*.whl failed" >&2; exit 2; }
     export PYTHONPATH=/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}

@@ -39,6 +39,15 @@ def test_analytic_counts_the_target_batch_and_checkpointing():
     assert G.analytic("8b", "peftadapt", False, 2048, 2, "bfloat16", 16)["total"] > a["peftadapt"] + 2**34
 
 
+def test_word_tokenizer_maps_each_word_to_its_id():
+    tok = G.word_tokenizer(200)
+    text = G.random_texts(2, 50, 200, 0)
+    ids = tok(text)["input_ids"]
+    assert [len(i) for i in ids] == [50, 50]
+    assert [f"t{i}" for i in ids[0]] == text[0].split() and min(min(i) for i in ids) >= 3
+    assert tok("t12 t199 t3")["input_ids"] == [12, 199, 3] and tok.pad_token_id == 0 and tok.eos_token_id == 2
+
+
 def test_a_failed_part_is_a_row_not_a_crash():
     md = G.markdown([{"name": "70b/ckpt", "size": "70b", "error": "timeout after 150s"}], {"cuda": True}, "x")
     assert "| 70b/ckpt | 70b | | | failed: timeout after 150s | | | | | | |" in md
