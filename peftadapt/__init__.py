@@ -10,12 +10,13 @@ from .core.hf import find_task_head
 from .core.version import __version__
 from .features import FeatureTap
 from .integrations import add_alignment
-from .methods import METHODS, AdaptedModel, Adapter, Head, LoRA, MethodConfig, Prefix, register_method
+from .methods import METHODS, AdaptedModel, Adapter, Head, LoRA, MethodConfig, PeftMethod, Prefix, register_method
 from .quant import build_quantized, load_quantized, merge_quantized, prepare_for_kbit_training
 from .train import TextData, TrainConfig, Trainer
 from .wrap import (
     adapter_names,
     add_adapter,
+    after_optimizer_step,
     base_model,
     disabled,
     is_wrapped,
@@ -44,6 +45,7 @@ __all__ = [
     "Head",
     "LoRA",
     "MethodConfig",
+    "PeftMethod",
     "Prefix",
     "Term",
     "TextData",
@@ -53,6 +55,7 @@ __all__ = [
     "adapter_names",
     "add_adapter",
     "add_alignment",
+    "after_optimizer_step",
     "align",
     "base_model",
     "bench",

@@ -1,7 +1,8 @@
 """The two-line API: ``wrap`` a transformers model, then load, merge, switch.
 
 ``wrap(model, "lora", r=8)`` returns a ``peft.PeftModel`` for the methods that
-sit on peft (LoRA, DoRA, rsLoRA, prefix) and a :class:`peftadapt.AdaptedModel`
+sit on peft (LoRA, DoRA, rsLoRA, prefix, IA3, VeRA, AdaLoRA, LoHa, LoKr, OFT, prompt
+tuning, or any ``peft.PeftConfig``) and a :class:`peftadapt.AdaptedModel`
 for our own (bottleneck adapters, head-only). Every function here accepts
 either kind, so user code does not need to know which one it holds: each asks
 the model's backend (:mod:`peftadapt.backends`) to do the work.
@@ -28,6 +29,7 @@ from .quant import cast_trainable_to_fp32, check_prefix_compat, guard_4bit_cpu, 
 __all__ = [
     "adapter_names",
     "add_adapter",
+    "after_optimizer_step",
     "base_model",
     "disabled",
     "is_wrapped",
@@ -66,9 +68,11 @@ def wrap(model: nn.Module, method: str | MethodConfig, *, adapter_name: str = "d
     """Adapt a transformers model with a parameter-efficient method.
 
     ``method`` is a name (``"lora"``, ``"dora"``, ``"rslora"``, ``"adapter"``,
-    ``"houlsby"``, ``"pfeiffer"``, ``"prefix"``, ``"head"``) or a config object
-    (``LoRA(r=8)``, ``Adapter(...)``, ``Prefix(...)``, ``Head()``); ``options``
-    are that method's fields (see ``peftadapt.LoRA.help()`` etc.).
+    ``"houlsby"``, ``"pfeiffer"``, ``"prefix"``, ``"head"``; peft's ``"ia3"``, ``"vera"``,
+    ``"adalora"``, ``"loha"``, ``"lokr"``, ``"oft"``, ``"prompt_tuning"``), a config object
+    (``LoRA(r=8)``, ``Adapter(...)``, ``Prefix(...)``, ``Head()``) or any ``peft.PeftConfig``;
+    ``options`` are that method's fields (see ``peftadapt.LoRA.help()``,
+    ``peftadapt.PeftMethod.help("ia3")`` etc.).
 
     The base weights are frozen; the method's parameters, and the task head where
     the model has one, are trainable. Returns the wrapped model.
@@ -109,7 +113,7 @@ def add_adapter(model: nn.Module, name: str, method: str | MethodConfig, **optio
     backend = _backend(model, "add_adapter")
     config = build_config(method, **options)
     if config.backend != backend.name:
-        kind = "peft-backed (lora/dora/prefix)" if backend.name == "peft" else "peftadapt-native (adapter/head)"
+        kind = "peft-backed (lora, prefix, ia3, ...)" if backend.name == "peft" else "peftadapt-native (adapter/head)"
         raise ValueError(
             f"cannot add a {config.method!r} adapter to a model wrapped with a {kind} method; "
             "several named adapters on one model must come from the same family"
@@ -133,6 +137,16 @@ def set_adapter(model: nn.Module, name: str) -> None:
         raise ValueError(f"no adapter named {name!r}; this model has {names}")
     # torch types Module attributes as Tensor | Module
     model.set_adapter(name)  # type: ignore[operator]
+
+
+def after_optimizer_step(model: nn.Module, step: int) -> None:
+    """What the method does after ``optimizer.step()`` and before ``zero_grad()`` of optimizer step
+    ``step`` (0-based): AdaLoRA allocates its rank budget from the gradients. peftadapt's ``Trainer``
+    and ``add_alignment`` call it; a plain PyTorch loop should too. Nothing for other methods or a
+    model ``wrap`` did not make."""
+    backend = backend_of(model)
+    if backend is not None:
+        backend.after_optimizer_step(model, step)
 
 
 # -- parameters ----------------------------------------------------------------------
@@ -163,7 +177,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def merge(model: nn.Module, unload: bool = True) -> nn.Module:
-    """Fold LoRA into the base weights.
+    """Fold LoRA (or IA3, VeRA, AdaLoRA, LoHa, LoKr, OFT) into the base weights.
 
     ``unload=True`` returns a plain transformers model (same outputs, within fp32
     tolerance); ``unload=False`` merges in place and keeps the wrapper so that

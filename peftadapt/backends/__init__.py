@@ -1,7 +1,7 @@
 """The backend protocol behind ``wrap`` / ``load`` / ``merge``: one object per family of methods.
 
-A method config names its backend (``MethodConfig.backend``): ``"peft"`` for LoRA and
-prefix (a ``peft.PeftModel``, peft's file format), ``"native"`` for bottleneck adapters and
+A method config names its backend (``MethodConfig.backend``): ``"peft"`` for LoRA,
+prefix and the other peft methods (a ``peft.PeftModel``, peft's file format), ``"native"`` for bottleneck adapters and
 head-only (an :class:`~peftadapt.methods.AdaptedModel`, our file format). :mod:`peftadapt.wrap`
 asks :func:`backend_of` (a wrapped model) or :func:`backend_for_folder` (a saved
 adapter) and calls the protocol; it never switches on
@@ -33,6 +33,7 @@ class Backend(Protocol):
     def disabled(self, model: Any) -> contextlib.AbstractContextManager[nn.Module]: ...
     def merge(self, model: Any, unload: bool) -> nn.Module: ...
     def unmerge(self, model: Any) -> nn.Module: ...
+    def after_optimizer_step(self, model: Any, step: int) -> None: ...
     def load(self, base: nn.Module, path: Path, adapter_name: str | None, is_trainable: bool) -> nn.Module: ...
 
 

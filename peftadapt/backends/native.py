@@ -43,6 +43,9 @@ class NativeBackend:
     def unmerge(self, model: Any) -> nn.Module:
         raise TypeError("unmerge() needs a peft-backed model merged with merge(model, unload=False)")
 
+    def after_optimizer_step(self, model: Any, step: int) -> None:
+        pass  # no native method changes its structure while training
+
     def load(self, base: nn.Module, path: Path, adapter_name: str | None, is_trainable: bool) -> nn.Module:
         if self.owns(base):
             return base.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)  # type: ignore[operator]  # torch types Module attributes as Tensor | Module

@@ -1,10 +1,10 @@
-"""The peft backend: LoRA / DoRA / rsLoRA and prefix tuning, carried by a ``peft.PeftModel``.
+"""The peft backend: every method that sits on peft (LoRA, prefix, IA3, ...), carried by a ``peft.PeftModel``.
 
 Saved in peft's own format (``adapter_config.json`` + ``adapter_model.safetensors``), so
-``PeftModel.from_pretrained`` and transformers' ``load_adapter`` read what we write and we
-read what they write. Before handing a folder to peft, :meth:`PeftBackend.load` checks the
-saved shapes against the model and says what differs (peft's own errors are deep size
-mismatches).
+``PeftModel.from_pretrained`` reads what we write and we read what it writes (transformers'
+``load_adapter``: the README says which methods it reads). Before handing a folder to peft,
+:meth:`PeftBackend.load` checks the saved shapes against the model and says what differs
+(peft's own errors are deep size mismatches).
 """
 
 from __future__ import annotations
@@ -76,10 +76,16 @@ class PeftBackend:
                 h.enable_adapters(True)
 
     def merge(self, model: Any, unload: bool) -> nn.Module:
-        kind = str(model.peft_config[model.active_adapter].peft_type.value)
-        if kind != "LORA":
-            raise ValueError(f"only LoRA/DoRA adapters merge into the weights; this model holds a {kind} adapter")
+        config = model.peft_config[model.active_adapter]
+        kind = str(config.peft_type.value)
+        if config.is_prompt_learning:
+            raise ValueError(
+                f"a {kind} adapter does not merge into the weights (its virtual tokens are inputs, not weight "
+                "updates); keep the wrapped model"
+            )
         if is_quantized(unwrap(model)):
+            if kind != "LORA":
+                raise ValueError(f"only LoRA/DoRA merge into a quantized base; this model holds a {kind} adapter")
             if not unload:
                 raise ValueError("a LoRA on a quantized base merges only with unload=True (into dequantized weights)")
             return merge_quantized(model)
@@ -97,6 +103,13 @@ class PeftBackend:
         model.unmerge_adapter()
         return model
 
+    def after_optimizer_step(self, model: Any, step: int) -> None:
+        # AdaLoRA (and AdaMSS) re-allocate their rank budget from the gradients of the step: peft
+        # leaves the call to the training loop, after optimizer.step() and before zero_grad()
+        update = getattr(getattr(model, "base_model", None), "update_and_allocate", None)
+        if callable(update):
+            update(step)
+
     def load(self, base: nn.Module, path: Path, adapter_name: str | None, is_trainable: bool) -> nn.Module:
         adapter_name = adapter_name or "default"
         target = unwrap(base)
@@ -104,27 +117,52 @@ class PeftBackend:
         cfg = _read_json(path / CONFIG_FILE)
         shapes = _read_safetensors_shapes(path)
         _check_peft_adapter_fits(target, cfg, shapes, path)
+        config = _peft_config_here(target, cfg, shapes)
+        # peft loads prompt learning (prefix, prompt tuning) for inference only; set trainable or frozen below
+        peft_trainable = is_trainable and not config.is_prompt_learning
         try:
             if self.owns(base):
                 # torch types Module attributes as Tensor | Module
-                base.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)  # type: ignore[operator]
-                return base
-            if wrapped_reason(base) is not None:
+                base.load_adapter(str(path), adapter_name=adapter_name, is_trainable=peft_trainable)  # type: ignore[operator]
+                loaded: nn.Module = base
+            elif wrapped_reason(base) is not None:
                 raise ValueError("load() onto a model that already carries adapters: pass the wrapped model itself")
-            from peft import PeftModel
+            else:
+                from peft import PeftModel
 
-            loaded: nn.Module = PeftModel.from_pretrained(
-                base,
-                str(path),
-                adapter_name=adapter_name,
-                is_trainable=is_trainable,
-                config=_peft_config_here(target, cfg, shapes),
-            )
-            return loaded
+                loaded = PeftModel.from_pretrained(
+                    base, str(path), adapter_name=adapter_name, is_trainable=peft_trainable, config=config
+                )
         except RuntimeError as e:  # size mismatches that slipped past our checks
             raise ValueError(
                 f"the adapter in {path} does not fit this {hf_config(target).model_type} model: {e}"
             ) from e
+        if config.is_prompt_learning:
+            _prompt_trainable(loaded, adapter_name, is_trainable)
+        return loaded
+
+
+def _prompt_trainable(model: Any, adapter_name: str, trainable: bool) -> None:
+    """Set a prompt-learning adapter that peft loaded for inference trainable, or frozen.
+
+    peft loads prompt learning for inference only, and leaves its prompt trainable. It saves a
+    prefix as its flat key/value vectors (the MLP's output when it was trained with
+    ``prefix_projection``): training goes on from those vectors directly (the projection is a
+    reparameterisation: same function, no MLP to restore). The adapter's task-head copy
+    (``modules_to_save``) follows the prompt.
+    """
+    config = model.peft_config[adapter_name]
+    encoder = model.prompt_encoder[adapter_name]
+    if trainable:
+        if getattr(encoder, "prefix_projection", False):
+            encoder.prefix_projection = False
+            config.prefix_projection = False
+        config.inference_mode = False
+    for p in encoder.parameters():
+        p.requires_grad_(trainable)
+    for name, p in model.named_parameters():
+        if f".modules_to_save.{adapter_name}." in name:
+            p.requires_grad_(trainable)
 
 
 def _merged(model: nn.Module) -> bool:
@@ -191,24 +229,29 @@ def _check_peft_adapter_fits(model: nn.Module, cfg: dict, shapes: dict, path: Pa
     if ptype is None:
         raise ValueError(f"{path / CONFIG_FILE} has no 'peft_type'; it is not a peft adapter config")
     if ptype == "PREFIX_TUNING":
-        want = {"num_layers": config.num_hidden_layers, "token_dim": config.hidden_size}
+        from peft import PrefixTuningConfig
+        from peft.utils import _prepare_prompt_learning_config
+
+        # what peft writes for this model: token_dim is head_dim * num_key_value_heads under GQA
+        here = _prepare_prompt_learning_config(PrefixTuningConfig(num_virtual_tokens=1), config)
+        want = {"num_layers": here.num_layers, "token_dim": here.token_dim}
         bad = {k: (cfg.get(k), v) for k, v in want.items() if cfg.get(k) not in (None, v)}
         if bad:
             raise ValueError(
                 f"the prefix adapter in {path} was saved for a different base model: "
                 + ", ".join(f"{k} saved {s} vs this {mt} model's {m}" for k, (s, m) in bad.items())
             )
+    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+
+    tags = tuple(set(PEFT_TYPE_TO_PREFIX_MAPPING.values()))  # a tuner's parameter names: lora_A, ia3_l, oft_R, ...
     modules = dict(model.named_modules())
     for key, shape in shapes.items():
         if not key.startswith("base_model.model."):
             continue
-        rest = key[len("base_model.model.") :]
-        for tag in (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".lora_embedding_A", ".lora_embedding_B"):
-            if tag in rest:
-                mod_name = rest.split(tag)[0]
-                break
-        else:  # a fully trained module (modules_to_save): parameter path
-            mod_name, _, pname = rest.rpartition(".")
+        parts = key[len("base_model.model.") :].split(".")
+        at = next((i for i, part in enumerate(parts) if part.startswith(tags)), None)
+        if at is None:  # a fully trained module (modules_to_save): parameter path
+            mod_name, pname = ".".join(parts[:-1]), parts[-1]
             mod = modules.get(mod_name)
             if mod is None:
                 raise ValueError(
@@ -222,6 +265,7 @@ def _check_peft_adapter_fits(model: nn.Module, cfg: dict, shapes: dict, path: Pa
                     f"shape {shape}, this model has {tuple(p.shape)} (different num_labels or hidden size?)"
                 )
             continue
+        mod_name = ".".join(parts[:at])
         mod = modules.get(mod_name)
         if mod is None:
             raise ValueError(

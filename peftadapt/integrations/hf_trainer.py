@@ -26,7 +26,9 @@ peftadapt loop calls. It patches these methods of the *instance* (not the class)
   logging interval and the processes like the trainer's own ``loss``;
 - ``train``: every process starts from rank 0's discriminators; ``resume_from_checkpoint``
   restores the terms' state from ``checkpoint-N/alignment.safetensors``, which a callback
-  writes next to the trainer's files on every save.
+  writes next to the trainer's files on every save. The same callback runs the wrapped method's
+  step hook (:func:`peftadapt.wrap.after_optimizer_step`: AdaLoRA's rank allocation, which
+  transformers' ``Trainer`` never calls) after each optimizer step.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from ..core import comm
 from ..core.hf import is_causal_lm, unwrap
 from ..core.io import write_atomic
 from ..features import Pooling, last_hidden_layer
+from ..wrap import after_optimizer_step
 from .target import TargetBatches, prepare_for_trainer
 
 __all__ = ["STATE_FILE", "AlignmentPlugin", "add_alignment"]
@@ -355,12 +358,17 @@ def _callback(plugin: AlignmentPlugin) -> Any:
     from transformers.trainer_callback import TrainerCallback
 
     class _AlignmentCallback(TrainerCallback):
-        """Reset the logging interval at train start; write the terms' state with each checkpoint."""
+        """Reset the logging interval at train start; run the method's step hook (AdaLoRA); write the
+        terms' state with each checkpoint."""
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             plugin._reset_log(int(state.global_step))
             plugin.da.train()
             plugin.zero_grad()
+
+        def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            # after optimizer.step(), before zero_grad(): AdaLoRA's rank allocation (the trainer does not call it)
+            after_optimizer_step(plugin.trainer.model, int(state.global_step))
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             plugin.zero_grad()

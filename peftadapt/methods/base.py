@@ -10,6 +10,7 @@ calls :meth:`MethodConfig.apply`.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, ClassVar
 
 import torch.nn as nn
@@ -73,6 +74,11 @@ class MethodConfig:
     def help(cls) -> dict[str, str]:
         return help_of(cls)
 
+    @classmethod
+    def option_names(cls, method: str) -> list[str]:
+        """The keyword options ``wrap(model, method, ...)`` takes (the run file's ``method:`` keys)."""
+        return [f.name for f in dataclasses.fields(cls)]
+
     # -- application -------------------------------------------------------
     def apply(self, model: nn.Module, adapter_name: str = "default") -> nn.Module:
         """Return ``model`` adapted with this method (base weights frozen)."""
@@ -83,8 +89,14 @@ class MethodConfig:
         raise NotImplementedError
 
 
-def build_config(method: str | MethodConfig, **options: Any) -> MethodConfig:
-    """Turn ``("lora", r=8)`` or ``LoRA(r=8)`` into a validated config."""
+def _is_peft_config(obj: object) -> bool:
+    """True for a ``peft.PeftConfig``; never imports peft (none can exist before it is imported)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(obj, peft.PeftConfig)
+
+
+def build_config(method: Any, **options: Any) -> MethodConfig:
+    """Turn ``("lora", r=8)``, ``LoRA(r=8)`` or a ``peft.PeftConfig`` into a validated config."""
     if isinstance(method, MethodConfig):
         if options:
             raise ValueError(
@@ -92,9 +104,14 @@ def build_config(method: str | MethodConfig, **options: Any) -> MethodConfig:
             )
         method.validate()
         return method
+    if _is_peft_config(method):  # any peft.PeftConfig: the generic peft method carries it
+        if options:
+            raise ValueError(f"pass options either in the peft config or as keywords, not both (got {sorted(options)})")
+        return METHODS["peft"].from_peft_config(method)  # type: ignore[attr-defined]  # PeftMethod's
     if not isinstance(method, str):
         raise TypeError(
-            f"method must be a name or a MethodConfig, got {type(method).__name__}; valid names: {method_names()}"
+            f"method must be a name, a MethodConfig or a peft.PeftConfig, got {type(method).__name__}; "
+            f"valid names: {method_names()}"
         )
     key = method.lower()
     if key in ALIASES:

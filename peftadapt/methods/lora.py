@@ -79,7 +79,7 @@ class LoRA(MethodConfig):
 
         targets = self.target_modules
         if targets is None:
-            targets = peft_support.default_lora_targets(model)
+            targets = peft_support.default_targets(model, "LORA")
         elif isinstance(targets, (tuple, set)):
             targets = list(targets)
         peft_support.check_targets_exist(model, targets)

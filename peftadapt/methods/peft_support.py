@@ -1,4 +1,4 @@
-"""What LoRA and prefix tuning share: both sit on peft.
+"""What the methods that sit on peft share (LoRA, prefix tuning, :mod:`.peft_method`).
 
 Internal helpers: task-type detection from the model class, the checks that
 run before handing a model to peft, and target-module discovery.
@@ -41,10 +41,12 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-def default_lora_targets(model: nn.Module) -> list[str] | str:
-    """Per-architecture LoRA targets: peft's table (q/v projections), else all linear layers."""
-    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as table
+def default_targets(model: nn.Module, peft_type: str = "LORA") -> list[str] | str:
+    """Per-architecture targets of a peft method: peft's table for it (LoRA: the q/v projections),
+    else all linear layers."""
+    from peft.utils import constants
 
+    table = getattr(constants, f"TRANSFORMERS_MODELS_TO_{peft_type}_TARGET_MODULES_MAPPING", {})
     model_type = hf_config(model).model_type
     if model_type in table:
         return list(table[model_type])

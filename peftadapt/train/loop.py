@@ -50,6 +50,7 @@ from ..core.io import write_json
 from ..features import Pooling
 from ..quant.optim import make_optimizer
 from ..quant.prepare import checkpoint_kwargs, enable_checkpointing
+from ..wrap import after_optimizer_step
 from . import checkpoint as ckpt
 from . import preflight
 from .config import TASKS, Task, TrainConfig
@@ -432,6 +433,7 @@ class Trainer:
         if cfg.max_grad_norm is not None:
             grad_norm = acc.clip_grad_norm_(self._trainable, cfg.max_grad_norm)
         self.optimizer.step()
+        after_optimizer_step(self.model, st.step)  # AdaLoRA's rank allocation reads this step's gradients
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepOutput(losses, weights, grad_norm)

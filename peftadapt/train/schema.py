@@ -102,7 +102,11 @@ class MethodSection:
     _shorthand: ClassVar[str] = "name"
     _extra: ClassVar[str] = "options"
 
-    name: str = field("lora", "a registered method: lora, dora, rslora, adapter, houlsby, pfeiffer, prefix, head")
+    name: str = field(
+        "lora",
+        "a registered method: lora, dora, rslora, adapter, houlsby, pfeiffer, prefix, head, or a peft method: "
+        "ia3, vera, adalora, loha, lokr, oft, prompt_tuning",
+    )
     options: dict[str, Any] = field({}, "the method's own options, written next to name (e.g. r: 8)")
 
     def __post_init__(self):
@@ -118,7 +122,7 @@ class MethodSection:
                 + f" (allowed values: {method_names()})"
             )
         base = ALIASES[key][0] if key in ALIASES else key
-        _check_options(self, [f.name for f in dataclasses.fields(METHODS[base])], where)
+        _check_options(self, METHODS[base].option_names(key), where)
         try:  # the method's own value checks (cheap: builds the config, not the model)
             build_config(self.name, **self.options)
         except (ValueError, TypeError) as e:

@@ -97,3 +97,50 @@ def test_prefix_classifier_saved_under_other_transformers_route_loads(tmp_path):
         cfg.update(task_type="FEATURE_EXTRACTION", modules_to_save=["classifier"])
     cfg_file.write_text(json.dumps(cfg))
     assert torch.equal(_logits(peftadapt.load(make_tiny("bert", "seqcls"), tmp_path), batch), want)
+
+
+@pytest.mark.parametrize("kind,head", [("llama", "causal"), ("qwen2", "causal"), ("qwen2", "seqcls")])
+def test_prefix_roundtrip_on_gqa_models(kind, head, tmp_path):
+    """Grouped-query attention (2 kv heads of 4): peft saves token_dim = head_dim * kv heads (16), not
+    hidden_size (32); load used to refuse its own adapter."""
+    model = peftadapt.wrap(make_tiny(kind, head), "prefix", num_virtual_tokens=3)
+    batch = token_batch()
+    want = _logits(model, batch)
+    model.save_pretrained(tmp_path)
+    assert model.peft_config["default"].token_dim == 16
+    assert torch.equal(_logits(peftadapt.load(make_tiny(kind, head), tmp_path), batch), want)
+    assert torch.equal(_logits(PeftModel.from_pretrained(make_tiny(kind, head), str(tmp_path)), batch), want)
+    with pytest.raises(ValueError, match="token_dim saved 16 vs this"):  # a different model still fails
+        peftadapt.load(make_tiny(kind, head, num_key_value_heads=4), tmp_path)
+
+
+@pytest.mark.parametrize("projection", [False, True])
+@pytest.mark.parametrize("kind,head", [("bert", "seqcls"), ("llama", "causal")])
+def test_prefix_loads_trainable_and_a_step_changes_it(kind, head, projection, tmp_path):
+    """peft loads prompt learning for inference only ("Cannot set a prompt learning adapter to
+    trainable"); peftadapt.load(..., is_trainable=True) continues training the saved prefix."""
+    opts = {"prefix_projection": True, "projection_hidden_size": 8} if projection else {}
+    model = peftadapt.wrap(make_tiny(kind, head), "prefix", num_virtual_tokens=3, **opts)
+    batch = token_batch()
+    want = _logits(model, batch)
+    model.save_pretrained(tmp_path / "a")
+    frozen = peftadapt.load(make_tiny(kind, head), tmp_path / "a")
+    assert peftadapt.trainable_parameters(frozen)[0] == 0  # inference: the prompt is frozen too
+
+    loaded = peftadapt.load(make_tiny(kind, head), tmp_path / "a", is_trainable=True)
+    # same function, also when the MLP is gone (its output was computed per batch row: round-off)
+    torch.testing.assert_close(_logits(loaded, batch), want, atol=1e-6, rtol=0)
+    trainable = {n: p for n, p in loaded.named_parameters() if p.requires_grad}
+    assert any("prompt_encoder" in n for n in trainable)
+    assert (head == "seqcls") == any("modules_to_save" in n for n in trainable)
+    prefix = loaded.prompt_encoder["default"].embedding.weight.detach().clone()
+    loaded.train()
+    labels = torch.tensor([0, 1, 0]) if head == "seqcls" else batch["input_ids"]
+    loaded(**batch, labels=labels).loss.backward()
+    torch.optim.SGD(list(trainable.values()), lr=0.5).step()
+    loaded.eval()
+    assert not torch.equal(loaded.prompt_encoder["default"].embedding.weight, prefix)
+    after = _logits(loaded, batch)
+    assert not torch.allclose(after, want)
+    loaded.save_pretrained(tmp_path / "b")  # and what it trained saves and reloads
+    assert torch.equal(_logits(peftadapt.load(make_tiny(kind, head), tmp_path / "b"), batch), after)
