@@ -373,3 +373,50 @@ print((before - H.rss_bytes()) / 2**20)
         pytest.skip("no glibc")
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.strip()) > 50  # MiB handed back
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_activation_model_matches_saved_tensors_with_fp32_lora_on_a_bf16_base(dtype):
+    """The decoder stack's saved-for-backward bytes (autograd hooks) against ``activation_bytes``: at
+    bf16, RMSNorm's fp32 copies and each LoRA module's fp32 cast of its input are what autograd keeps."""
+    import transformers as tf
+
+    import peftadapt
+    from peftadapt.bench.harness import SavedTensorMeter
+    from peftadapt.bench.models import llama_config
+    from peftadapt.core.hf import unwrap
+
+    cfg = llama_config("8m")
+    torch.manual_seed(0)
+    model = peftadapt.wrap(
+        tf.AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype)), "lora", r=16, target_modules="all-linear"
+    )
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    model.train()
+    seq = 128
+    ids = torch.randint(1, cfg.vocab_size, (1, seq))
+    with SavedTensorMeter(list(model.parameters()) + list(model.buffers())) as meter:
+        unwrap(model).model(input_ids=ids)
+    arch = mm.Arch.from_config(cfg)
+    est = mm.activation_bytes(
+        arch, "lora", 1, seq, dtype=dtype, r=16, targets=tuple(arch.linear_shapes()), adapter_dtype="float32"
+    )
+    final_norm = arch.hidden * seq * 4
+    ratio = meter.bytes / (est["layers"] + final_norm)
+    assert 0.9 < ratio < 1.1, ratio
+
+
+def test_memory_table_in_the_docs_is_the_generated_one(capsys):
+    """docs/quantization.md holds the output of ``python -m peftadapt.bench memory-table``."""
+    from pathlib import Path
+
+    from peftadapt.bench import fit
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "quantization.md").read_text()
+    block = doc.split("<!-- memory-table:start -->\n", 1)[1].split("\n<!-- memory-table:end -->", 1)[0]
+    assert main(["memory-table"]) == 0
+    assert block == capsys.readouterr().out.rstrip("\n") == fit.document()
+    # 4 bits + checkpointing puts a 70b on one 80 GB card; 16 bits does not fit it on any
+    row = next(line for line in block.split("\n") if line.startswith("| 70b (70.55 B) | 4 | on |"))
+    assert row.endswith("| no | no | yes | yes |")
+    assert fit.fits(10 * 2**30, fit.GPUS["24 GB"]) and not fit.fits(22 * 2**30, fit.GPUS["24 GB"])

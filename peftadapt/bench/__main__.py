@@ -1,4 +1,4 @@
-"""``python -m peftadapt.bench memory|speed|peers ...`` (same as ``peftadapt bench ...``)."""
+"""``python -m peftadapt.bench memory|speed|peers|memory-table ...`` (same as ``peftadapt bench ...``)."""
 
 import sys
 

@@ -10,6 +10,7 @@ Examples::
     peftadapt bench peers --model minilm --head seqcls --batch 16 --seq 128 --reps 3 \\
         --adapters-python benchmarks/.venv-adapters/bin/python
     peftadapt bench memory --dry-run          # list the configurations, measure nothing
+    peftadapt bench memory-table              # what fits on a 24/48/80/141 GB GPU (computed)
 
 Each configuration runs in a fresh forked process (its own peak memory); the
 output is the machine, a Markdown table, JSON with every raw figure, and PNG
@@ -26,6 +27,7 @@ import time
 from typing import Any
 
 from ..align import build
+from . import fit
 from . import memory_model as mm
 from . import methods as M
 from . import report as R
@@ -72,8 +74,9 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    sub = p.add_subparsers(dest="what", metavar="{memory,speed,peers}")
+    sub = p.add_subparsers(dest="what", metavar="{memory,speed,peers,memory-table}")
     sub.required = True
+    fit.add_parser(sub)
 
     def common(sp, models: str, seqs: str, batch: str):
         sp.add_argument(
@@ -296,6 +299,8 @@ def main(argv: list[str] | None = None, keep_servers: bool = False) -> int:
     ``keep_servers`` keeps the fork servers alive for the next call in this process (scripts running
     several sweeps)."""
     args = _parser().parse_args(argv)
+    if args.what == "memory-table":
+        return fit.main(args)
 
     try:
         if args.what == "peers":

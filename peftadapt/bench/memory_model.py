@@ -25,7 +25,8 @@ the method or a gap in this model).
 Per layer and token (elements; h = hidden, i = intermediate, m = adapter
 bottleneck, r = LoRA rank, a = heads, s = sequence length):
 
-  Llama (pre-RMSNorm, SwiGLU, SDPA):  2h (norm inputs) + 4h (q, k, v and output
+  Llama (pre-RMSNorm, SwiGLU, SDPA):  2h (norm inputs, kept as fp32 copies: RMSNorm
+      computes in fp32, so at bf16 they cost 8 bytes each) + 4h (q, k, v and output
       of attention) + 3i (SiLU input, SiLU output, up output)
       + h for q/k/v inputs, + h for o input, + h for gate/up inputs, + i for the
       down input, each only when that linear layer is trainable.
@@ -39,6 +40,9 @@ bottleneck, r = LoRA rank, a = heads, s = sequence length):
   softmax output, the dropout scale mask and the dropped probabilities
   (checked by hooking autograd's saved tensors in tests/test_bench.py).
   LoRA adds the adapted layer's input (if not already saved) + r per module;
+  with fp32 adapters on a bf16 base (``adapter_dtype``) each adapted module
+  saves its own fp32 copy of its input + r, at 4 bytes (checked against
+  autograd's saved tensors in tests/test_bench.py);
   DoRA additionally saves the weight-shaped ``W + BA`` (out*in elements, per
   module, independent of tokens). A bottleneck adapter adds h + 2m per
   insertion (Houlsby: 2 per layer, Pfeiffer: 1). Prefix tuning adds p key and
@@ -63,7 +67,20 @@ from typing import Any
 # bytes per element of each storage dtype name
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 QUANT_BITS = {None: None, "none": None, "4bit": 4, "8bit": 8}
-OPTIMIZER_BYTES = {"adamw": 8, "adam": 8, "sgd": 0, "sgdm": 4}
+# bytes of optimizer state per trainable parameter; transformers' ``optim`` names too. bitsandbytes'
+# 8-bit AdamW keeps both moments in 8 bits with one fp32 absmax per 256-element block and each
+# moment (tensors under 4096 elements stay 32-bit: not counted). Paged state counts as on the GPU:
+# paging moves it to CPU RAM only under memory pressure.
+OPTIMIZER_BYTES = {
+    "adamw": 8,
+    "adam": 8,
+    "sgd": 0,
+    "sgdm": 4,
+    "adamw_torch": 8,
+    "paged_adamw_32bit": 8,
+    "adamw_8bit": 2 + 2 * 4 / 256,
+    "paged_adamw_8bit": 2 + 2 * 4 / 256,
+}
 FAMILIES = ("llama", "bert")
 METHODS = ("full", "head", "lora", "dora", "houlsby", "pfeiffer", "prefix")
 
@@ -271,14 +288,18 @@ def activation_bytes(
     reduction_factor: int = 16,
     prefix_tokens: int = 20,
     training: bool = True,
+    adapter_dtype: str | None = None,
 ) -> dict[str, int]:
     """Bytes autograd keeps for the backward pass, split into ``layers`` and ``outside``.
 
-    See the module docstring for the per-token formulas.
+    See the module docstring for the per-token formulas. ``adapter_dtype``: the LoRA/DoRA weights'
+    dtype when it differs from ``dtype`` (peft and peftadapt keep adapters in fp32 on a bf16 or
+    4-bit base): each adapted module then casts its input to that dtype and saves the copy.
     """
     _check("method", method, METHODS)
     _check("attention", attention, ("sdpa", "eager", "math"))
     b = DTYPE_BYTES[dtype]
+    ab = DTYPE_BYTES[adapter_dtype] if adapter_dtype is not None else b
     h, i, a, kv = arch.hidden, arch.intermediate, arch.heads, arch.kv_dim
     tokens = batch * seq
     full = method == "full"
@@ -288,7 +309,8 @@ def activation_bytes(
     layer = 0.0
     if grad_through_layers:
         if arch.family == "llama":
-            layer = 2 * h + 4 * h + 3 * i
+            # Llama's RMSNorm computes on an fp32 copy of its input and saves that copy
+            layer = 2 * h * 4 / b + 4 * h + 3 * i
             trainable_inputs = {
                 "q_proj": h,
                 "k_proj": h,
@@ -328,6 +350,9 @@ def activation_bytes(
             seen = set()
             for t in targets:
                 grp = next(g for g in groups if t in g)
+                if ab != b:  # each module saves its own cast copy of the input, and A's output
+                    layer += (trainable_inputs[t] + r) * ab / b
+                    continue
                 if grp not in seen:  # modules of a group read the same input tensor
                     seen.add(grp)
                     layer += trainable_inputs[t]
@@ -350,7 +375,7 @@ def activation_bytes(
     outside = 0.0
     head_trainable = full or method == "head" or arch.head == "seqcls"
     if grad_through_layers:
-        outside += h * tokens * b  # final norm input
+        outside += h * tokens * (4 if arch.family == "llama" else b)  # final norm input (Llama: its fp32 copy)
     if arch.head == "causal":
         if head_trainable or grad_through_layers:
             # logits (the model's output) + log-softmax output; the gradient of the logits is transient
@@ -380,6 +405,8 @@ def analytic_memory(
     attention: str = "sdpa",
     trainable: int | None = None,
     regularizer: bool = False,
+    adapter_dtype: str | None = None,
+    dequant: bool = False,
     **method_options: Any,
 ) -> dict[str, int]:
     """Predicted peak bytes of one training step, by part, and their ``total``.
@@ -389,6 +416,11 @@ def analytic_memory(
     With ``regularizer`` a second (target) batch runs through the model in the
     same step, and its layer activations are kept until the backward pass (not
     its logits: the target batch has no task loss).
+    ``adapter_dtype``: the dtype of trainable parameters other than a full fine-tune's (fp32 under
+    peft and peftadapt on a half-precision or quantized base; default ``dtype``): their gradients
+    and the activations of the adapted modules use it.
+    ``dequant``: count one dequantized linear weight at ``dtype`` (bitsandbytes dequantizes a
+    quantized weight for each matmul, one layer at a time; a transient the measured peaks include).
     """
     _check("optimizer", optimizer, OPTIMIZER_BYTES)
     if batch < 1 or seq < 1:
@@ -396,20 +428,36 @@ def analytic_memory(
     opts = {k: v for k, v in method_options.items() if k in ("r", "targets", "reduction_factor", "prefix_tokens")}
     n_train = trainable if trainable is not None else trainable_params(arch, method, **opts)
     w = weight_bytes(arch, dtype, quant)
-    # trainable parameters live at the compute dtype even on a quantized base (adapters, head)
-    grads = n_train * DTYPE_BYTES[dtype]
+    # trainable parameters live at the compute dtype (or adapter_dtype) even on a quantized base
+    grads = n_train * DTYPE_BYTES[adapter_dtype if adapter_dtype is not None and method != "full" else dtype]
     optim = n_train * OPTIMIZER_BYTES[optimizer]
-    act = activation_bytes(arch, method, batch, seq, dtype=dtype, grad_ckpt=grad_ckpt, attention=attention, **opts)
+    if method == "full":
+        adapter_dtype = None
+    act = activation_bytes(
+        arch,
+        method,
+        batch,
+        seq,
+        dtype=dtype,
+        grad_ckpt=grad_ckpt,
+        attention=attention,
+        adapter_dtype=adapter_dtype,
+        **opts,
+    )
     acts = act["layers"] + act["outside"]
     if regularizer:
         # the target batch goes through the same layers and is kept for the backward pass of the
         # alignment term; it has no labels, so no logits/log-softmax are kept for it
         acts += act["layers"] + (arch.hidden * batch * seq * DTYPE_BYTES[dtype] if method != "head" else 0)
-    return {
+    deq = max(o * i for o, i in arch.linear_shapes().values()) * DTYPE_BYTES[dtype] if dequant and quant else 0
+    out = {
         "weights": int(w),
         "grads": int(grads),
         "optimizer": int(optim),
         "activations": int(acts),
-        "total": int(w + grads + optim + acts),
+        "total": int(w + grads + optim + acts + deq),
         "trainable": int(n_train),
     }
+    if deq:
+        out["dequant"] = int(deq)
+    return out

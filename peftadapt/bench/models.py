@@ -88,12 +88,41 @@ LLAMA_SIZES: dict[str, dict[str, Any]] = {
         num_key_value_heads=32,
         vocab_size=32000,
     ),
+    # Llama-3.2-3B's shape (untied head here, as every size in this table)
+    "3b": dict(
+        hidden_size=3072,
+        num_hidden_layers=28,
+        intermediate_size=8192,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+    ),
     # Llama-3-8B / -70B shapes (bench_qlora.py on a GPU)
     "8b": dict(
         hidden_size=4096,
         num_hidden_layers=32,
         intermediate_size=14336,
         num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+    ),
+    # 14B / 32B: Qwen2.5-14B's / -32B's widths and depths as Llama blocks (no q/k/v bias), Llama-3's vocabulary
+    "14b": dict(
+        hidden_size=5120,
+        num_hidden_layers=48,
+        intermediate_size=13824,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+    ),
+    "32b": dict(
+        hidden_size=5120,
+        num_hidden_layers=64,
+        intermediate_size=27648,
+        num_attention_heads=40,
         num_key_value_heads=8,
         vocab_size=128256,
         rope_theta=500000.0,

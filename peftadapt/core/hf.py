@@ -7,17 +7,20 @@
   :func:`check_transformers_model` and the adapter-name rule :func:`validate_adapter_name`;
 - :func:`check_model_folder`: what a ``save_pretrained`` folder must hold, checked in
   milliseconds before anything is loaded (config.json parses, no safetensors file is cut short).
+- the attention kernels ``from_pretrained`` takes (:data:`AttnImplementation`) and
+  :func:`check_attn_implementation`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import struct
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -43,6 +46,33 @@ FULL_FINETUNE_MARK = "_peftadapt_full_finetune"
 
 # transformers' causal-LM class names end like this (LlamaForCausalLM, GPT2LMHeadModel)
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+# transformers' ``attn_implementation`` values (from_pretrained / from_config): torch's fused
+# scaled_dot_product_attention, the plain matmul-softmax-matmul, or the flash-attn package's kernels
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+ATTN_IMPLEMENTATIONS: tuple[str, ...] = get_args(AttnImplementation)
+
+
+def check_attn_implementation(name: Any, device: Any = None, where: str = "attn_implementation") -> str:
+    """``name`` if this machine can run it, else one-line ``ValueError`` with the way out.
+
+    ``flash_attention_2`` needs the ``flash-attn`` package and a CUDA GPU; ``device`` is where the
+    model will run (default: CUDA when torch sees a GPU)."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"{where}: unknown attention implementation {name!r}; valid: {list(ATTN_IMPLEMENTATIONS)}")
+    if name == "flash_attention_2":
+        cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError(
+                f"{where}: flash_attention_2 needs the flash-attn package, which is not installed "
+                "(pip install flash-attn --no-build-isolation, on a CUDA machine); or use sdpa"
+            )
+        if not cuda:
+            raise ValueError(
+                f"{where}: flash_attention_2 runs on a CUDA GPU only, not on {device or 'the CPU'}; use sdpa"
+            )
+    return name
 
 
 def is_causal_lm(model: nn.Module) -> bool:

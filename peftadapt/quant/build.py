@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..core.hf import OUTPUT_HEADS
+from ..core.hf import OUTPUT_HEADS, check_attn_implementation
 from ._bnb import bnb, check_bits, default_compute_dtype, default_device, guard_4bit_cpu, resolve_dtype
 from .load import auto_class, bnb_config
 from .prepare import prepare_for_kbit_training
@@ -85,6 +85,7 @@ def build_quantized(
     llm_int8_threshold: float = 6.0,
     prepare: bool = True,
     gradient_checkpointing: bool = True,
+    attn_implementation: str | None = None,
 ) -> nn.Module:
     """A model of ``config``'s architecture with random, already-quantized linear layers.
 
@@ -95,6 +96,8 @@ def build_quantized(
     layer. The model is marked as bitsandbytes-quantized the way
     ``from_pretrained`` marks it (``is_loaded_in_4bit``, ``hf_quantizer``,
     ``config.quantization_config``), so peft puts its QLoRA layers on it.
+    ``attn_implementation`` (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``): as in
+    ``from_pretrained``; default the config's, else transformers' choice.
     """
     from accelerate import init_empty_weights
     from transformers import PretrainedConfig
@@ -113,8 +116,11 @@ def build_quantized(
     if device.type == "cuda":
         torch.cuda.manual_seed(seed)
 
+    attn = {}
+    if attn_implementation is not None:
+        attn["attn_implementation"] = check_attn_implementation(attn_implementation, device)
     with init_empty_weights():
-        model = cls.from_config(config, dtype=dtype)
+        model = cls.from_config(config, dtype=dtype, **attn)
     std = float(getattr(config, "initializer_range", 0.02))
     skip = _skip_names(model, skip_modules)
     # Draw on the target device; bf16/fp16 normal_ is fine on CUDA, the CPU draws fp32 (fast path).

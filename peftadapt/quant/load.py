@@ -8,7 +8,7 @@ from typing import Any, Literal, get_args
 import torch
 import torch.nn as nn
 
-from ..core.hf import OUTPUT_HEADS
+from ..core.hf import OUTPUT_HEADS, check_attn_implementation
 from ._bnb import bnb, check_bits, default_compute_dtype, default_device, guard_4bit_cpu, resolve_dtype
 from .prepare import prepare_for_kbit_training
 
@@ -147,7 +147,8 @@ def load_quantized(
         prepare: run :func:`prepare_for_kbit_training` (freeze, keep frozen
             params in their dtype, gradient checkpointing). Default True, so
             ``wrap(load_quantized(path), "lora")`` is ready to train.
-        **from_pretrained_kwargs: passed on (``num_labels=3``, ...).
+        **from_pretrained_kwargs: passed on (``num_labels=3``, ``attn_implementation="sdpa"`` /
+            ``"eager"`` / ``"flash_attention_2"``, checked first: flash-attn installed, a CUDA device).
 
     Returns the (optionally prepared) transformers model, in eval mode as
     ``from_pretrained`` leaves it; call ``.train()`` before training.
@@ -185,6 +186,8 @@ def load_quantized(
     for k in ("quantization_config", "torch_dtype", "load_in_4bit", "load_in_8bit"):
         if k in from_pretrained_kwargs:
             raise ValueError(f"do not pass {k!r}: load_quantized sets it from bits/quant_type/double_quant/dtype")
+    if from_pretrained_kwargs.get("attn_implementation") is not None:
+        check_attn_implementation(from_pretrained_kwargs["attn_implementation"], dev)
     # transformers' own default skips only the output embeddings: a classifier head would be
     # quantized (peft cannot train it; a freshly initialized one crashes in bitsandbytes)
     skip = list(OUTPUT_HEADS) if skip_modules is None else list(skip_modules)

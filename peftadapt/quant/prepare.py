@@ -33,6 +33,7 @@ the caller asks for the reentrant variant).
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -81,14 +82,39 @@ def cast_trainable_to_fp32(model: nn.Module) -> int:
     return n
 
 
-def enable_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
-    """Turn on activation (gradient) checkpointing on a transformers model, any version."""
+# the options of torch.utils.checkpoint.checkpoint that a run file can give (context_fn is code, not YAML)
+CHECKPOINT_OPTIONS = {"use_reentrant": bool, "preserve_rng_state": bool, "determinism_check": str, "debug": bool}
+
+
+def checkpoint_kwargs(kwargs: dict[str, Any] | None = None, where: str = "gradient_checkpointing_kwargs") -> dict:
+    """The checked options of ``torch.utils.checkpoint.checkpoint``, ``use_reentrant=False`` unless given.
+
+    torch's default checkpoint is the reentrant one, which gives no gradient to the adapters of a
+    block whose input does not require grad (a frozen base) unless the input embeddings are hooked;
+    the non-reentrant one needs no hook and also works with ``torch.compile`` and FSDP."""
+    kw = dict(kwargs or {})
+    for k, v in kw.items():
+        if k not in CHECKPOINT_OPTIONS:
+            raise ValueError(f"{where}: unknown option {k!r}; valid: {sorted(CHECKPOINT_OPTIONS)}")
+        if not isinstance(v, CHECKPOINT_OPTIONS[k]):
+            raise TypeError(f"{where}.{k}: expected {CHECKPOINT_OPTIONS[k].__name__}, got {v!r}")
+    kw.setdefault("use_reentrant", False)
+    return kw
+
+
+def enable_checkpointing(model: nn.Module, use_reentrant: bool = False, **options: Any) -> None:
+    """Turn on activation (gradient) checkpointing on a transformers model (also inside a peft /
+    peftadapt wrapper), any transformers version. ``options``: more of :data:`CHECKPOINT_OPTIONS`.
+
+    With ``use_reentrant=True`` the input embeddings' output is made to require grad
+    (``enable_input_require_grads``), without which the reentrant checkpoint gives a frozen base's
+    adapters no gradient."""
     hf = unwrap(model)
     if not getattr(hf, "supports_gradient_checkpointing", False):
         raise ValueError(
             f"{type(hf).__name__} does not support gradient checkpointing; pass gradient_checkpointing=False"
         )
-    kwargs = {"use_reentrant": bool(use_reentrant)}
+    kwargs = checkpoint_kwargs({**options, "use_reentrant": bool(use_reentrant)})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.x
@@ -97,10 +123,16 @@ def enable_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
         else:  # transformers 4.x
             # torch types Module attributes as Tensor | Module
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
-    if use_reentrant and hasattr(hf, "enable_input_require_grads"):
+    if use_reentrant and hasattr(hf, "enable_input_require_grads") and not _has_input_grad_hook(hf):
         # The reentrant checkpoint only back-propagates if a block's input requires grad.
         # torch types Module attributes as Tensor | Module
         hf.enable_input_require_grads()  # type: ignore[operator]
+
+
+def _has_input_grad_hook(hf: nn.Module) -> bool:
+    """Whether ``enable_input_require_grads`` already ran (transformers 5 names the handle list
+    ``_require_grads_hooks``, 4.x ``_require_grads_hook``): a second call would add a second hook."""
+    return bool(getattr(hf, "_require_grads_hooks", None)) or getattr(hf, "_require_grads_hook", None) is not None
 
 
 def disable_checkpointing(model: nn.Module) -> None:

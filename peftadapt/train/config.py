@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal, get_args
 from ..align.scope import Scope
 from ..core.fields import field, help_of
 from ..quant.optim import Optim  # the factory's names: one list
+from ..quant.prepare import checkpoint_kwargs
 from ._fields import check_fields, checked_keywords
 
 Task = Literal["classification", "causal_lm"]
@@ -80,7 +81,14 @@ class TrainConfig:
     warmup_steps: int | None = field(None, "warm-up steps; overrides warmup_ratio (transformers: 0 = unset)")
     max_grad_norm: float | None = field(1.0, "clip the gradient norm to this; null to disable")
     mixed_precision: MixedPrecision = field("auto", "auto: bf16 (else fp16) on a GPU, no on CPU")
-    gradient_checkpointing: bool = field(False, "recompute activations in backward to save memory")
+    gradient_checkpointing: bool = field(
+        False, "recompute each layer's activations in the backward pass: memory for time (see docs/training.md)"
+    )
+    gradient_checkpointing_kwargs: dict[str, Any] = field(
+        {"use_reentrant": False},
+        "options of torch.utils.checkpoint.checkpoint, e.g. {use_reentrant: false} (the default here; "
+        "transformers' is torch's)",
+    )
     eval_steps: int | None = field(
         None,
         "evaluate every N steps (and at the end); null: only at the end "
@@ -157,6 +165,7 @@ class TrainConfig:
         need(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0 or null")
         need(self.max_skipped_steps_in_a_row >= 1, "max_skipped_steps_in_a_row", "must be a positive integer")
+        checkpoint_kwargs(self.gradient_checkpointing_kwargs, f"{where}.gradient_checkpointing_kwargs")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

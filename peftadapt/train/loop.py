@@ -50,6 +50,7 @@ from ..core.hf import hf_config, unwrap, wrapped_reason
 from ..core.io import check_writable_dir, json_safe, write_json
 from ..features import Pooling
 from ..quant.optim import make_optimizer
+from ..quant.prepare import checkpoint_kwargs, enable_checkpointing
 from ..wrap import after_optimizer_step
 from . import checkpoint as ckpt
 from . import preflight
@@ -282,7 +283,7 @@ class Trainer:
         set_seed(cfg.seed)
         self.accelerator = self._make_accelerator()
         if cfg.gradient_checkpointing:
-            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]  # torch types Module attributes as Tensor | Module
+            enable_checkpointing(self.base, **checkpoint_kwargs(cfg.gradient_checkpointing_kwargs))
             hf_config(self.base).use_cache = False
         self._setup_data()
         self._setup_alignment()

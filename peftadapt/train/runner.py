@@ -19,7 +19,7 @@ import torch
 from .. import quant
 from ..align import Alignment, Term
 from ..align.registry import build_with_defaults
-from ..core.hf import check_model_folder, saved_classifier_rows
+from ..core.hf import check_attn_implementation, check_model_folder, saved_classifier_rows
 from ..core.io import check_writable_dir
 from ..features import FeatureTap
 from ..wrap import load as load_adapter
@@ -119,6 +119,9 @@ def load_base_model(mcfg: ModelConfig, num_labels: int | None, gradient_checkpoi
         kwargs["num_labels"] = num_labels
     if mcfg.dtype:
         kwargs["dtype"] = getattr(torch, mcfg.dtype)
+    kwargs["attn_implementation"] = check_attn_implementation(
+        mcfg.attn_implementation, where="model.attn_implementation"
+    )
     if mcfg.quantize:
         if mcfg.quant_storage:
             kwargs["quant_storage"] = mcfg.quant_storage

@@ -32,6 +32,7 @@ from ..align.registry import REGULARIZERS, init_params, regularizer_names
 from ..align.schedule import Schedule
 from ..align.scope import Scope
 from ..core.fields import field
+from ..core.hf import AttnImplementation
 from ..features import Pooling
 from ..methods.base import ALIASES, METHODS, build_config, method_names
 from ..quant.load import QuantStorage
@@ -74,6 +75,11 @@ class ModelConfig:
     )
     quant_storage: QuantStorage | None = field(
         None, "storage dtype of packed 4-bit weights (FSDP + QLoRA wants bf16); needs quantize: 4"
+    )
+    attn_implementation: AttnImplementation = field(
+        "sdpa",
+        "attention kernel (from_pretrained's attn_implementation): sdpa (torch's fused attention), eager, "
+        "or flash_attention_2 (needs the flash-attn package and a CUDA GPU)",
     )
 
     def __post_init__(self):
