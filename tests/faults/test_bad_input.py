@@ -119,13 +119,13 @@ def _disk_error(code: int, strerror: str) -> Callable[[Any, dict], None]:
 
 
 def _eval_disk_full(monkeypatch, b) -> None:
-    """The metrics file's write fails for space (a write() error carries no file name)."""
+    """The metrics file's write fails for space at the flush to disk (that error carries no file name)."""
 
-    def dump(*a, **k):
+    def fsync(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("peftadapt.cli.evaluate_checkpoint", lambda run, ck: {"target/accuracy": 0.5})
-    monkeypatch.setattr("peftadapt.core.io.json.dump", dump)
+    monkeypatch.setattr("peftadapt.core.io.os.fsync", fsync)
 
 
 CLI_CASES = [
