@@ -120,10 +120,10 @@ class SFTEncoder:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            start = len(_chat_ids(self.tok, messages[:i], generation_prompt=True))
+            head = _chat_ids(self.tok, messages[:i], generation_prompt=True)
             upto = _chat_ids(self.tok, messages[: i + 1])
-            end = len(upto)
-            if full[:end] != upto or start > end:
+            start, end = len(head), len(upto)
+            if full[:end] != upto or full[:start] != head or start > end:
                 raise ValueError(
                     f"{self.name}: the chat template renders a conversation differently from its beginning "
                     "(it rewrites earlier turns), so the assistant tokens cannot be located; "
