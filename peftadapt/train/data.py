@@ -460,7 +460,7 @@ class BatchStream:
         order = self._cache[1]
         chunk = order[pos * self.global_batch : (pos + 1) * self.global_batch]
         mine = chunk[self.rank :: self.world] or chunk[:1]  # never hand a process an empty batch
-        labels = None if self.labels is None else [self.labels[i] for i in mine]
+        labels: Any = None if self.labels is None else [self.labels[i] for i in mine]  # class ids or token rows
         positions = None if self.positions is None else [self.positions[i] for i in mine]
         return collate([self.ids[i] for i in mine], self.pad_id, labels, self.task, positions)
 

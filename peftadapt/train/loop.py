@@ -180,7 +180,7 @@ class Trainer:
         self.eval_data = {n: _as_data(d, n, task) for n, d in eval.items()}
         if task == "classification":
             for d in [self.train_data, *self.eval_data.values()]:
-                check_labels(d, self.num_labels)  # type: ignore[arg-type]  # _as_data: TextData for a classifier
+                check_labels(d, self.num_labels)
 
         self.alignment = as_alignment(regularizers)
         if self.alignment is not None and self.target_data is None:

@@ -239,8 +239,8 @@ def pack(data: Encoded, max_length: int) -> Encoded:
             bins[b].append(i)
             bisect.insort(free, (room - lengths[i], b))
     ids, labels, positions = [], [], []
-    for b in bins:
-        ids.append([t for i in b for t in data.input_ids[i]])
-        labels.append([t for i in b for t in [IGNORE, *data.labels[i][1:]]])
-        positions.append([p for i in b for p in range(lengths[i])])
+    for members in bins:
+        ids.append([t for i in members for t in data.input_ids[i]])
+        labels.append([t for i in members for t in [IGNORE, *data.labels[i][1:]]])
+        positions.append([p for i in members for p in range(lengths[i])])
     return Encoded(ids, labels, positions, name=data.name)

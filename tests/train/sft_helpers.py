@@ -9,10 +9,42 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-WORDS = (
-    "[UNK] <pad> <s> <|im_start|> <|im_end|> \n system user assistant review : is it positive or negative ? "
-    "great good fine bad awful the a plot food was kind answer with one word hi hello"
-).split(" ")
+WORDS = [
+    "[UNK]",
+    "<pad>",
+    "<s>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "\n",
+    "system",
+    "user",
+    "assistant",
+    "review",
+    ":",
+    "is",
+    "it",
+    "positive",
+    "or",
+    "negative",
+    "?",
+    "great",
+    "good",
+    "fine",
+    "bad",
+    "awful",
+    "the",
+    "a",
+    "plot",
+    "food",
+    "was",
+    "kind",
+    "answer",
+    "with",
+    "one",
+    "word",
+    "hi",
+    "hello",
+]
 
 
 def chat_tokenizer(template: str | None = CHATML):

@@ -3,6 +3,7 @@ packed logits equal to unpacked ones) and an end-to-end ``peftadapt train`` on a
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -121,7 +122,7 @@ def test_pack_fills_rows_restarts_positions_and_masks_boundaries():
     for ids, labels, pos in zip(packed.input_ids, packed.labels, packed.position_ids, strict=True):
         starts = [i for i, p in enumerate(pos) if p == 0]
         bounds = [*starts, len(pos)]
-        for a, b in zip(bounds, bounds[1:], strict=False):
+        for a, b in itertools.pairwise(bounds):
             assert pos[a:b] == list(range(b - a))
             k = data.input_ids.index(ids[a:b])
             seen.append(k)
@@ -154,7 +155,7 @@ def test_packed_logits_equal_unpacked_logits(attn):
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
         pos = batch["position_ids"][0].tolist()
         starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
-        for a, b in zip(starts, starts[1:], strict=False):
+        for a, b in itertools.pairwise(starts):
             alone = model(input_ids=batch["input_ids"][:, a:b]).logits[0]
             torch.testing.assert_close(logits[a:b], alone, atol=1e-5, rtol=1e-5)
         # the loss of the packed row is the token-weighted loss of the examples alone
