@@ -214,3 +214,23 @@ def test_peftadapt_train_on_a_chat_jsonl_with_packing(tmp_path):
     assert trainer.base.config.use_cache is False  # packed rows: no cache, so the masking applies
     assert metrics["val/loss"] < 0.9 * before, (before, metrics)  # answer-only loss falls (3.62 -> 3.04)
     assert (tmp_path / "run" / "final").is_dir()
+
+
+def test_run_file_checks_and_chat_template_key(tmp_path):
+    from peftadapt.train.runner import load_tokenizer
+    from peftadapt.train.schema import load_run_config
+
+    base = {"model": {"path": "m", "task": "causal_lm"}, "data": {"source": "x.jsonl", "packing": True}}
+    with pytest.raises(ValueError, match=r"data.packing: .* needs model.task: causal_lm"):
+        cls_data = {"source": {"path": "x.csv", "label": "y"}, "packing": True}
+        load_run_config({"model": {"path": "m", "task": "classification"}, "data": cls_data})
+    with pytest.raises(ValueError, match=r"data.packing cannot be combined with regularizers"):
+        load_run_config({**base, "regularizers": [{"name": "mmd"}], "data": {**base["data"], "target": "t.jsonl"}})
+    with pytest.raises(ValueError, match=r"sft_format: 'chat' is not allowed.*'messages'"):
+        load_run_config({**base, "data": {"source": {"path": "x.jsonl", "sft_format": "chat"}}})
+    chat_tokenizer(template=None).save_pretrained(tmp_path / "tok")  # a tokenizer without a template
+    (tmp_path / "t.jinja").write_text(CHATML, encoding="utf-8")
+    run = load_run_config({**base, "model": {"path": "m", "tokenizer": str(tmp_path / "tok"), "task": "causal_lm"}})
+    assert load_tokenizer(run.model).chat_template is None
+    assert load_tokenizer(run.model, chat_template=str(tmp_path / "t.jinja")).chat_template == CHATML
+    assert load_tokenizer(run.model, chat_template=CHATML).chat_template == CHATML
