@@ -165,10 +165,14 @@ def _bench(argv: Sequence[str]) -> int:
 
 
 def _no_bars_off_terminal() -> None:
-    """In a log file, the hub's and transformers' own bars (loading, writing shards) are noise."""
+    """In a log file, the hub's, datasets' and transformers' own bars (loading, writing shards) are noise."""
     if on_terminal():
         return
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is imported
+    ds_tqdm = sys.modules.get("datasets.utils.tqdm")
+    if ds_tqdm is not None:
+        ds_tqdm.disable_progress_bars()
     hub = sys.modules.get("huggingface_hub")
     if hub is not None:  # imported already: switch its bars off (transformers follows it when imported)
         hub.utils.disable_progress_bars()

@@ -12,13 +12,13 @@ therefore needs only the step number to continue at the exact next batch.
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import dataclasses
 import json
+import logging
 import os
-import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -26,7 +26,8 @@ import torch
 
 from .config import Task
 
-Format = Literal["csv", "tsv", "jsonl", "hf"]
+# how a data file is read: by suffix, else this key; "hf": a save_to_disk folder; "hub": a Hub dataset name
+Format = Literal["csv", "tsv", "json", "jsonl", "parquet", "hf", "hub"]
 FORMATS: tuple[str, ...] = get_args(Format)
 
 
@@ -56,7 +57,54 @@ class TextData:
         return len(self.texts)
 
 
-# -- reading files -----------------------------------------------------------
+@dataclasses.dataclass
+class Encoded:
+    """Tokenized causal-LM examples, ready to batch: token ids, per-token targets
+    (-100: no loss there) and, for packed rows, position ids that restart at 0 at
+    every example inside a row (built by :func:`peftadapt.train.sft.encode_sft`
+    and :func:`peftadapt.train.sft.pack`)."""
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    position_ids: list[list[int]] | None = None
+    name: str = "data"
+
+    def __post_init__(self):
+        if not self.input_ids:
+            raise ValueError(f"{self.name}: the dataset is empty (0 rows)")
+        rows = [self.labels] + ([self.position_ids] if self.position_ids is not None else [])
+        for other in rows:
+            if len(other) != len(self.input_ids) or any(
+                len(a) != len(b) for a, b in zip(self.input_ids, other, strict=True)
+            ):
+                raise ValueError(f"{self.name}: input_ids, labels and position_ids must have the same shapes")
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+# -- reading files (through `datasets`) ---------------------------------------
+
+
+def _datasets():
+    """The ``datasets`` package (imported on first use: ~0.6 s, which ``import peftadapt`` should not pay)."""
+    import datasets  # lazy: heavy import, needed only when a file is read
+
+    return datasets
+
+
+# file suffix -> (Format, the `datasets` builder that reads it)
+_SUFFIXES = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+_BUILDERS = {"csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
 
 
 def _detect_format(path: Path, fmt: str | None) -> str:
@@ -66,82 +114,147 @@ def _detect_format(path: Path, fmt: str | None) -> str:
         return fmt
     if path.is_dir():
         return "hf"
+    if not path.exists():
+        return "hub"
     suffix = path.suffix.lower()
-    for f, sfx in (("csv", (".csv",)), ("tsv", (".tsv", ".tab")), ("jsonl", (".jsonl", ".json", ".ndjson"))):
-        if suffix in sfx:
-            return f
+    if suffix in _SUFFIXES:
+        return _SUFFIXES[suffix]
     raise ValueError(
         f"cannot tell the format of {str(path)!r} from its suffix {suffix!r}; give `format:` one of {list(FORMATS)}"
     )
 
 
-# Python's csv module refuses fields over 131,072 characters by default; a long document is
-# a legal CSV field (and the same text in JSONL reads fine), so the limit is lifted.
-CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
+def _looks_like_hub_name(path: str) -> bool:
+    """``imdb`` or ``owner/name``: no suffix, at most one slash, not absolute or relative-dotted."""
+    return bool(path) and path.count("/") <= 1 and not path.startswith((".", "/", "~")) and not Path(path).suffix
 
 
-def _not_utf8(path: Path, e: UnicodeDecodeError) -> ValueError:
-    """Which line of ``path`` is not UTF-8 (the decoder knows only a byte offset in a chunk)."""
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as bad:
-                byte = line[bad.start : bad.start + 1].hex()
-                return ValueError(
-                    f"{path}: line {n} is not UTF-8 (byte 0x{byte} at column {bad.start + 1}); "
-                    "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
-                )
-    return ValueError(f"{path}: not UTF-8 ({e.reason}); save the file as UTF-8")
+_TEXT_FORMATS = ("csv", "tsv", "json", "jsonl")
 
 
-def _read_rows(path: Path, fmt: str, split: str | None) -> tuple[list[dict[str, Any]], list[str]]:
+def _not_utf8(path: Path) -> str | None:
+    """Which line of a text file is not UTF-8 (one line naming file and line), or None."""
+    raw = path.read_bytes()
     try:
-        return _read_file_rows(path, fmt, split)
+        raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        if fmt == "hf":
-            raise
-        raise _not_utf8(path, e) from None
+        line = raw[: e.start].count(b"\n") + 1
+        return f"{path}: line {line} is not UTF-8 text ({e.reason}); save the file as UTF-8"
+    return None
 
 
-def _read_file_rows(path: Path, fmt: str, split: str | None) -> tuple[list[dict[str, Any]], list[str]]:
-    if fmt in ("csv", "tsv"):
-        if csv.field_size_limit() < CSV_FIELD_LIMIT:
-            csv.field_size_limit(CSV_FIELD_LIMIT)
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
-            try:
-                rows = list(reader)
-            except csv.Error as e:
-                raise ValueError(f"{path}: line {reader.line_num} is not valid {fmt.upper()} ({e})") from None
-            return rows, list(reader.fieldnames or [])
-    if fmt == "jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
-        columns = list(rows[0]) if rows else []
-        return rows, columns
-    # a dataset saved with `datasets.Dataset.save_to_disk`
+@contextlib.contextmanager
+def _quiet(ds_lib: Any) -> Iterator[None]:
+    """datasets' logger at ERROR level is silenced while a file loads (it logs what it then raises)."""
+    logger = ds_lib.utils.logging.get_logger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
-        import datasets  # lazy: an optional dependency
-    except ImportError:
-        raise ImportError(
-            f"{path} is a folder, read as a saved Hugging Face dataset, which needs the "
-            "`datasets` package: pip install datasets"
-        ) from None
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _why_unreadable(path: Path, fmt: str) -> str | None:
+    """A one-line reason a text file failed to load (not UTF-8, a bad JSON line), naming file and line."""
+    if fmt not in _TEXT_FORMATS:
+        return None
+    why = _not_utf8(path)
+    if why is not None:
+        return why
+    text = path.read_text(encoding="utf-8")
+    if fmt == "jsonl":
+        for n, line_text in enumerate(text.splitlines(), 1):
+            if line_text.strip():
+                try:
+                    json.loads(line_text)
+                except json.JSONDecodeError as e:
+                    return f"{path}: line {n} is not valid JSON ({e.msg})"
+    return None
+
+
+def _pick_split(ds: Any, split: str | None, where: str) -> Any:
+    if isinstance(ds, _datasets().DatasetDict):
         if split is None:
-            raise ValueError(f"{path} holds splits {list(ds)}; choose one with `split:`")
+            if len(ds) == 1:
+                return next(iter(ds.values()))
+            raise ValueError(f"{where} holds splits {list(ds)}; choose one with `split:`")
         if split not in ds:
-            raise ValueError(f"{path} has no split {split!r}; available splits: {list(ds)}")
-        ds = ds[split]
-    return ds.to_list(), list(ds.column_names)
+            raise ValueError(f"{where} has no split {split!r}; available splits: {list(ds)}")
+        return ds[split]
+    return ds
+
+
+def load_dataset_spec(
+    path: str | os.PathLike,
+    *,
+    format: Format | None = None,
+    split: str | None = None,
+    subset: str | None = None,
+    where: dict[str, Any] | None = None,
+    where_not: dict[str, Any] | None = None,
+    name: str = "data",
+) -> Any:
+    """A ``datasets.Dataset`` from a CSV / TSV / JSON / JSONL / Parquet file, a
+    ``save_to_disk`` folder or a Hub dataset name, filtered by ``where`` / ``where_not``.
+
+    Files are converted to Arrow once, in the ``datasets`` cache (``HF_DATASETS_CACHE``);
+    a rerun reads the cached copy. ``split`` picks a split of a saved ``DatasetDict`` or
+    of a Hub dataset (files: ``train``, or a slice such as ``train[:90%]``).
+    """
+    ds_lib = _datasets()
+    p = Path(path)
+    fmt = _detect_format(p, format)
+    if fmt == "hub" or (not p.exists() and format is None):
+        if not _looks_like_hub_name(str(path)):
+            raise FileNotFoundError(f"{name}: data file not found: {str(p)!r}")
+        try:
+            ds = ds_lib.load_dataset(str(path), subset, split=split or "train")
+        except ConnectionError:
+            raise ValueError(
+                f"{name}: could not reach the Hub for dataset {str(path)!r} (offline, or no such dataset); "
+                "give a local file or folder"
+            ) from None
+        except (OSError, ValueError) as e:  # DatasetNotFoundError, a bad subset / split: one line, the way out
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{name}: could not load the Hub dataset {str(path)!r}: {first}") from None
+    elif not p.exists():
+        raise FileNotFoundError(f"{name}: data file not found: {str(p)!r}")
+    elif fmt == "hf":
+        try:
+            ds = ds_lib.load_from_disk(str(p))
+        except FileNotFoundError:
+            raise ValueError(
+                f"{name}: {str(p)!r} is a folder but not one written by datasets' save_to_disk; "
+                "give a data file, or save the dataset with Dataset.save_to_disk"
+            ) from None
+        ds = _pick_split(ds, split, str(p))
+    else:
+        not_utf8 = _not_utf8(p) if fmt in _TEXT_FORMATS else None  # pyarrow's JSON reader lets some through
+        if not_utf8 is not None:
+            raise ValueError(f"{name}: {not_utf8}")
+        kwargs: dict[str, Any] = {"delimiter": "\t"} if fmt == "tsv" else {}
+        try:
+            with _quiet(ds_lib):  # datasets logs the reader's error before raising it: ours is the one line
+                ds = ds_lib.load_dataset(_BUILDERS[fmt], data_files=str(p), split=split or "train", **kwargs)
+        except Exception as e:  # datasets wraps the reader's error (DatasetGenerationError)
+            if "corresponds to no data" in str(e):  # datasets' words for a file without rows
+                raise ValueError(f"{name}: the dataset {str(p)!r} is empty (0 rows)") from None
+            why = _why_unreadable(p, fmt)
+            if why is None:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                why = f"could not read {str(p)!r} as {fmt}: {first}"
+            raise ValueError(f"{name}: {why}") from e
+    columns = list(ds.column_names)
+    for flt in (where or {}), (where_not or {}):
+        for col in flt:
+            if col not in columns:
+                raise ValueError(f"{name}: filter column {col!r} not in {str(p)!r}; columns: {columns}")
+    if where or where_not:
+        keep = _RowFilter(dict(where or {}), dict(where_not or {}))
+        fingerprint = ds_lib.fingerprint.Hasher.hash((ds._fingerprint, "filter", keep.where, keep.where_not))
+        ds = ds.filter(keep, new_fingerprint=fingerprint, desc=f"{name}: filter")
+    return ds
 
 
 def _match(value: Any, allowed: Any) -> bool:
@@ -149,33 +262,16 @@ def _match(value: Any, allowed: Any) -> bool:
     return str(value) in {str(a) for a in allowed}
 
 
-def load_rows(
-    path: str | os.PathLike,
-    *,
-    format: Format | None = None,
-    split: str | None = None,
-    where: dict[str, Any] | None = None,
-    where_not: dict[str, Any] | None = None,
-    name: str = "data",
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows of a data file as dicts, filtered: keep rows whose ``where`` columns
-    hold one of the given values and whose ``where_not`` columns hold none."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{name}: data file not found: {str(p)!r}")
-    fmt = _detect_format(p, format)
-    rows, columns = _read_rows(p, fmt, split)
-    for flt in (where or {}), (where_not or {}):
-        for col in flt:
-            if col not in columns:
-                raise ValueError(f"{name}: filter column {col!r} not in {str(p)!r}; columns: {columns}")
-    rows = [
-        r
-        for r in rows
-        if all(_match(r.get(c), v) for c, v in (where or {}).items())
-        and not any(_match(r.get(c), v) for c, v in (where_not or {}).items())
-    ]
-    return rows, columns
+class _RowFilter:
+    """Keep rows whose ``where`` columns hold one of the given values and whose ``where_not`` columns hold none."""
+
+    def __init__(self, where: dict[str, Any], where_not: dict[str, Any]):
+        self.where, self.where_not = where, where_not
+
+    def __call__(self, row: dict[str, Any]) -> bool:
+        return all(_match(row.get(c), v) for c, v in self.where.items()) and not any(
+            _match(row.get(c), v) for c, v in self.where_not.items()
+        )
 
 
 def check_label_names(labels: Sequence[str | int], where: str = "labels") -> None:
@@ -244,23 +340,25 @@ def load_text_data(
     label: str | None = None,
     format: Format | None = None,
     split: str | None = None,
+    subset: str | None = None,
     where: dict[str, Any] | None = None,
     where_not: dict[str, Any] | None = None,
     labels: Sequence[str | int] | None = None,
     num_labels: int | None = None,
     name: str = "data",
 ) -> TextData:
-    """Read a text dataset (CSV / TSV / JSONL file, or a saved HF dataset folder)."""
-    rows, columns = load_rows(path, format=format, split=split, where=where, where_not=where_not, name=name)
+    """Texts (and labels) of a data file, ``save_to_disk`` folder or Hub dataset (see :func:`load_dataset_spec`)."""
+    ds = load_dataset_spec(path, format=format, split=split, subset=subset, where=where, where_not=where_not, name=name)
+    columns = list(ds.column_names)
     for col, what in ((text, "text"), (label, "label")):
         if col is not None and col not in columns:
             raise ValueError(f"{name}: {what} column {col!r} not found in {str(path)!r}; columns: {columns}")
-    if not rows:
+    if len(ds) == 0:
         raise ValueError(f"{name}: the dataset {str(path)!r} is empty (0 rows after filtering)")
-    texts = ["" if r.get(text) is None else str(r[text]) for r in rows]
+    texts = ["" if t is None else str(t) for t in ds[text]]
     ys = None
     if label is not None:
-        ys = encode_labels([r.get(label) for r in rows], labels=labels, num_labels=num_labels, name=name)
+        ys = encode_labels(ds[label], labels=labels, num_labels=num_labels, name=name)
     return TextData(texts, ys, name=name)
 
 
@@ -318,14 +416,36 @@ def tokenize(texts: Iterable[str], tokenizer, max_length: int) -> list[list[int]
     return [list(ids) for ids in enc["input_ids"]]
 
 
+def token_rows(
+    data: TextData | Encoded, tokenizer, max_length: int, task: Task
+) -> tuple[list[list[int]], list[int] | list[list[int]] | None, list[list[int]] | None]:
+    """What a batch stream draws from: token ids, labels (class ids, per-token targets, or
+    None: a causal LM's targets are its inputs) and the position ids of packed rows."""
+    if isinstance(data, Encoded):
+        return data.input_ids, data.labels, data.position_ids
+    return tokenize(data.texts, tokenizer, max_length), data.labels if task == "classification" else None, None
+
+
 def collate(
     ids: Sequence[Sequence[int]],
     pad_id: int,
-    labels: Sequence[int] | None = None,
+    labels: Sequence[int] | Sequence[Sequence[int]] | None = None,
     task: Task | Literal["target"] = "classification",
+    positions: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Right-pad ``ids`` into a batch. For ``causal_lm`` the labels are the
-    inputs with padded positions set to -100 (the model shifts them)."""
+    """Right-pad ``ids`` into a batch. Causal LMs: per-token ``labels`` are padded with -100;
+    without them the labels are the inputs with padded positions set to -100 (the model
+    shifts them). Packed rows (``positions`` given) are flattened into one row with no
+    padding and no attention mask, as transformers' ``DataCollatorWithFlattening`` does:
+    the model reads the example boundaries from the position ids."""
+    if positions is not None:
+        if labels is None:
+            raise ValueError("packed rows need their per-token labels")
+
+        def flat(rows: Any) -> torch.Tensor:
+            return torch.tensor([[t for r in rows for t in r]], dtype=torch.long)
+
+        return {"input_ids": flat(ids), "labels": flat(labels), "position_ids": flat(positions)}
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -333,7 +453,12 @@ def collate(
         input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
         mask[i, : len(x)] = 1
     batch = {"input_ids": input_ids, "attention_mask": mask}
-    if task == "causal_lm":
+    if task == "causal_lm" and labels is not None:
+        targets = torch.full((len(ids), width), -100, dtype=torch.long)
+        for i, y in enumerate(labels):
+            targets[i, : len(y)] = torch.tensor(y, dtype=torch.long)  # type: ignore[arg-type]  # per-token rows here
+        batch["labels"] = targets
+    elif task == "causal_lm":
         batch["labels"] = input_ids.masked_fill(mask == 0, -100)
     elif labels is not None:
         batch["labels"] = torch.tensor(list(labels), dtype=torch.long)
@@ -354,7 +479,7 @@ class BatchStream:
     def __init__(
         self,
         ids: list[list[int]],
-        labels: list[int] | None,
+        labels: list[int] | list[list[int]] | None,
         batch_size: int,
         *,
         seed: int,
@@ -362,8 +487,9 @@ class BatchStream:
         task: Task | Literal["target"],  # "target": unlabeled target texts, inputs only
         rank: int = 0,
         world: int = 1,
+        positions: list[list[int]] | None = None,  # packed rows: position ids restarting per example
     ):
-        self.ids, self.labels = ids, labels
+        self.ids, self.labels, self.positions = ids, labels, positions
         self.global_batch = batch_size * world
         self.batch_size, self.seed, self.pad_id, self.task = batch_size, seed, pad_id, task
         self.rank, self.world = rank, world
@@ -378,8 +504,9 @@ class BatchStream:
         order = self._cache[1]
         chunk = order[pos * self.global_batch : (pos + 1) * self.global_batch]
         mine = chunk[self.rank :: self.world] or chunk[:1]  # never hand a process an empty batch
-        labels = None if self.labels is None else [self.labels[i] for i in mine]
-        return collate([self.ids[i] for i in mine], self.pad_id, labels, self.task)
+        labels: Any = None if self.labels is None else [self.labels[i] for i in mine]  # class ids or token rows
+        positions = None if self.positions is None else [self.positions[i] for i in mine]
+        return collate([self.ids[i] for i in mine], self.pad_id, labels, self.task, positions)
 
 
 def warn_unused_target_labels(target: TextData | None) -> None:

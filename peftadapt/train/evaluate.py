@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import Task
-from .data import TextData, as_text_data, check_tokenizer, collate, tokenize
+from .data import Encoded, TextData, as_text_data, check_tokenizer, collate, token_rows
 from .progress import on_terminal
 
 # metrics where smaller is better (the best checkpoint is the lowest)
@@ -45,7 +45,7 @@ def macro_f1(preds: Sequence[int], labels: Sequence[int]) -> float:
 def evaluate_model(
     model: nn.Module,
     tokenizer,
-    data: Mapping[str, TextData],
+    data: Mapping[str, TextData | Encoded],
     *,
     task: Task = "classification",
     max_length: int = 128,
@@ -66,11 +66,11 @@ def evaluate_model(
     model.eval()
     out: dict[str, float] = {}
     for name, d in data.items():
-        d = as_text_data(d, name)
-        gold = d.labels
+        d = d if isinstance(d, Encoded) else as_text_data(d, name)
+        gold = d.labels if isinstance(d, TextData) else None
         if task == "classification" and gold is None:
             raise ValueError(f"eval set {name!r} has no labels; a classifier is evaluated on labeled data")
-        ids = tokenize(d.texts, tokenizer, max_length)
+        ids, token_labels, positions = token_rows(d, tokenizer, max_length, task)
         preds, nll, count = [], 0.0, 0
         for i in tqdm(
             range(0, len(ids), batch_size),
@@ -80,8 +80,10 @@ def evaluate_model(
             disable=not progress or not on_terminal(),  # a bar in a log file is only noise
             dynamic_ncols=True,
         ):
-            labels = None if gold is None else gold[i : i + batch_size]
-            batch = collate(ids[i : i + batch_size], tokenizer.pad_token_id, labels, task)
+            rows = slice(i, i + batch_size)
+            labels = token_labels[rows] if token_labels is not None else None
+            pos = None if positions is None else positions[rows]
+            batch = collate(ids[rows], tokenizer.pad_token_id, labels, task, pos)
             batch = {k: v.to(device) for k, v in batch.items()}
             y = batch.pop("labels")  # collate sets them: class ids (checked above) or, for a causal LM, the tokens
             with autocast():

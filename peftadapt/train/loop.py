@@ -57,9 +57,11 @@ from . import preflight
 from .config import TASKS, Task, TrainConfig
 from .data import (
     BatchStream,
+    Encoded,
     as_text_data,
     check_labels,
     check_tokenizer,
+    token_rows,
     tokenize,
     warn_unused_target_labels,
 )
@@ -67,6 +69,15 @@ from .evaluate import LOWER_IS_BETTER, evaluate_model, macro_f1, metric_names  #
 from .nonfinite import NonFiniteError, count_nonfinite, describe_step, nonfinite_names, step_is_finite, way_out
 from .plots import plot_history
 from .progress import PlainProgress, on_terminal
+
+
+def _as_data(obj: Any, name: str, task: Task) -> Any:
+    """Training / eval data as the Trainer keeps it: a causal LM's :class:`Encoded` as is, else TextData."""
+    if isinstance(obj, Encoded):
+        if task != "causal_lm":
+            raise ValueError(f"{name}: tokenized (Encoded) data is for task causal_lm; a classifier takes TextData")
+        return obj
+    return as_text_data(obj, name)
 
 
 def _lr_lambda(kind: str, warmup: int, total: int):
@@ -170,13 +181,13 @@ class Trainer:
                 # decoder classifiers find each row's last token through the pad id
                 hf_cfg.pad_token_id = tokenizer.pad_token_id
 
-        self.train_data = as_text_data(train, "train")
+        self.train_data = _as_data(train, "train", task)
         self.target_data = None if target is None else as_text_data(target, "target")
         if eval is None:
             eval = {}
         elif not isinstance(eval, Mapping):
             eval = {"eval": eval}
-        self.eval_data = {n: as_text_data(d, n) for n, d in eval.items()}
+        self.eval_data = {n: _as_data(d, n, task) for n, d in eval.items()}
         if task == "classification":
             for d in [self.train_data, *self.eval_data.values()]:
                 check_labels(d, self.num_labels)
@@ -186,6 +197,11 @@ class Trainer:
             raise ValueError("regularizers need target data: pass target=... (unlabeled target texts)")
         if self.alignment is None and self.target_data is not None:
             warnings.warn("target data given without regularizers: it is not used (plain fine-tuning)", stacklevel=2)
+        if self.alignment is not None and getattr(self.train_data, "position_ids", None) is not None:
+            raise ValueError(
+                "packed training data cannot be combined with regularizers: a packed row holds several "
+                "examples, so its pooled features are no one example's; pass unpacked data"
+            )
         if self.alignment is not None:
             warn_unused_target_labels(self.target_data)
             check_alignment(self.alignment, model, causal_lm=task == "causal_lm")
@@ -302,15 +318,19 @@ class Trainer:
         pre-flight checks across processes (same config everywhere, batches big enough)."""
         cfg, acc, pad = self.config, self.accelerator, self.tokenizer.pad_token_id
         bs, tbs = preflight.batch_sizes(cfg, acc.num_processes)
+        ids, labels, positions = token_rows(self.train_data, self.tokenizer, self.max_length, self.task)
+        if positions is not None:  # packed rows: transformers keeps examples apart only without a cache
+            hf_config(self.base).use_cache = False
         self._source = BatchStream(
-            tokenize(self.train_data.texts, self.tokenizer, self.max_length),
-            self.train_data.labels if self.task == "classification" else None,
+            ids,
+            labels,
             bs,
             seed=cfg.seed,
             pad_id=pad,
             task=self.task,
             rank=acc.process_index,
             world=acc.num_processes,
+            positions=positions,
         )
         self._target = None
         if self.alignment is not None and self.target_data is not None:  # both or neither (checked in __init__)

@@ -75,15 +75,20 @@ def _digest(obj: Any) -> int:
     return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little", signed=True)
 
 
-def digest_rows(rows: Sequence[Sequence[int]] | None, labels: Sequence[int] | None = None) -> int:
-    """A 64-bit hash of tokenized data, streamed row by row (no JSON of millions of ints)."""
+def digest_rows(rows: Sequence[Sequence[int]] | None, labels: Sequence[Any] | None = None) -> int:
+    """A 64-bit hash of tokenized data, streamed row by row (no JSON of millions of ints);
+    ``labels``: one class id per row, or one target per token (causal-LM rows)."""
     h = hashlib.blake2b(digest_size=8)
     for row in rows or ():
         h.update(len(row).to_bytes(4, "little"))
         h.update(array.array("q", row).tobytes())
     if labels is not None:
         h.update(b"labels")
-        h.update(array.array("q", labels).tobytes())
+        if labels and isinstance(labels[0], Sequence):
+            for row in labels:
+                h.update(array.array("q", row).tobytes())
+        else:
+            h.update(array.array("q", labels).tobytes())
     return int.from_bytes(h.digest(), "little", signed=True)
 
 

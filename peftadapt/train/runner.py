@@ -24,9 +24,19 @@ from ..core.io import check_writable_dir
 from ..features import FeatureTap
 from ..wrap import load as load_adapter
 from ..wrap import wrap
-from .data import TextData, balance_classes, check_tokenizer, collate, load_text_data, tokenize
+from .data import (
+    Encoded,
+    TextData,
+    balance_classes,
+    check_tokenizer,
+    collate,
+    load_dataset_spec,
+    load_text_data,
+    tokenize,
+)
 from .loop import Trainer, evaluate_model
 from .schema import DatasetSpec, ModelConfig, RunConfig, TermConfig
+from .sft import encode_sft, pack
 
 
 def _labels(d: TextData) -> list[int]:
@@ -36,7 +46,12 @@ def _labels(d: TextData) -> list[int]:
     return d.labels
 
 
-def load_data(run: RunConfig, num_labels: int | None) -> tuple[TextData, TextData | None, dict[str, TextData]]:
+def load_data(
+    run: RunConfig, num_labels: int | None, tokenizer=None
+) -> tuple[TextData | Encoded, TextData | None, dict[str, TextData | Encoded]]:
+    """The run's datasets. A classifier's are texts + labels; a causal LM's source and eval
+    sets are tokenized here (``tokenizer`` needed) in their SFT format, the source packed if
+    ``data.packing``; target sets are texts (the alignment reads them unlabeled)."""
     data, cls = run.data, run.model.task == "classification"
 
     def read(spec: DatasetSpec, name: str, labeled: bool) -> TextData:
@@ -49,16 +64,60 @@ def load_data(run: RunConfig, num_labels: int | None) -> tuple[TextData, TextDat
             name=name,
             format=spec.format,
             split=spec.split,
+            subset=spec.subset,
             where=spec.where,
             where_not=spec.where_not,
         )
 
-    source = read(data.source, "data.source", cls)
+    def read_sft(spec: DatasetSpec, name: str) -> Encoded:
+        if tokenizer is None:
+            raise ValueError(f"{name}: causal-LM data is tokenized while loading; pass the tokenizer")
+        ds = load_dataset_spec(
+            spec.path,
+            format=spec.format,
+            split=spec.split,
+            subset=spec.subset,
+            where=spec.where,
+            where_not=spec.where_not,
+            name=name,
+        )
+        return encode_sft(
+            ds,
+            tokenizer,
+            format=spec.sft_format,
+            columns={
+                "text": spec.text,
+                "prompt": spec.prompt,
+                "completion": spec.completion,
+                "messages": spec.messages,
+            },
+            max_length=data.max_length,
+            truncation=data.truncation,
+            train_on_inputs=data.train_on_inputs,
+            name=name,
+        )
+
+    source: TextData | Encoded
+    if cls:
+        source = read(data.source, "data.source", True)
+        evals: dict[str, TextData | Encoded] = {n: read(s, n, True) for n, s in data.eval.items()}
+    else:
+        source = read_sft(data.source, "data.source")
+        if data.packing:
+            source = pack(source, data.max_length)
+        evals = {n: read_sft(s, f"data.eval.{n}") for n, s in data.eval.items()}
     target = None
     if data.target is not None:
         target = read(data.target, "data.target", cls and bool(data.target.label))
-    evals = {n: read(s, n, cls) for n, s in data.eval.items()}
     return source, target, evals
+
+
+def _data_tokenizer(run: RunConfig):
+    """The tokenizer when loading the data needs it (causal-LM data is tokenized as it loads);
+    None for a classifier, whose data is read (and checked) before the tokenizer loads."""
+    if run.model.task == "classification":
+        return None
+    return load_tokenizer(run.model, run.data.truncation, run.data.chat_template)
 
 
 def check_inputs(run: RunConfig, output: bool = True) -> None:
@@ -93,7 +152,7 @@ def _loading(key: str, path: str) -> Iterator[None]:
         raise ValueError(f"{key}: cannot load {path!r}: {first}") from None
 
 
-def load_tokenizer(mcfg: ModelConfig, truncation: str = "right"):
+def load_tokenizer(mcfg: ModelConfig, truncation: str = "right", chat_template: str | None = None):
     from transformers import AutoTokenizer
 
     key, path = ("model.tokenizer", mcfg.tokenizer) if mcfg.tokenizer else ("model.path", mcfg.path)
@@ -107,6 +166,10 @@ def load_tokenizer(mcfg: ModelConfig, truncation: str = "right"):
         tok.pad_token = mcfg.pad_token
     check_tokenizer(tok)
     tok.truncation_side = truncation  # data.truncation: which end of a long text is cut
+    if chat_template is not None:  # data.chat_template: the template itself, or a file holding it
+        template_file = Path(chat_template)
+        is_file = "{" not in chat_template and template_file.is_file()
+        tok.chat_template = template_file.read_text(encoding="utf-8") if is_file else chat_template
     return tok
 
 
@@ -188,16 +251,24 @@ def build_trainer(run: RunConfig):
     training, task = run.training, run.model.task
     nl = run.num_labels
     check_inputs(run)
-    source, target, evals = load_data(run, nl)
-    if task == "classification" and nl is None:
-        nl = max(2, max(_labels(source)) + 1)  # integer labels without a list: 0..max
+    tokenizer = _data_tokenizer(run)
+    source, target, evals = load_data(run, nl, tokenizer)
+    if isinstance(source, TextData):  # a classifier's
+        if nl is None:
+            nl = max(2, max(_labels(source)) + 1)  # integer labels without a list: 0..max
+        if run.data.balance == "oversample":
+            source = balance_classes(source)
     check_head_size(run, nl)
-    if run.data.balance == "oversample":
-        source = balance_classes(source)
-    tokenizer = load_tokenizer(run.model, run.data.truncation)
+    tokenizer = tokenizer or load_tokenizer(run.model, run.data.truncation, run.data.chat_template)
     set_seed(training.seed)  # head init, adapter init and discriminators are seeded too
     base = load_base_model(run.model, nl, training.gradient_checkpointing)
     model = wrap_model(base, run)
+    peft_cfg = getattr(model, "active_peft_config", None)
+    if run.data.packing and getattr(peft_cfg, "is_prompt_learning", False):
+        raise ValueError(
+            f"data.packing: method {run.method.name} feeds virtual tokens through the attention cache, which turns "
+            "off the packed-sequence masking, so packed examples would attend to each other; set data.packing: false"
+        )
     feats = run.features
     alignment = None
     if run.regularizers:
@@ -232,13 +303,14 @@ def evaluate_checkpoint(run: RunConfig, checkpoint: str | Path) -> dict[str, flo
         )
     nl = run.num_labels
     check_inputs(run, output=False)
-    _, _, evals = load_data(run, nl)
-    if not evals:
+    if not run.data.eval:
         raise ValueError("eval needs data.eval in the config: {name: {path: ..., text: ..., label: ...}}")
+    tokenizer = _data_tokenizer(run)  # as in training
+    _, _, evals = load_data(run, nl, tokenizer)
     if run.model.task == "classification" and nl is None:
-        nl = max(2, max(max(_labels(d)) for d in evals.values()) + 1)
+        nl = max(2, max(max(_labels(d)) for d in evals.values() if isinstance(d, TextData)) + 1)
     check_head_size(run, nl)
-    tokenizer = load_tokenizer(run.model, run.data.truncation)  # as in training
+    tokenizer = tokenizer or load_tokenizer(run.model, run.data.truncation, run.data.chat_template)
     base = load_base_model(run.model, nl)
     model = load_adapter(base, str(adapter))
     training = run.training

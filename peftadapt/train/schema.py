@@ -39,6 +39,7 @@ from ..quant.load import QuantStorage
 from ._fields import REQUIRED, as_dict, build, check_fields, check_keys, choices, describe, hints
 from .config import Task, TrainConfig
 from .data import Format, check_label_names
+from .sft import SFTFormat
 
 # Literal types over the tuples' one home (the lower layers own the lists).
 Dtype = Literal["float32", "bfloat16", "float16"]  # torch dtype names for model.dtype
@@ -174,17 +175,24 @@ class FeaturesConfig:
 
 @dataclasses.dataclass
 class DatasetSpec:
-    """One dataset: a CSV / TSV / JSONL file or a saved HF dataset folder (a bare string is its path)."""
+    """One dataset: a data file, a saved HF dataset folder or a Hub dataset name (a bare string is its path)."""
 
     _shorthand: ClassVar[str] = "path"
 
-    path: str = field(REQUIRED, "a CSV / TSV / JSONL file or a saved HF dataset folder")
+    path: str = field(REQUIRED, "a CSV / TSV / JSON(L) / Parquet file, a save_to_disk folder, or a Hub dataset name")
     text: str = field("text", "the text column")
     label: str | None = field(None, "the label column (required for a classifier's source and eval sets)")
-    format: Format | None = field(None, "default: from the file extension")
-    split: str | None = field(None, "the split of a saved DatasetDict")
+    format: Format | None = field(None, "how the file is read; default: from the suffix (a folder: hf)")
+    split: str | None = field(None, "a split of a DatasetDict or Hub dataset (files: train, or a slice: train[:90%])")
+    subset: str | None = field(None, "the configuration of a Hub dataset (load_dataset's name)")
     where: dict[str, Any] | None = field(None, "keep rows whose column holds this value (or one of a list)")
     where_not: dict[str, Any] | None = field(None, "drop rows whose column holds this value (or one of a list)")
+    sft_format: SFTFormat | None = field(
+        None, "causal_lm rows: text, prompt_completion or messages; default: from the columns"
+    )
+    prompt: str = field("prompt", "the prompt column (sft_format prompt_completion)")
+    completion: str = field("completion", "the completion column (sft_format prompt_completion)")
+    messages: str = field("messages", "the chat column: a list of {role, content} (sft_format messages)")
 
 
 @dataclasses.dataclass
@@ -200,6 +208,9 @@ class DataConfig:
     max_length: int = field(128, "tokens per example; longer texts are truncated")
     truncation: Truncation = field("right", "which end of a long text is cut off (left keeps the end)")
     balance: Balance = field("none", "oversample: repeat minority-class source rows (classification)")
+    train_on_inputs: bool = field(False, "causal_lm: the loss also covers prompts / user turns (default: answers only)")
+    packing: bool = field(False, "causal_lm: pack source examples into rows of max_length (position ids restart)")
+    chat_template: str | None = field(None, "a Jinja chat template (or a .jinja file) for messages data")
 
     def __post_init__(self):
         check_fields(self, self._where)
@@ -256,6 +267,16 @@ class RunConfig:
                 "method: full trains every weight, and quantized weights (model.quantize) cannot train; "
                 "drop model.quantize or use method: lora (QLoRA)"
             )
+        if data.packing and task != "causal_lm":
+            raise ValueError("data.packing: packs token sequences of a causal LM; it needs model.task: causal_lm")
+        if data.packing and self.regularizers:
+            raise ValueError(
+                "data.packing cannot be combined with regularizers: a packed row holds several examples, "
+                "so its pooled features are no one example's; set data.packing: false"
+            )
+        for key, spec in data.specs().items():
+            if spec.sft_format is not None and task != "causal_lm":
+                raise ValueError(f"{key}.sft_format: a causal_lm data layout; this model's task is {task}")
         if data.balance != "none" and task != "classification":
             raise ValueError("data.balance: oversample balances class labels; it needs model.task: classification")
 
