@@ -55,6 +55,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -493,9 +494,10 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def _first_line(e: BaseException) -> str:
+def _first_line(e: BaseException, limit: int = 200) -> str:
     lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+    first = lines[0] if lines else ""
+    return f"{type(e).__name__}: {first if len(first) <= limit else first[:limit] + '...'}"
 
 
 @contextlib.contextmanager
@@ -503,9 +505,16 @@ def _reading(folder: Path, name: str):
     """Any failure to read or parse ``name`` (a truncated file, a pickle ``weights_only`` refuses,
     bad JSON) becomes one :class:`CheckpointError` line naming the file."""
     try:
-        yield folder / name
+        with warnings.catch_warnings():  # torch's notes on a foreign pickle: the error below says it all
+            warnings.simplefilter("ignore")
+            yield folder / name
     except CheckpointError:
         raise
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{folder.name}: {name} holds pickled objects other than tensors: refused without running them "
+            "(torch.load with weights_only=True)"
+        ) from e
     except Exception as e:
         raise CheckpointError(f"{folder.name}: {name} cannot be read ({_first_line(e)})") from e
 
