@@ -357,8 +357,8 @@ def save_checkpoint(
         write_json(tmp / MANIFEST, _manifest(tmp, files, None if optim is not None else NO_OPTIMIZER_FSDP1))
         _replace_dir(tmp, folder)
     except (OSError, SafetensorError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(folder, e) from e
+        shutil.rmtree(tmp, ignore_errors=True)  # fails on a read-only disk: resume ignores .tmp- folders
+        raise _write_error(folder, e, left=tmp if tmp.exists() else None) from e
     return folder
 
 
@@ -420,7 +420,7 @@ def _replace_dir(tmp: Path, folder: Path) -> None:
             os.close(fd)
 
 
-def _write_error(folder: Path, e: OSError | SafetensorError) -> CheckpointWriteError:
+def _write_error(folder: Path, e: OSError | SafetensorError, left: Path | None) -> CheckpointWriteError:
     code = e.errno if isinstance(e, OSError) else _os_error_code(str(e))
     why = os.strerror(code) if code else str(e)
     hint = {
@@ -432,8 +432,9 @@ def _write_error(folder: Path, e: OSError | SafetensorError) -> CheckpointWriteE
     }.get(code or 0, "fix the cause")
     latest = latest_checkpoint(folder.parent)
     kept = f"the newest complete checkpoint, {latest.name}, is intact" if latest else "no earlier checkpoint exists"
+    half = "nothing half-written was left" if left is None else f"the half-written {left.name} is never resumed"
     err = CheckpointWriteError(
-        f"could not write {folder.name} in {str(folder.parent)!r}: {why}; nothing half-written was left and "
+        f"could not write {folder.name} in {str(folder.parent)!r}: {why}; {half} and "
         f"{kept}; {hint}, then continue the run with peftadapt train CONFIG --resume (Trainer.train(resume=True))"
     )
     err.errno = code
