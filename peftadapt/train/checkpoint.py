@@ -404,16 +404,23 @@ def _manifest(tmp: Path, written: dict[str, bytes], no_optimizer: str | None) ->
 
 
 def _replace_dir(tmp: Path, folder: Path) -> None:
-    """Rename the finished ``tmp`` to ``folder``; an existing ``folder`` (the same step written
-    again) is moved aside first and deleted after, so one of the two is complete at every moment."""
+    """Rename the finished ``tmp`` to ``folder``, its entries and the rename synced to disk. An
+    existing ``folder`` (the same step written again) is moved aside first and deleted after;
+    a kill between the two renames leaves both under ``.tmp-`` names, which resume ignores
+    (it takes the checkpoint before) and rotation deletes."""
+    _fsync_dir(tmp)
     old = folder.with_name(".tmp-old-" + folder.name)
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
-    with contextlib.suppress(OSError):  # the rename itself to disk (POSIX; not possible on Windows)
-        fd = os.open(folder.parent, os.O_RDONLY)
+    _fsync_dir(folder.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # POSIX; a folder cannot be opened so on Windows
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
@@ -486,10 +493,9 @@ def verify_checkpoint(folder: str | Path, only: tuple[str, ...] | None = None) -
 def _read_manifest(folder: Path) -> dict[str, Any]:
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        files = manifest["files"]
-        assert isinstance(files, dict)
-        for entry in files.values():
-            assert isinstance(entry["bytes"], int) and isinstance(entry["sha256"], str)
+        for entry in manifest["files"].values():
+            if not (isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
+                raise TypeError(f"a file entry without its bytes and sha256: {entry!r}")
     except Exception as e:  # any way the manifest cannot be parsed: the checkpoint is not trusted
         raise CheckpointError(f"{folder.name}: {MANIFEST} cannot be read ({_first_line(e)})") from e
     return manifest
