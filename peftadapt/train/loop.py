@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..align.step import DomainAdaptation, as_alignment, check_alignment
@@ -412,12 +412,24 @@ class Trainer:
 
     def _resume(self, resume: bool | str) -> None:
         """Load the checkpoint to resume from (or refuse a folder holding another run's), and
-        cut ``metrics.jsonl`` back to it: lines written after it by a killed run are dropped."""
+        cut ``metrics.jsonl`` back to it: lines written after it by a killed run are dropped.
+        ``resume=True`` takes the newest checkpoint that verifies (damaged newer ones are
+        skipped with a warning, :func:`checkpoint.load_newest`); a path must verify itself."""
         cfg, acc, out_dir, st = self.config, self.accelerator, self.output_dir, self.state
-        start = None
+        saved = None
         if resume:
-            start = Path(resume) if isinstance(resume, (str, Path)) else ckpt.latest_checkpoint(out_dir)
-        if start is None and ckpt.list_checkpoints(out_dir):
+            parts = dict(
+                model=acc.unwrap_model(self._train_model),
+                alignment=self.alignment,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+            )
+            if isinstance(resume, (str, Path)):
+                saved = ckpt.load_checkpoint(resume, **parts)
+            else:
+                found = ckpt.load_newest(out_dir, set_aside=acc.is_main_process, **parts)
+                saved = found[1] if found is not None else None
+        if saved is None and ckpt.list_checkpoints(out_dir):
             if not cfg.overwrite_output_dir:
                 raise ValueError(
                     f"{str(out_dir)!r} already holds checkpoints of another run; resume it (resume=True, "
@@ -427,14 +439,7 @@ class Trainer:
                 for _, p in ckpt.list_checkpoints(out_dir):
                     shutil.rmtree(p)
         self.history = []
-        if start is not None:
-            saved = ckpt.load_checkpoint(
-                start,
-                model=acc.unwrap_model(self._train_model),
-                alignment=self.alignment,
-                optimizer=self.optimizer,
-                scheduler=self.scheduler,
-            )
+        if saved is not None:
             st.step, st.best, st.best_step, st.bad_evals = (
                 saved["step"],
                 saved["best"],
@@ -601,13 +606,11 @@ class Trainer:
         train_losses = [r["loss"] for r in self.history if r["split"] == "train"]
         if train_losses:
             final["train/loss"] = train_losses[-1]
-        best_path = self._best_path()  # None iff st.best_step is None
-        if cfg.load_best_model_at_end and best_path is not None and st.best_step != st.step:
-            ckpt.load_trainable_state(
-                self.accelerator.unwrap_model(self._train_model),
-                load_file(str(best_path / "trainable.safetensors")),
-            )
-            best = next(r for r in reversed(self.history) if r["split"] == "eval" and r["step"] == st.best_step)
+        restored = None
+        if cfg.load_best_model_at_end and st.best_step is not None and st.best_step != st.step:
+            restored = self._restore_best()
+        if restored is not None:
+            best = next(r for r in reversed(self.history) if r["split"] == "eval" and r["step"] == restored)
             final = {
                 **{k: v for k, v in best.items() if k not in ("step", "split")},
                 "train/loss": best.get("train/loss", train_losses[-1] if train_losses else float("nan")),
@@ -623,6 +626,7 @@ class Trainer:
             "skipped_steps": st.skipped_steps,
             "seconds": seconds,
             "seconds_per_step": seconds / max(1, steps_done),
+            "restored_step": restored,  # whose weights final/ holds; None: the last step's
         }
         self._write_final(summary)
         if cfg.report_to:
@@ -636,6 +640,40 @@ class Trainer:
             "seconds": seconds,
         }
         return final
+
+    def _restore_best(self) -> int | None:
+        """Load the trainable weights of the best checkpoint that verifies and return its step.
+        A damaged best one is skipped, with one warning naming its bad file, for the next best
+        checkpoint still better than the last step's weights; if none is, the last step's
+        weights stay (None)."""
+        st, name = self.state, self.best_metric_name
+        assert name is not None  # a best step implies a metric to rank by
+        on_disk = dict(ckpt.list_checkpoints(self.output_dir))
+        last = st.last_eval.get(name)
+        evals = {
+            r["step"]: r[name]
+            for r in self.history
+            if r["split"] == "eval" and r["step"] in on_disk and r["step"] != st.step and math.isfinite(r[name])
+        }
+        ranked = sorted(evals, key=lambda s: -evals[s] if self.greater_is_better else evals[s])  # stable: earliest
+        bad: list[str] = []
+        for step in ranked:
+            if step != st.best_step and last is not None and not self._is_better(evals[step], last):
+                break  # a fallback must beat the last step's weights
+            try:
+                weights = ckpt.read_trainable(on_disk[step])
+            except ckpt.CheckpointError as e:
+                bad.append(str(e))
+                continue
+            ckpt.load_trainable_state(self.accelerator.unwrap_model(self._train_model), weights)
+            if bad:
+                warnings.warn(
+                    f"restored the weights of checkpoint-{step}, not the damaged {'; '.join(bad)}", stacklevel=2
+                )
+            return step
+        why = f"the better ones are damaged: {'; '.join(bad)}" if bad else f"checkpoint-{st.best_step} is gone"
+        warnings.warn(f"final/ keeps the last step's weights: {why}", stacklevel=2)
+        return None
 
     def _write_final(self, summary: dict[str, Any]) -> None:
         """``final/`` (adapter, trainable tensors, summary) written to a temp folder and renamed;
