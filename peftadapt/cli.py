@@ -203,7 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("PEFTADAPT_DEBUG"):
             raise
         print(f"peftadapt {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        # a checkpoint write the disk refused (CheckpointWriteError: its own line, also an OSError) is a
+        # disk error like the others below: status 1; a bad input is status 2
+        return 1 if isinstance(e, OSError) and e.errno in DISK_ERRORS else 2
     except OSError as e:
         if e.errno not in DISK_ERRORS or os.environ.get("PEFTADAPT_DEBUG"):
             raise  # not the disk's fault: a bug, shown whole
