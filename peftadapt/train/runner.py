@@ -53,7 +53,7 @@ def load_data(run: RunConfig, num_labels: int | None) -> tuple[TextData, TextDat
     target = None
     if data.target is not None:
         target = read(data.target, "data.target", cls and bool(data.target.label))
-    evals = {n: read(s, n, cls) for n, s in data.eval.items()}
+    evals = {n: read(s, n, cls and bool(s.label)) for n, s in data.eval.items()}
     return source, target, evals
 
 
@@ -172,6 +172,8 @@ def build_trainer(run: RunConfig):
         max_length=run.data.max_length,
         feature_layer=feats.layer,
         pooling=feats.pooling,
+        validators={n: s.validators for n, s in run.data.eval.items() if s.validators},
+        source_validation=run.data.source_validation,
     )
 
 
@@ -189,6 +191,8 @@ def evaluate_checkpoint(run: RunConfig, checkpoint: str | Path) -> dict[str, flo
         )
     nl = run.num_labels
     _, _, evals = load_data(run, nl)
+    if run.model.task == "classification":  # unlabeled sets carry only validators, which need a training run
+        evals = {n: d for n, d in evals.items() if d.labels is not None}
     if not evals:
         raise ValueError("eval needs data.eval in the config: {name: {path: ..., text: ..., label: ...}}")
     if run.model.task == "classification" and nl is None:

@@ -35,6 +35,7 @@ from ..core.fields import field
 from ..features import Pooling
 from ..methods.base import ALIASES, METHODS, build_config, method_names
 from ..quant.load import QuantStorage
+from ..validators import ValidatorName
 from ._fields import REQUIRED, as_dict, build, check_fields, check_keys, choices, describe, hints
 from .config import Task, TrainConfig
 from .data import Format
@@ -175,6 +176,10 @@ class DatasetSpec:
     split: str | None = field(None, "the split of a saved DatasetDict")
     where: dict[str, Any] | None = field(None, "keep rows whose column holds this value (or one of a list)")
     where_not: dict[str, Any] | None = field(None, "drop rows whose column holds this value (or one of a list)")
+    validators: list[ValidatorName] = field(
+        [],
+        "eval sets only: label-free scores logged as <name>/<validator> (docs/validators.md); the set may be unlabeled",
+    )
 
 
 @dataclasses.dataclass
@@ -186,6 +191,11 @@ class DataConfig:
     source: DatasetSpec = field(REQUIRED, "the labeled training data")
     target: DatasetSpec | None = field(None, "unlabeled target-domain texts (needed by regularizers)")
     eval: dict[str, DatasetSpec] = field({}, "named eval sets; metrics are logged as <name>/<metric>")
+    source_validation: str | None = field(
+        None,
+        "the eval set (a name in data.eval) of labeled source-domain data: read by dev, reverse_validation, "
+        "source_accuracy and a DA run's default selection",
+    )
     labels: list[str | int] | None = field(None, "label names in class order: string labels -> 0, 1, ...")
     max_length: int = field(128, "tokens per example; longer texts are truncated")
     truncation: Truncation = field("right", "which end of a long text is cut off (left keeps the end)")
@@ -229,7 +239,9 @@ class RunConfig:
         if data.labels is not None and nl is not None and len(data.labels) != nl:
             raise ValueError(f"data.labels has {len(data.labels)} names but model.num_labels is {nl}")
         for key, spec in data.specs().items():
-            if task == "classification" and key != "data.target" and not spec.label:
+            if spec.validators and not key.startswith("data.eval."):
+                raise ValueError(f"{key}.validators: only eval sets (data.eval.NAME) are scored by validators")
+            if task == "classification" and key != "data.target" and not spec.label and not spec.validators:
                 raise ValueError(f"{key}.label is required for a classifier: the name of the label column")
         if self.regularizers and data.target is None:
             raise ValueError("regularizers need unlabeled target data: add data.target (or remove the regularizers)")
