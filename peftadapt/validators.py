@@ -30,7 +30,7 @@ the Amazon reviews, is in docs/validators.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -250,3 +250,32 @@ def score(name: str, outputs: Outputs) -> float:
     if missing:
         raise ValueError(f"validator {name!r} needs {missing}; give a labeled source validation set for it")
     return v.fn(outputs)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation of two equal-length sequences (ties get their average rank).
+
+    How well a validator's scores order the candidates by their target accuracy: 1 is the
+    same order, 0 none, -1 the reverse. NaN when either sequence is constant.
+    """
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"spearman needs two sequences of one length >= 2, got {len(x)} and {len(y)}")
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return float("nan") if vx == 0 or vy == 0 else cov / (vx * vy) ** 0.5
+
+
+def _ranks(v: Sequence[float]) -> list[float]:
+    order = sorted(range(len(v)), key=lambda i: v[i])
+    ranks = [0.0] * len(v)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
