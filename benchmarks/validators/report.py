@@ -1,0 +1,163 @@
+"""The validator study's table: for each validator, its pick's target accuracy, regret and rank correlation.
+
+    python -m benchmarks.validators.report      # -> benchmarks/results/validators.md / .json / .png
+
+Per (pair, seed) the candidates are the grid's cells (regularizer x weight, "none" included).
+A validator picks the cell with its highest score; its *regret* is the best cell's target test
+accuracy minus the picked cell's (points; the best cell is known only in hindsight, with target
+labels). Spearman is the rank correlation between the validator's score and target accuracy over
+the cells. Each figure is the mean over (pair, seed) groups; only complete groups count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from peftadapt.core.io import write_json
+from peftadapt.validators import VALIDATOR_NAMES, spearman
+
+from .run import GRID, OUT, cell_key
+
+RESULTS = OUT.parent
+NAMES = {
+    "source_accuracy": "source validation accuracy (baseline)",
+    "im": "information maximization (IM)",
+    "entropy": "target entropy",
+    "snd": "SND (Saito et al. 2021)",
+    "bnm": "BNM (Cui et al. 2020)",
+    "dev": "DEV (You et al. 2019)",
+    "reverse_validation": "reverse validation",
+}
+FIXED = [("none", 0.0), ("mmd", 0.3), ("entropy", 0.3)]  # no selection: one fixed choice for every pair
+
+
+def load() -> tuple[dict, list[str]]:
+    groups, commands = {}, []
+    for f in sorted(OUT.glob("*.json")):
+        data = json.loads(f.read_text())
+        commands += data.get("meta", {}).get("commands", [])
+        pair = f.stem.replace("-", ">")
+        seeds = sorted({int(k.rsplit("|s", 1)[1]) for k in data["cells"]})
+        for s in seeds:
+            cells = {(r, w): data["cells"].get(cell_key(r, w, s)) for r, w in GRID}
+            groups[(pair, s)] = cells
+    return groups, list(dict.fromkeys(commands))
+
+
+def main() -> None:
+    groups, commands = load()
+    complete = {g: c for g, c in groups.items() if all(v is not None and math.isfinite(v["acc"]) for v in c.values())}
+    done = sum(v is not None for c in groups.values() for v in c.values())
+    rows = {}
+    per_group = {}
+    for g, cells in complete.items():
+        acc = {k: 100 * v["acc"] for k, v in cells.items()}
+        best = max(acc.values())
+        per_group[g] = {"best": best, "best_cell": max(acc, key=acc.get), "picks": {}}
+        for name in VALIDATOR_NAMES:
+            score = {k: v[name] for k, v in cells.items()}
+            pick = max(score, key=score.get)
+            rho = spearman([score[k] for k in GRID], [acc[k] for k in GRID])
+            r = rows.setdefault(name, {"acc": [], "regret": [], "rho": []})
+            r["acc"].append(acc[pick])
+            r["regret"].append(best - acc[pick])
+            r["rho"].append(rho)
+            per_group[g]["picks"][name] = f"{pick[0]} {pick[1]:g}"
+        for reg, w in FIXED:
+            r = rows.setdefault(f"fixed: {reg} {w:g}", {"acc": [], "regret": [], "rho": []})
+            r["acc"].append(acc[(reg, w)])
+            r["regret"].append(best - acc[(reg, w)])
+        r = rows.setdefault("oracle (best cell, target labels)", {"acc": [], "regret": [], "rho": []})
+        r["acc"].append(best)
+        r["regret"].append(0.0)
+
+    def mean(v):
+        v = [x for x in v if not math.isnan(x)]
+        return sum(v) / len(v) if v else float("nan")
+
+    n_expected = len(GRID) * 4 * 2  # 4 pairs, 2 seeds
+    status = (
+        f"**Complete**: {len(complete)} (pair, seed) groups"
+        if done >= n_expected
+        else f"**PARTIAL**: {done} of {n_expected} cells (4 pairs x 2 seeds x {len(GRID)} grid cells) done; "
+        f"{len(complete)} complete (pair, seed) groups enter the table"
+    )
+    lines = [
+        "# Validator study: picking the regularizer and its weight without target labels",
+        "",
+        status + ". Resume (finished cells are skipped): "
+        "`TORCH_THREADS=1 python -m benchmarks.validators.run --seeds 0 1` then "
+        "`python -m benchmarks.validators.report`.",
+        "",
+        "Commands that added cells: " + "; ".join(f"`{c}`" for c in commands) + ".",
+        "",
+        "Grid per (pair, seed): " + ", ".join(f"{r} {w:g}" if r != "none" else "none (source-only)" for r, w in GRID)
+        + ". Amazon reviews, quick profile of `benchmarks/amazon` (MiniLM, LoRA on the top layer, length 64, "
+        "100 source-only warm-up steps + 60 steps with the regularizer). Target accuracy on the target's 400 test "
+        "reviews; validators read 800 unlabeled target train reviews and the source's 200 validation reviews.",
+        "",
+        "| selection | target accuracy of the pick (%) | regret vs best cell (points) | Spearman(score, target acc) |",
+        "|---|---|---|---|",
+    ]
+    order = ["source_accuracy", *[n for n in VALIDATOR_NAMES if n != "source_accuracy"]]
+    for name in order + [k for k in rows if k not in VALIDATOR_NAMES]:
+        if name not in rows:
+            continue
+        r = rows[name]
+        label = NAMES.get(name, name)
+        rho = f"{mean(r['rho']):+.2f}" if r["rho"] else ""
+        lines.append(f"| {label} | {mean(r['acc']):.2f} | {mean(r['regret']):.2f} | {rho} |")
+    lines += ["", "Per (pair, seed): the best cell in hindsight and each validator's pick.", ""]
+    head = ["pair", "seed", "best cell (acc %)", *order]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (pair, s), pg in sorted(per_group.items()):
+        bc = pg["best_cell"]
+        lines.append(
+            f"| {pair} | {s} | {bc[0]} {bc[1]:g} ({pg['best']:.2f}) | " + " | ".join(pg["picks"][n] for n in order) + " |"
+        )
+    out = RESULTS / "validators.md"
+    out.write_text("\n".join(lines) + "\n")
+    write_json(
+        RESULTS / "validators.json",
+        {
+            "cells_done": done,
+            "cells_expected": n_expected,
+            "groups": len(complete),
+            "summary": {k: {"acc": mean(v["acc"]), "regret": mean(v["regret"]), "spearman": mean(v["rho"]) if v["rho"] else None} for k, v in rows.items()},
+            "per_group": {f"{p}|s{s}": v for (p, s), v in per_group.items()},
+            "commands": commands,
+        },
+    )
+    _plot(complete, RESULTS / "validators.png")
+    print("\n".join(lines))
+
+
+def _plot(groups: dict, path: Path) -> None:
+    if not groups:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["source_accuracy", *[n for n in VALIDATOR_NAMES if n != "source_accuracy"]]
+    fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 3), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        for (pair, s), cells in sorted(groups.items()):
+            xs = [v[name] for v in cells.values()]
+            lo, hi = min(xs), max(xs)
+            xs = [(x - lo) / (hi - lo) if hi > lo else 0.5 for x in xs]  # per-group min-max: the ranking is what picks
+            ax.scatter(xs, [100 * v["acc"] for v in cells.values()], s=10, label=f"{pair} s{s}")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("score (scaled per pair)", fontsize=7)
+    axes[0][0].set_ylabel("target test accuracy (%)")
+    axes[0][-1].legend(fontsize=5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
