@@ -93,7 +93,8 @@ def main() -> None:
         "",
         "Commands that added cells: " + "; ".join(f"`{c}`" for c in commands) + ".",
         "",
-        "Grid per (pair, seed): " + ", ".join(f"{r} {w:g}" if r != "none" else "none (source-only)" for r, w in GRID)
+        "Grid per (pair, seed): "
+        + ", ".join(f"{r} {w:g}" if r != "none" else "none (source-only)" for r, w in GRID)
         + ". Amazon reviews, quick profile of `benchmarks/amazon` (MiniLM, LoRA on the top layer, length 64, "
         "100 source-only warm-up steps + 60 steps with the regularizer). Target accuracy on the target's 400 test "
         "reviews; validators read 800 unlabeled target train reviews and the source's 200 validation reviews.",
@@ -115,7 +116,9 @@ def main() -> None:
     for (pair, s), pg in sorted(per_group.items()):
         bc = pg["best_cell"]
         lines.append(
-            f"| {pair} | {s} | {bc[0]} {bc[1]:g} ({pg['best']:.2f}) | " + " | ".join(pg["picks"][n] for n in order) + " |"
+            f"| {pair} | {s} | {bc[0]} {bc[1]:g} ({pg['best']:.2f}) | "
+            + " | ".join(pg["picks"][n] for n in order)
+            + " |"
         )
     out = RESULTS / "validators.md"
     out.write_text("\n".join(lines) + "\n")
@@ -125,7 +128,14 @@ def main() -> None:
             "cells_done": done,
             "cells_expected": n_expected,
             "groups": len(complete),
-            "summary": {k: {"acc": mean(v["acc"]), "regret": mean(v["regret"]), "spearman": mean(v["rho"]) if v["rho"] else None} for k, v in rows.items()},
+            "summary": {
+                k: {
+                    "acc": mean(v["acc"]),
+                    "regret": mean(v["regret"]),
+                    "spearman": mean(v["rho"]) if v["rho"] else None,
+                }
+                for k, v in rows.items()
+            },
             "per_group": {f"{p}|s{s}": v for (p, s), v in per_group.items()},
             "commands": commands,
         },
