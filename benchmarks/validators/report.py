@@ -46,43 +46,71 @@ def load() -> tuple[dict, list[str]]:
     return groups, list(dict.fromkeys(commands))
 
 
+# Candidate sets: the whole grid, and each regularizer's weights with source-only ("none" = weight 0).
+CANDIDATES = {
+    "all cells": GRID,
+    "MMD weight (0, 0.1, 0.3, 1)": [c for c in GRID if c[0] in ("none", "mmd")],
+    "entropy weight (0, 0.1, 0.3, 1)": [c for c in GRID if c[0] in ("none", "entropy")],
+}
+ORDER = ["source_accuracy", *[n for n in VALIDATOR_NAMES if n != "source_accuracy"]]
+
+
+def mean(v):
+    v = [x for x in v if not math.isnan(x)]
+    return sum(v) / len(v) if v else float("nan")
+
+
+def evaluate(groups: dict, cands: list) -> tuple[dict, dict]:
+    """Per selection rule: pick accuracy, regret, Spearman over the (pair, seed) groups; and the picks per group."""
+    rows: dict = {}
+    per_group = {}
+    for g, cells in groups.items():
+        acc = {k: 100 * cells[k]["acc"] for k in cands}
+        best = max(acc.values())
+        per_group[g] = {"best": best, "best_cell": max(acc, key=acc.get), "picks": {}}
+        for name in VALIDATOR_NAMES:
+            score = {k: cells[k][name] for k in cands}
+            pick = max(score, key=score.get)
+            r = rows.setdefault(name, {"acc": [], "regret": [], "rho": []})
+            r["acc"].append(acc[pick])
+            r["regret"].append(best - acc[pick])
+            r["rho"].append(spearman([score[k] for k in cands], [acc[k] for k in cands]))
+            per_group[g]["picks"][name] = f"{pick[0]} {pick[1]:g}"
+        for reg, w in FIXED:
+            if (reg, w) in cands:
+                r = rows.setdefault(f"fixed: {reg} {w:g}", {"acc": [], "regret": [], "rho": []})
+                r["acc"].append(acc[(reg, w)])
+                r["regret"].append(best - acc[(reg, w)])
+        r = rows.setdefault("oracle (best cell, target labels)", {"acc": [], "regret": [], "rho": []})
+        r["acc"].append(best)
+        r["regret"].append(0.0)
+    return rows, per_group
+
+
+def table(rows: dict) -> list[str]:
+    lines = [
+        "| selection | target accuracy of the pick (%) | regret vs best cell (points) | Spearman(score, target acc) |",
+        "|---|---|---|---|",
+    ]
+    for name in ORDER + [k for k in rows if k not in VALIDATOR_NAMES]:
+        if name in rows:
+            r = rows[name]
+            rho = f"{mean(r['rho']):+.2f}" if r["rho"] else ""
+            lines.append(f"| {NAMES.get(name, name)} | {mean(r['acc']):.2f} | {mean(r['regret']):.2f} | {rho} |")
+    return lines
+
+
 def main() -> None:
     groups, commands = load()
     complete = {g: c for g, c in groups.items() if all(v is not None and math.isfinite(v["acc"]) for v in c.values())}
     done = sum(v is not None for c in groups.values() for v in c.values())
-    rows = {}
-    per_group = {}
-    for g, cells in complete.items():
-        acc = {k: 100 * v["acc"] for k, v in cells.items()}
-        best = max(acc.values())
-        per_group[g] = {"best": best, "best_cell": max(acc, key=acc.get), "picks": {}}
-        for name in VALIDATOR_NAMES:
-            score = {k: v[name] for k, v in cells.items()}
-            pick = max(score, key=score.get)
-            rho = spearman([score[k] for k in GRID], [acc[k] for k in GRID])
-            r = rows.setdefault(name, {"acc": [], "regret": [], "rho": []})
-            r["acc"].append(acc[pick])
-            r["regret"].append(best - acc[pick])
-            r["rho"].append(rho)
-            per_group[g]["picks"][name] = f"{pick[0]} {pick[1]:g}"
-        for reg, w in FIXED:
-            r = rows.setdefault(f"fixed: {reg} {w:g}", {"acc": [], "regret": [], "rho": []})
-            r["acc"].append(acc[(reg, w)])
-            r["regret"].append(best - acc[(reg, w)])
-        r = rows.setdefault("oracle (best cell, target labels)", {"acc": [], "regret": [], "rho": []})
-        r["acc"].append(best)
-        r["regret"].append(0.0)
-
-    def mean(v):
-        v = [x for x in v if not math.isnan(x)]
-        return sum(v) / len(v) if v else float("nan")
-
     n_expected = len(GRID) * 4 * 2  # 4 pairs, 2 seeds
     status = (
         f"**Complete**: {len(complete)} (pair, seed) groups"
         if done >= n_expected
         else f"**PARTIAL**: {done} of {n_expected} cells (4 pairs x 2 seeds x {len(GRID)} grid cells) done; "
-        f"{len(complete)} complete (pair, seed) groups enter the table"
+        f"the {len(complete)} complete (pair, seed) groups ({', '.join(f'{p} s{s}' for p, s in sorted(complete))}) "
+        "enter the tables"
     )
     lines = [
         "# Validator study: picking the regularizer and its weight without target labels",
@@ -97,46 +125,33 @@ def main() -> None:
         + ", ".join(f"{r} {w:g}" if r != "none" else "none (source-only)" for r, w in GRID)
         + ". Amazon reviews, quick profile of `benchmarks/amazon` (MiniLM, LoRA on the top layer, length 64, "
         "100 source-only warm-up steps + 60 steps with the regularizer). Target accuracy on the target's 400 test "
-        "reviews; validators read 800 unlabeled target train reviews and the source's 200 validation reviews.",
-        "",
-        "| selection | target accuracy of the pick (%) | regret vs best cell (points) | Spearman(score, target acc) |",
-        "|---|---|---|---|",
+        "reviews; validators read 800 unlabeled target train reviews and the source's 200 validation reviews. "
+        "Each figure is the mean over the (pair, seed) groups; regret = best candidate's target accuracy "
+        "(hindsight, target labels) minus the pick's, in points.",
     ]
-    order = ["source_accuracy", *[n for n in VALIDATOR_NAMES if n != "source_accuracy"]]
-    for name in order + [k for k in rows if k not in VALIDATOR_NAMES]:
-        if name not in rows:
-            continue
-        r = rows[name]
-        label = NAMES.get(name, name)
-        rho = f"{mean(r['rho']):+.2f}" if r["rho"] else ""
-        lines.append(f"| {label} | {mean(r['acc']):.2f} | {mean(r['regret']):.2f} | {rho} |")
-    lines += ["", "Per (pair, seed): the best cell in hindsight and each validator's pick.", ""]
-    head = ["pair", "seed", "best cell (acc %)", *order]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (pair, s), pg in sorted(per_group.items()):
-        bc = pg["best_cell"]
-        lines.append(
-            f"| {pair} | {s} | {bc[0]} {bc[1]:g} ({pg['best']:.2f}) | "
-            + " | ".join(pg["picks"][n] for n in order)
-            + " |"
-        )
-    out = RESULTS / "validators.md"
-    out.write_text("\n".join(lines) + "\n")
+    summary = {}
+    for title, cands in CANDIDATES.items():
+        rows, per_group = evaluate(complete, cands)
+        summary[title] = {
+            k: {"acc": mean(v["acc"]), "regret": mean(v["regret"]), "spearman": mean(v["rho"]) if v["rho"] else None}
+            for k, v in rows.items()
+        }
+        lines += ["", f"## Candidates: {title}", "", *table(rows), ""]
+        head = ["pair", "seed", "best (acc %)", *ORDER]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for (pair, s), pg in sorted(per_group.items()):
+            bc = pg["best_cell"]
+            picks = " | ".join(pg["picks"][n] for n in ORDER)
+            lines.append(f"| {pair} | {s} | {bc[0]} {bc[1]:g} ({pg['best']:.2f}) | {picks} |")
+    (RESULTS / "validators.md").write_text("\n".join(lines) + "\n")
     write_json(
         RESULTS / "validators.json",
         {
             "cells_done": done,
             "cells_expected": n_expected,
-            "groups": len(complete),
-            "summary": {
-                k: {
-                    "acc": mean(v["acc"]),
-                    "regret": mean(v["regret"]),
-                    "spearman": mean(v["rho"]) if v["rho"] else None,
-                }
-                for k, v in rows.items()
-            },
-            "per_group": {f"{p}|s{s}": v for (p, s), v in per_group.items()},
+            "groups": [f"{p}|s{s}" for p, s in sorted(complete)],
+            "summary": summary,
+            "cells": {f"{p}|s{s}": {f"{r} {w:g}": v for (r, w), v in c.items()} for (p, s), c in complete.items()},
             "commands": commands,
         },
     )
@@ -152,7 +167,7 @@ def _plot(groups: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["source_accuracy", *[n for n in VALIDATOR_NAMES if n != "source_accuracy"]]
+    names = ORDER
     fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 3), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         for (pair, s), cells in sorted(groups.items()):
