@@ -18,7 +18,7 @@ from pathlib import Path
 from peftadapt.core.io import write_json
 from peftadapt.validators import VALIDATOR_NAMES, spearman
 
-from .run import GRID, OUT, cell_key
+from .run import EXTRA, GRID, OUT, cell_key
 
 RESULTS = OUT.parent
 NAMES = {
@@ -35,14 +35,15 @@ FIXED = [("none", 0.0), ("mmd", 0.3), ("entropy", 0.3)]  # no selection: one fix
 
 def load() -> tuple[dict, list[str]]:
     groups, commands = {}, []
-    for f in sorted(OUT.glob("*.json")):
+    for f in sorted(OUT.glob("*.json"), key=lambda f: f.name.endswith(".extra.json")):  # main files first
         data = json.loads(f.read_text())
         commands += data.get("meta", {}).get("commands", [])
-        pair = f.stem.replace("-", ">")
+        extra = f.name.endswith(".extra.json")
+        pair = f.name.removesuffix(".json").removesuffix(".extra").replace("-", ">")
         seeds = sorted({int(k.rsplit("|s", 1)[1]) for k in data["cells"]})
         for s in seeds:
-            cells = {(r, w): data["cells"].get(cell_key(r, w, s)) for r, w in GRID}
-            groups[(pair, s)] = cells
+            cells = groups.setdefault((pair, s), {k: None for k in GRID})
+            cells.update({(r, w): data["cells"].get(cell_key(r, w, s)) for r, w in (EXTRA if extra else GRID)})
     return groups, list(dict.fromkeys(commands))
 
 
@@ -102,8 +103,13 @@ def table(rows: dict) -> list[str]:
 
 def main() -> None:
     groups, commands = load()
-    complete = {g: c for g, c in groups.items() if all(v is not None and math.isfinite(v["acc"]) for v in c.values())}
-    done = sum(v is not None for c in groups.values() for v in c.values())
+
+    def ok(c, cands):
+        return all(c.get(k) is not None and math.isfinite(c[k]["acc"]) for k in cands)
+
+    complete = {g: c for g, c in groups.items() if ok(c, GRID)}
+    extended = {g: c for g, c in groups.items() if ok(c, GRID + EXTRA)}
+    done = sum(c.get(k) is not None for c in groups.values() for k in GRID)
     n_expected = len(GRID) * 4 * 2  # 4 pairs, 2 seeds
     status = (
         f"**Complete**: {len(complete)} (pair, seed) groups"
@@ -130,8 +136,12 @@ def main() -> None:
         "(hindsight, target labels) minus the pick's, in points.",
     ]
     summary = {}
-    for title, cands in CANDIDATES.items():
-        rows, per_group = evaluate(complete, cands)
+    sets = [(title, cands, complete) for title, cands in CANDIDATES.items()]
+    if extended:
+        title = f"all cells + weight 3 of each regularizer (only {len(extended)} groups: {', '.join(f'{p} s{s}' for p, s in sorted(extended))})"
+        sets.append((title, GRID + EXTRA, extended))
+    for title, cands, grp in sets:
+        rows, per_group = evaluate(grp, cands)
         summary[title] = {
             k: {"acc": mean(v["acc"]), "regret": mean(v["regret"]), "spearman": mean(v["rho"]) if v["rho"] else None}
             for k, v in rows.items()
@@ -151,11 +161,11 @@ def main() -> None:
             "cells_expected": n_expected,
             "groups": [f"{p}|s{s}" for p, s in sorted(complete)],
             "summary": summary,
-            "cells": {f"{p}|s{s}": {f"{r} {w:g}": v for (r, w), v in c.items()} for (p, s), c in complete.items()},
+            "cells": {f"{p}|s{s}": {f"{r} {w:g}": v for (r, w), v in c.items() if v} for (p, s), c in groups.items()},
             "commands": commands,
         },
     )
-    _plot(complete, RESULTS / "validators.png")
+    _plot({g: {k: c[k] for k in GRID} for g, c in complete.items()}, RESULTS / "validators.png")
     print("\n".join(lines))
 
 

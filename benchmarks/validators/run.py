@@ -16,7 +16,7 @@ Usage (resumable: finished cells are skipped; one results file per pair)::
     TORCH_THREADS=1 python -m benchmarks.validators.run --pairs books:kitchen kitchen:electronics --seeds 0
     python -m benchmarks.validators.report
 
-Results: ``benchmarks/results/validators/<source>-<target>.json``.
+Results: ``benchmarks/results/validators/<source>-<target>.json`` (``--extended``: ``.extra.json``).
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ from ..amazon.run import (
 OUT = Path(__file__).resolve().parents[1] / "results" / "validators"
 # Cells in this order, so a study cut short still has a balanced grid for every pair.
 GRID = [("none", 0.0), ("mmd", 0.3), ("entropy", 0.3), ("mmd", 1.0), ("entropy", 1.0), ("mmd", 0.1), ("entropy", 0.1)]
+# --extended: a heavier weight of each regularizer, to see whether a validator notices over-regularization
+EXTRA = [("entropy", 3.0), ("mmd", 3.0)]
 
 
 def cell_key(reg: str, weight: float, seed: int) -> str:
@@ -69,10 +71,10 @@ def score_cell(model: TopModel, src: Encoded, tgt: Encoded, device: str) -> dict
     return cell
 
 
-def run_pair(source: str, target: str, seeds: list[int], grid: list, device: str, log=print) -> None:
+def run_pair(source: str, target: str, seeds: list[int], grid: list, device: str, log=print, extra=False) -> None:
     prof = PROFILES["quick"]
     prof.methods = ["lora"]
-    out = OUT / f"{source}-{target}.json"
+    out = OUT / f"{source}-{target}{'.extra' if extra else ''}.json"  # one writer per file
     results = json.loads(out.read_text()) if out.exists() else {}
     cells = results.setdefault("cells", {})
     cmds = results.setdefault("meta", {}).setdefault("commands", [])
@@ -113,6 +115,7 @@ def main(argv=None) -> None:
     ap.add_argument("--pairs", nargs="+", default=[f"{s}:{t}" for s, t in QUICK_PAIRS], help="source:target ...")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--extended", action="store_true", help=f"run only the extra cells {EXTRA}")
     args = ap.parse_args(argv)
     import transformers
 
@@ -130,7 +133,7 @@ def main(argv=None) -> None:
 
     for seed in args.seeds:  # seed-major: a study cut short has every pair of the first seed
         for s, t in pairs:
-            run_pair(s, t, [seed], GRID, args.device, log)
+            run_pair(s, t, [seed], EXTRA if args.extended else GRID, args.device, log, extra=args.extended)
     log("done")
 
 
