@@ -42,7 +42,7 @@ def load() -> tuple[dict, list[str]]:
         pair = f.name.removesuffix(".json").removesuffix(".extra").replace("-", ">")
         seeds = sorted({int(k.rsplit("|s", 1)[1]) for k in data["cells"]})
         for s in seeds:
-            cells = groups.setdefault((pair, s), {k: None for k in GRID})
+            cells = groups.setdefault((pair, s), dict.fromkeys(GRID))
             cells.update({(r, w): data["cells"].get(cell_key(r, w, s)) for r, w in (EXTRA if extra else GRID)})
     return groups, list(dict.fromkeys(commands))
 
@@ -138,7 +138,8 @@ def main() -> None:
     summary = {}
     sets = [(title, cands, complete) for title, cands in CANDIDATES.items()]
     if extended:
-        title = f"all cells + weight 3 of each regularizer (only {len(extended)} groups: {', '.join(f'{p} s{s}' for p, s in sorted(extended))})"
+        names = ", ".join(f"{p} s{s}" for p, s in sorted(extended))
+        title = f"all cells + weight 3 of each regularizer (only {len(extended)} groups: {names})"
         sets.append((title, GRID + EXTRA, extended))
     for title, cands, grp in sets:
         rows, per_group = evaluate(grp, cands)
