@@ -101,6 +101,28 @@ def table(rows: dict) -> list[str]:
     return lines
 
 
+def summary_table(summary: dict, n_groups: int, n_extended: int) -> list[str]:
+    """One row per selection rule: regret (points) on each candidate set, pick accuracy and Spearman on the grid."""
+    titles = list(summary)
+    head = (
+        f"| selection | target acc. of the pick, 7 cells (%) | regret: 7 cells | MMD weights only | "
+        f"entropy weights only | 9 cells (+ weight 3; {n_extended} groups) | Spearman, 7 cells |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for name in [*ORDER, *[k for k in summary[titles[0]] if k not in VALIDATOR_NAMES]]:
+        cols = []
+        for t in titles[:3] + ([titles[3]] if len(titles) > 3 else [None]):
+            v = summary[t].get(name) if t else None
+            cols.append("" if v is None else f"{v['regret']:.2f}")
+        main = summary[titles[0]].get(name)
+        if main is None:
+            continue
+        rho = "" if main["spearman"] is None else f"{main['spearman']:+.2f}"
+        lines.append(f"| {NAMES.get(name, name)} | {main['acc']:.2f} | " + " | ".join(cols) + f" | {rho} |")
+    lines.append(f"\n{n_groups} (pair, seed) groups: 4 pairs x {n_groups // 4} seeds; regret in points.")
+    return lines
+
+
 def main() -> None:
     groups, commands = load()
 
@@ -110,11 +132,12 @@ def main() -> None:
     complete = {g: c for g, c in groups.items() if ok(c, GRID)}
     extended = {g: c for g, c in groups.items() if ok(c, GRID + EXTRA)}
     done = sum(c.get(k) is not None for c in groups.values() for k in GRID)
-    n_expected = len(GRID) * 4 * 2  # 4 pairs, 2 seeds
+    seeds = sorted({s for _, s in groups})
+    n_expected = len(GRID) * 4 * len(seeds)  # 4 pairs x every seed started
     status = (
         f"**Complete**: {len(complete)} (pair, seed) groups"
         if done >= n_expected
-        else f"**PARTIAL**: {done} of {n_expected} cells (4 pairs x 2 seeds x {len(GRID)} grid cells) done; "
+        else f"**PARTIAL**: {done} of {n_expected} cells (4 pairs x seeds {seeds} x {len(GRID)} grid cells) done; "
         f"the {len(complete)} complete (pair, seed) groups ({', '.join(f'{p} s{s}' for p, s in sorted(complete))}) "
         "enter the tables"
     )
@@ -122,7 +145,7 @@ def main() -> None:
         "# Validator study: picking the regularizer and its weight without target labels",
         "",
         status + ". Resume (finished cells are skipped): "
-        "`TORCH_THREADS=1 python -m benchmarks.validators.run --seeds 0 1` then "
+        "`TORCH_THREADS=1 python -m benchmarks.validators.run --seeds 0 1 2` (and with `--extended`) then "
         "`python -m benchmarks.validators.report`.",
         "",
         "Commands that added cells: " + "; ".join(f"`{c}`" for c in commands) + ".",
@@ -154,7 +177,10 @@ def main() -> None:
             bc = pg["best_cell"]
             picks = " | ".join(pg["picks"][n] for n in ORDER)
             lines.append(f"| {pair} | {s} | {bc[0]} {bc[1]:g} ({pg['best']:.2f}) | {picks} |")
+    short = summary_table(summary, len(complete), len(extended))
+    lines[6:6] = ["", "## Summary", "", *short]
     (RESULTS / "validators.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "validators_summary.md").write_text("\n".join(short) + "\n")
     write_json(
         RESULTS / "validators.json",
         {
