@@ -58,10 +58,8 @@ def test_da_default_selection_never_reads_target_labels(tok, tmp_path):
         tr = _da(tok, tmp_path / "a", eval=evals, source_validation="src_val")
     assert tr.best_metric_name == "src_val/accuracy"
     # with the default validator named on the target set: that validator
-    tr = _da(
-        tok, tmp_path / "b", eval=evals, source_validation="src_val", validators={"target": ["snd", "source_accuracy"]}
-    )
-    assert tr.best_metric_name == "target/source_accuracy"
+    tr = _da(tok, tmp_path / "b", eval=evals, source_validation="src_val", validators={"target": ["snd", "im"]})
+    assert tr.best_metric_name == "target/im"
     # nothing label-free: no selection (the last weights), said in a warning
     with pytest.warns(UserWarning, match="keeps its last weights"):
         tr = _da(tok, tmp_path / "c", eval={"target": evals["target"]})
