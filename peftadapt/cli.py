@@ -2,6 +2,7 @@
 
     peftadapt train  CONFIG.yaml [--resume] [--output-dir DIR] [--set training.learning_rate=1.0e-3 ...]
     peftadapt eval   CONFIG.yaml --checkpoint DIR [--output FILE.json]
+    peftadapt sweep  CONFIG.yaml --grid KEY=V1,V2,... [--grid ...] --select VALIDATOR [--set ...]
     peftadapt config CONFIG.yaml [--set ...] [--json]   (check a run file, print it resolved)
     peftadapt config --schema [--json]                   (every section's keys, types, defaults, help)
     peftadapt demo  [--output-dir DIR] [--quick] [--seed N]
@@ -35,11 +36,12 @@ from .train.nonfinite import NonFiniteError
 from .train.progress import on_terminal
 from .train.runner import build_trainer, evaluate_checkpoint
 from .train.schema import format_schema, load_run_config, schema
+from .train.sweep import run_sweep
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peftadapt", description="Parameter-efficient fine-tuning and domain adaptation.")
-    sub = p.add_subparsers(dest="command", metavar="{train,eval,config,demo,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{train,eval,sweep,config,demo,bench}")
     t = sub.add_parser("train", help="train from a YAML config")
     t.add_argument("config", help="YAML run file (see examples/)")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in training.output_dir")
@@ -60,6 +62,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--output", help="also write the metrics to this JSON file")
     e.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    s = sub.add_parser("sweep", help="train a grid of a run file and pick the cell by a validator (resumable)")
+    s.add_argument("config", help="YAML run file; its eval sets name the validators (data.eval.NAME.validators)")
+    s.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...", help="a grid axis; repeatable")
+    s.add_argument(
+        "--select", required=True, help="a validator (e.g. snd) or SET/METRIC: picks the cell and checkpoint"
+    )
+    s.add_argument(
+        "--score", help="labeled metric the pick is compared with (default: a labeled target set's accuracy)"
+    )
+    s.add_argument("--output-dir", help="the sweep's folder (default training.output_dir); one subfolder per cell")
+    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     c = sub.add_parser("config", help="check a run file and print it resolved, or print the run-file schema")
     c.add_argument("config", nargs="?", help="YAML run file to check")
     c.add_argument("--schema", action="store_true", help="print every section's keys, types, defaults and help")
@@ -147,6 +160,11 @@ def _eval(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    run_sweep(args.config, args.grid, args.select, overrides=args.set, output_dir=args.output_dir, score=args.score)
+    return 0
+
+
 def _demo(args) -> int:
     run_demo(
         output_dir=args.output_dir,
@@ -193,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"train": _train, "eval": _eval, "config": _config, "demo": _demo}[args.command](args)
+        return {"train": _train, "eval": _eval, "sweep": _sweep, "config": _config, "demo": _demo}[args.command](args)
     except NonFiniteError as e:  # the run failed (not the input): status 1, the step and the way out
         if os.environ.get("PEFTADAPT_DEBUG"):
             raise

@@ -27,6 +27,7 @@ LAYERS = [
     ["peftadapt.wrap"],
     ["peftadapt.backends"],
     ["peftadapt.methods"],
+    ["peftadapt.validators"],  # scores of a model's outputs without target labels (tensors in, float out)
     ["peftadapt.align"],
     ["peftadapt.features", "peftadapt.quant"],
     ["peftadapt.core"],

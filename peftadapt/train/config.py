@@ -98,8 +98,9 @@ class TrainConfig:
     save_total_limit: int = field(2, "checkpoints kept besides the best one (transformers counts the best among them)")
     metric_for_best_model: str | None = field(
         None,
-        "e.g. target/accuracy (the eval set's name, a slash, the metric); default: the first eval "
-        "set's accuracy (loss for causal LMs)",
+        "e.g. target/accuracy or target/snd (the eval set's name, a slash, the metric or validator); default: "
+        "the first eval set's accuracy (loss for causal LMs); a DA run never defaults to target labels "
+        "(docs/validators.md)",
     )
     greater_is_better: bool | None = field(None, "default: False for loss / perplexity, True otherwise")
     early_stopping_patience: int | None = field(None, "stop after this many evaluations without improvement")

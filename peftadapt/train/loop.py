@@ -69,6 +69,13 @@ from .evaluate import LOWER_IS_BETTER, evaluate_model, macro_f1, metric_names  #
 from .nonfinite import NonFiniteError, count_nonfinite, describe_step, nonfinite_names, step_is_finite, way_out
 from .plots import plot_history
 from .progress import PlainProgress, on_terminal
+from .validation import (
+    check_validators,
+    default_metric_for_best,
+    validator_metric_names,
+    validator_metrics,
+    warn_if_target_labels,
+)
 
 
 def _as_data(obj: Any, name: str, task: Task) -> Any:
@@ -132,7 +139,12 @@ class Trainer:
         train: labeled source data: a :class:`TextData`, ``(texts, labels)``,
             or (causal LM) a list of texts.
         target: unlabeled target data for alignment (texts); None: plain fine-tuning.
-        eval: evaluation sets, ``{name: TextData}`` (or one TextData, named "eval").
+        eval: evaluation sets, ``{name: TextData}`` (or one TextData, named "eval"); a set
+            with validators may be unlabeled.
+        validators: ``{eval set name: [validator names]}`` (``peftadapt.validators``), logged as
+            ``<set>/<validator>`` at each evaluation; ``metric_for_best_model`` may name them.
+        source_validation: the eval set holding labeled source validation data (read by
+            ``dev``, ``reverse_validation``, ``source_accuracy`` and a DA run's default selection).
         regularizers: ``peftadapt.align.Alignment``, a list of ``Term`` /
             regularizers / names, or None.
         config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields.
@@ -163,6 +175,8 @@ class Trainer:
         feature_layer: str | None = None,
         pooling: Pooling = "mean",
         name: str = "train",
+        validators: Mapping[str, Sequence[str]] | None = None,
+        source_validation: str | None = None,
         **overrides: Any,
     ):
         if task not in TASKS:
@@ -188,9 +202,18 @@ class Trainer:
         elif not isinstance(eval, Mapping):
             eval = {"eval": eval}
         self.eval_data = {n: _as_data(d, n, task) for n, d in eval.items()}
+        self.source_validation = source_validation
+        self.validators = check_validators(
+            validators or {},
+            list(self.eval_data),
+            source_validation,
+            {n: d.labels is not None for n, d in self.eval_data.items()},
+            task,
+        )
         if task == "classification":
             for d in [self.train_data, *self.eval_data.values()]:
-                check_labels(d, self.num_labels)
+                if d is self.train_data or d.labels is not None or not self.validators.get(d.name):
+                    check_labels(d, self.num_labels)  # an unlabeled eval set is fine when validators score it
 
         self.alignment = as_alignment(regularizers)
         if self.alignment is not None and self.target_data is None:
@@ -223,12 +246,17 @@ class Trainer:
         """Which metric picks the best checkpoint (and drives early stopping), and its direction."""
         cfg, names = self.config, self.metric_names()
         best = cfg.metric_for_best_model
-        if best is None and self.eval_data:
-            best = f"{next(iter(self.eval_data))}/{'accuracy' if self.task == 'classification' else 'loss'}"
+        da = self.alignment is not None
+        if best is None:
+            best = default_metric_for_best(list(self.eval_data), self.validators, self.source_validation, self.task, da)
+        warn_if_target_labels(best, self.source_validation, da, self.task)
         if best is not None and best not in names:
             raise ValueError(f"training.metric_for_best_model: {best!r} is not a metric of this run; valid: {names}")
         if cfg.early_stopping_patience is not None and best is None:
-            raise ValueError("training.early_stopping_patience needs eval data to watch (data.eval)")
+            raise ValueError(
+                "training.early_stopping_patience needs a metric to watch: data.eval (and, for a DA run, "
+                "validators or training.metric_for_best_model)"
+            )
         self.best_metric_name = best
         self.greater_is_better = (
             cfg.greater_is_better
@@ -553,7 +581,8 @@ class Trainer:
         st.last_eval = self.evaluate()
         self._log({"step": st.step, "split": "eval", **st.last_eval})
         self._train_model.train()
-        assert self.best_metric_name is not None  # evaluation runs only with eval data, which picks one
+        if self.best_metric_name is None:  # a DA run with nothing label-free to select by keeps its last weights
+            return False
         value = st.last_eval[self.best_metric_name]
         if self._is_better(value, st.best):
             st.best, st.best_step, st.bad_evals = value, st.step, 0
@@ -728,19 +757,35 @@ class Trainer:
         if self.accelerator is None:
             self.accelerator = self._make_accelerator()
             self.model.to(self.accelerator.device)
-        return evaluate_model(
+        batch_size = self.config.per_device_eval_batch_size or 2 * self.config.per_device_train_batch_size
+        scored = {n: v for n, v in self.validators.items() if n in data}
+        labeled = {n: d for n, d in data.items() if d.labels is not None or self.task != "classification"}
+        out = evaluate_model(
             self.model,
             self.tokenizer,
-            data,
+            labeled if scored else data,
             task=self.task,
             max_length=self.max_length,
-            batch_size=self.config.per_device_eval_batch_size or 2 * self.config.per_device_train_batch_size,
+            batch_size=batch_size,
             accelerator=self.accelerator,
             progress=not self.config.disable_tqdm and self.accelerator.is_main_process and on_terminal(),
         )
+        return out | validator_metrics(
+            self.model,
+            self.tokenizer,
+            data,
+            scored,
+            self.source_validation if self.source_validation in data else None,
+            max_length=self.max_length,
+            batch_size=batch_size,
+            feature_layer=self.feature_layer,
+            pooling=self.pooling,
+            accelerator=self.accelerator,
+        )
 
     def metric_names(self) -> list[str]:
-        return metric_names(list(self.eval_data), self.task)
+        labeled = [n for n, d in self.eval_data.items() if d.labels is not None or self.task != "classification"]
+        return metric_names(labeled, self.task) + validator_metric_names(self.validators)
 
     # -- helpers -------------------------------------------------------------------------
     def _best_path(self) -> Path | None:

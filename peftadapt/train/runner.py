@@ -100,7 +100,8 @@ def load_data(
     source: TextData | Encoded
     if cls:
         source = read(data.source, "data.source", True)
-        evals: dict[str, TextData | Encoded] = {n: read(s, n, True) for n, s in data.eval.items()}
+        # an unlabeled eval set is scored by its validators only
+        evals: dict[str, TextData | Encoded] = {n: read(s, n, bool(s.label)) for n, s in data.eval.items()}
     else:
         source = read_sft(data.source, "data.source")
         if data.packing:
@@ -286,6 +287,8 @@ def build_trainer(run: RunConfig):
         max_length=run.data.max_length,
         feature_layer=feats.layer,
         pooling=feats.pooling,
+        validators={n: s.validators for n, s in run.data.eval.items() if s.validators},
+        source_validation=run.data.source_validation,
     )
 
 
@@ -307,6 +310,10 @@ def evaluate_checkpoint(run: RunConfig, checkpoint: str | Path) -> dict[str, flo
         raise ValueError("eval needs data.eval in the config: {name: {path: ..., text: ..., label: ...}}")
     tokenizer = _data_tokenizer(run)  # as in training
     _, _, evals = load_data(run, nl, tokenizer)
+    if run.model.task == "classification":  # unlabeled sets carry only validators, which need a training run
+        evals = {n: d for n, d in evals.items() if d.labels is not None}
+    if not evals:
+        raise ValueError("eval needs a labeled set in data.eval: {name: {path: ..., text: ..., label: ...}}")
     if run.model.task == "classification" and nl is None:
         nl = max(2, max(max(_labels(d)) for d in evals.values() if isinstance(d, TextData)) + 1)
     check_head_size(run, nl)

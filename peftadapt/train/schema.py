@@ -36,6 +36,7 @@ from ..core.hf import AttnImplementation
 from ..features import Pooling
 from ..methods.base import ALIASES, METHODS, build_config, method_names
 from ..quant.load import QuantStorage
+from ..validators import ValidatorName
 from ._fields import REQUIRED, as_dict, build, check_fields, check_keys, choices, describe, hints
 from .config import Task, TrainConfig
 from .data import Format, check_label_names
@@ -193,6 +194,10 @@ class DatasetSpec:
     prompt: str = field("prompt", "the prompt column (sft_format prompt_completion)")
     completion: str = field("completion", "the completion column (sft_format prompt_completion)")
     messages: str = field("messages", "the chat column: a list of {role, content} (sft_format messages)")
+    validators: list[ValidatorName] = field(
+        [],
+        "eval sets only: label-free scores logged as <name>/<validator> (docs/validators.md); the set may be unlabeled",
+    )
 
 
 @dataclasses.dataclass
@@ -204,6 +209,11 @@ class DataConfig:
     source: DatasetSpec = field(REQUIRED, "the labeled training data")
     target: DatasetSpec | None = field(None, "unlabeled target-domain texts (needed by regularizers)")
     eval: dict[str, DatasetSpec] = field({}, "named eval sets; metrics are logged as <name>/<metric>")
+    source_validation: str | None = field(
+        None,
+        "the eval set (a name in data.eval) of labeled source-domain data: read by dev, reverse_validation, "
+        "source_accuracy and a DA run's default selection",
+    )
     labels: list[str | int] | None = field(None, "label names in class order: string labels -> 0, 1, ...")
     max_length: int = field(128, "tokens per example; longer texts are truncated")
     truncation: Truncation = field("right", "which end of a long text is cut off (left keeps the end)")
@@ -252,7 +262,9 @@ class RunConfig:
         if data.labels is not None and nl is not None and len(data.labels) != nl:
             raise ValueError(f"data.labels has {len(data.labels)} names but model.num_labels is {nl}")
         for key, spec in data.specs().items():
-            if task == "classification" and key != "data.target" and not spec.label:
+            if spec.validators and not key.startswith("data.eval."):
+                raise ValueError(f"{key}.validators: only eval sets (data.eval.NAME) are scored by validators")
+            if task == "classification" and key != "data.target" and not spec.label and not spec.validators:
                 raise ValueError(f"{key}.label is required for a classifier: the name of the label column")
         for i, t in enumerate(self.regularizers):
             if task != "classification" and getattr(REGULARIZERS[t.name.lower()][0], "needs_logits", False):

@@ -1,0 +1,1 @@
+"""How well each validator of ``peftadapt.validators`` picks the regularizer weight (Amazon reviews)."""
