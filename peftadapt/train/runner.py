@@ -24,6 +24,7 @@ from ..core.io import check_writable_dir
 from ..features import FeatureTap
 from ..wrap import load as load_adapter
 from ..wrap import wrap
+from .checkpoint import MANIFEST, verify_checkpoint
 from .data import (
     Encoded,
     TextData,
@@ -298,6 +299,8 @@ def evaluate_checkpoint(run: RunConfig, checkpoint: str | Path) -> dict[str, flo
     ck = Path(checkpoint)
     if not ck.exists():
         raise FileNotFoundError(f"--checkpoint: folder not found: {str(ck)!r}")
+    if (ck / MANIFEST).is_file():  # a training checkpoint: its files as they were written, or one line saying not
+        verify_checkpoint(ck)
     adapter = ck / "adapter" if (ck / "adapter").is_dir() else ck
     if not adapter.is_dir() or not any(adapter.iterdir()):
         raise ValueError(

@@ -320,3 +320,17 @@ def test_failed_checkpoint_write_loses_nothing_and_resumes(
         out / "checkpoint-8" / "trainable.safetensors", ref / "checkpoint-8" / "trainable.safetensors"
     )
     assert _tensors_equal(out / "final" / "trainable.safetensors", ref / "final" / "trainable.safetensors")
+
+
+def test_eval_of_a_damaged_checkpoint_is_one_line(reference, tmp_path, capsys):
+    """``peftadapt eval --checkpoint`` verifies a training checkpoint's manifest before loading it."""
+    cfg_path, out = _copy_run(reference, tmp_path)
+    assert main(["eval", str(cfg_path), "--checkpoint", str(out / "checkpoint-6")]) == 0
+    capsys.readouterr()
+    adapter_files = sorted(p for p in (out / "checkpoint-8" / "adapter").iterdir() if p.suffix == ".safetensors")
+    _scramble(adapter_files[0])
+    assert main(["eval", str(cfg_path), "--checkpoint", str(out / "checkpoint-8")]) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "checkpoint-8" in lines[0] and adapter_files[0].name in lines[0] and "sha256" in lines[0]
