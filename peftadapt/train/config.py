@@ -18,6 +18,8 @@ from ..quant.optim import Optim  # the factory's names: one list
 from ..quant.prepare import checkpoint_kwargs
 from ._fields import check_fields, checked_keywords
 
+FLOAT32_MAX = 3.4028234663852886e38  # the optimizers keep the learning rate in float32 tensors
+
 Task = Literal["classification", "causal_lm"]
 TASKS = get_args(Task)
 LrSchedulerType = Literal["linear", "cosine", "constant"]
@@ -156,11 +158,11 @@ class TrainConfig:
             v = getattr(self, key)
             need(v is None or v >= (0 if key == "warmup_steps" else 1), key, "must be a positive integer or null")
         need(self.num_train_epochs > 0, "num_train_epochs", "must be > 0")
-        need(self.learning_rate > 0, "learning_rate", "must be > 0")
+        need(0 < self.learning_rate <= FLOAT32_MAX, "learning_rate", "must be > 0 and a float32 (<= 3.4e38)")
         need(
-            self.discriminator_learning_rate is None or self.discriminator_learning_rate > 0,
+            self.discriminator_learning_rate is None or 0 < self.discriminator_learning_rate <= FLOAT32_MAX,
             "discriminator_learning_rate",
-            "must be > 0 or null",
+            "must be > 0 and a float32 (<= 3.4e38), or null",
         )
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")

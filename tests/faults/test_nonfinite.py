@@ -348,3 +348,24 @@ def test_entropy_of_logits_spanning_past_fp32_range(diversity, dtype):
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
     torch.testing.assert_close(lt.grad.double(), ref_rows.grad, rtol=1e-5, atol=1e-7)
     assert lt.grad[0].abs().max() == 0
+
+
+def test_a_learning_rate_past_float32_is_refused_before_the_optimizer_overflows():
+    """1e300 is a finite Python float, but the optimizers keep the learning rate in float32."""
+    expected = r"^training.learning_rate: must be > 0 and a float32 \(<= 3.4e38\) \(got 1e\+300\)"
+    with pytest.raises(ValueError, match=expected):
+        TrainConfig(learning_rate=1e300)
+    with pytest.raises(ValueError, match=r"discriminator_learning_rate: must be > 0 and a float32"):
+        TrainConfig(discriminator_learning_rate=1e39)
+    TrainConfig(learning_rate=1e30)  # large, but a float32: the step check stops such a run instead
+
+
+def test_bench_results_are_strict_json(tmp_path):
+    from peftadapt.bench.report import write_json as bench_write_json
+
+    path = tmp_path / "r.json"
+    bench_write_json(str(path), {"peak": float("nan"), "rows": [1.0, float("inf")]})
+    assert json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == {
+        "peak": None,
+        "rows": [1.0, None],
+    }
