@@ -125,8 +125,11 @@ class MethodSection:
             )
         base = ALIASES[key][0] if key in ALIASES else key
         _check_options(self, METHODS[base].option_names(key), where)
+        options = dict(self.options)
+        if key == "adalora":  # RunConfig fills total_step from training.max_steps: a stand-in for this check
+            options.setdefault("total_step", 1)
         try:  # the method's own value checks (cheap: builds the config, not the model)
-            build_config(self.name, **self.options)
+            build_config(self.name, **options)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{where} ({self.name}): {e}") from None
 
@@ -257,8 +260,15 @@ class RunConfig:
         check_fields(self, "")  # top level: keys are the section names
 
     def validate(self, where: str) -> None:
-        """The rules that span sections."""
+        """The rules that span sections (and AdaLoRA's total_step, filled in from training.max_steps)."""
         task, nl, data = self.model.task, self.model.num_labels, self.data
+        if self.method.name.lower() == "adalora" and "total_step" not in self.method.options:
+            if self.training.max_steps is None:  # its rank schedule needs the run's number of optimizer steps
+                raise ValueError(
+                    "method.total_step: adalora needs the run's number of optimizer steps; "
+                    "set method.total_step, or training.max_steps (then total_step follows it)"
+                )
+            self.method.options["total_step"] = self.training.max_steps
         if data.labels is not None and nl is not None and len(data.labels) != nl:
             raise ValueError(f"data.labels has {len(data.labels)} names but model.num_labels is {nl}")
         for key, spec in data.specs().items():

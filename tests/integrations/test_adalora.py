@@ -81,3 +81,26 @@ def test_adalora_allocates_ranks_with_add_alignment_and_not_without(tok, tmp_pat
     add_alignment(trainer, target=sentiment(16, 1)[0], regularizers=[Term("mmd", weight=0.1)])
     trainer.train()
     assert _kept_ranks(model) == 4
+
+
+def test_run_file_adalora_takes_total_step_from_max_steps(tmp_path):
+    """A run file's ``method: adalora`` without ``total_step`` gets the run's max_steps (its rank schedule needs
+    the number of optimizer steps); without max_steps it is one line naming both ways out."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from peftadapt.train import load_run_config
+    from peftadapt.train.runner import wrap_model
+
+    from ..train.conftest import run_config
+
+    cfg = run_config("model", tmp_path, tmp_path / "out", max_steps=12)
+    cfg["method"] = {"name": "adalora", "init_r": 4, "target_r": 1}
+    bert = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    model = wrap_model(BertForSequenceClassification(bert), load_run_config(cfg))
+    assert model.peft_config["default"].total_step == 12
+    cfg["training"].pop("max_steps")
+    cfg["training"]["num_train_epochs"] = 1
+    with pytest.raises(ValueError, match=r"^method.total_step: adalora needs .*training.max_steps"):
+        wrap_model(BertForSequenceClassification(bert), load_run_config(cfg))
+    cfg["method"]["total_step"] = 7  # given: kept as is
+    assert wrap_model(BertForSequenceClassification(bert), load_run_config(cfg)).peft_config["default"].total_step == 7
