@@ -153,8 +153,10 @@ def test_run_file_names_peft_methods_with_their_options():
     load_run_config({**base, "method": {"name": "adalora", "total_step": 100, "target_r": 4}})
     with pytest.raises(ValueError, match=r"unknown key method\.feedforward_module; did you mean feedforward_modules"):
         load_run_config({**base, "method": {"name": "ia3", "feedforward_module": ["down_proj"]}})
+    with pytest.raises(ValueError, match=r"^method.total_step: adalora needs the run's number of optimizer steps"):
+        load_run_config({**base, "method": "adalora"})  # neither total_step nor training.max_steps
     with pytest.raises(ValueError, match=r"method \(adalora\): adalora: AdaLoRA does not work when `total_step`"):
-        load_run_config({**base, "method": "adalora"})
+        load_run_config({**base, "method": {"name": "adalora", "total_step": 0}})  # peft's own check still runs
 
 
 def test_import_and_build_config_do_not_import_peft():
