@@ -195,6 +195,25 @@ class Trainer:
                 # decoder classifiers find each row's last token through the pad id
                 hf_cfg.pad_token_id = tokenizer.pad_token_id
 
+        self._init_data(train, target, eval, validators, source_validation)
+        self._init_alignment(regularizers)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("the model has no trainable parameters; wrap it first: peftadapt.wrap(model, 'lora')")
+        if wrapped_reason(model) is None:  # it would train every weight and save them as an "adapter"
+            raise ValueError(
+                f"this {type(model).__name__} is not wrapped; wrap it with a method (peftadapt.wrap(model, 'lora')), "
+                "or to train every weight say so: peftadapt.wrap(model, 'full') (run file: method: full)"
+            )
+        self._pick_best_metric()
+        self.history: list[dict[str, Any]] = []
+        # an accelerate.Accelerator from setup() on (accelerate ships no types, so Any loses nothing)
+        self.accelerator: Any = None
+        self.da: DomainAdaptation | None = None
+        self._term_checks: dict[Any, bool] = {}  # each term's own check_finite, while train() turns it off
+
+    def _init_data(self, train: Any, target: Any, eval: Any, validators: Any, source_validation: str | None) -> None:
+        """The training, target and eval data as the Trainer keeps them, and the validators named per eval set."""
+        task = self.task
         self.train_data = _as_data(train, "train", task)
         self.target_data = None if target is None else as_text_data(target, "target")
         if eval is None:
@@ -215,11 +234,13 @@ class Trainer:
                 if d is self.train_data or d.labels is not None or not self.validators.get(d.name):
                     check_labels(d, self.num_labels)  # an unlabeled eval set is fine when validators score it
 
+    def _init_alignment(self, regularizers: Any) -> None:
+        """The alignment terms, checked against the data (target given, nothing packed) and the model."""
         self.alignment = as_alignment(regularizers)
         if self.alignment is not None and self.target_data is None:
             raise ValueError("regularizers need target data: pass target=... (unlabeled target texts)")
         if self.alignment is None and self.target_data is not None:
-            warnings.warn("target data given without regularizers: it is not used (plain fine-tuning)", stacklevel=2)
+            warnings.warn("target data given without regularizers: it is not used (plain fine-tuning)", stacklevel=3)
         if self.alignment is not None and getattr(self.train_data, "position_ids", None) is not None:
             raise ValueError(
                 "packed training data cannot be combined with regularizers: a packed row holds several "
@@ -227,20 +248,7 @@ class Trainer:
             )
         if self.alignment is not None:
             warn_unused_target_labels(self.target_data)
-            check_alignment(self.alignment, model, causal_lm=task == "causal_lm")
-        if not any(p.requires_grad for p in model.parameters()):
-            raise ValueError("the model has no trainable parameters; wrap it first: peftadapt.wrap(model, 'lora')")
-        if wrapped_reason(model) is None:  # it would train every weight and save them as an "adapter"
-            raise ValueError(
-                f"this {type(model).__name__} is not wrapped; wrap it with a method (peftadapt.wrap(model, 'lora')), "
-                "or to train every weight say so: peftadapt.wrap(model, 'full') (run file: method: full)"
-            )
-        self._pick_best_metric()
-        self.history: list[dict[str, Any]] = []
-        # an accelerate.Accelerator from setup() on (accelerate ships no types, so Any loses nothing)
-        self.accelerator: Any = None
-        self.da: DomainAdaptation | None = None
-        self._term_checks: dict[Any, bool] = {}  # each term's own check_finite, while train() turns it off
+            check_alignment(self.alignment, self.model, causal_lm=self.task == "causal_lm")
 
     def _pick_best_metric(self) -> None:
         """Which metric picks the best checkpoint (and drives early stopping), and its direction."""
