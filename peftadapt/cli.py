@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from .bench.cli import main as bench_main
-from .core.io import check_writable_dir, json_safe, write_json
+from .core.io import check_writable_dir, json_text, write_json
 from .demo import run_demo
 from .train.nonfinite import NonFiniteError
 from .train.progress import on_terminal
@@ -129,19 +129,8 @@ def _train(args) -> int:
     out = run.training.output_dir
     acc = getattr(trainer, "accelerator", None)
     if acc is None or acc.is_main_process:  # under `accelerate launch`: one summary, not one per process
-        print(
-            json.dumps(
-                json_safe(
-                    {
-                        "output_dir": out,
-                        "final_metrics": metrics,
-                        **{k: v for k, v in trainer.summary.items() if k != "final_metrics"},
-                    }
-                ),
-                indent=2,
-                allow_nan=False,
-            )
-        )
+        summary = {k: v for k, v in trainer.summary.items() if k != "final_metrics"}
+        print(json_text({"output_dir": out, "final_metrics": metrics, **summary}))
     return 0
 
 
@@ -153,7 +142,7 @@ def _eval(args) -> int:
         check_writable_dir(Path(args.output).absolute().parent, "--output")
         args.writing = args.output
     metrics = evaluate_checkpoint(run, args.checkpoint)
-    print(json.dumps(json_safe(metrics), indent=2, allow_nan=False))
+    print(json_text(metrics))
     if args.output:
         Path(args.output).absolute().parent.mkdir(parents=True, exist_ok=True)
         write_json(args.output, metrics)

@@ -357,4 +357,4 @@ def write_atomic(path: str, text: str) -> None:
 
 def write_json(path: str, obj: Any) -> None:
     # strict JSON like core.io.write_json: a failed measurement's NaN is written as null
-    write_atomic(path, json.dumps(io.json_safe(obj), indent=1, sort_keys=False, default=str, allow_nan=False) + "\n")
+    write_atomic(path, io.json_text(obj, indent=1, default=str) + "\n")

@@ -48,9 +48,16 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
+def json_text(obj: Any, indent: int | None = 2, **dumps_kwargs: Any) -> str:
+    """``obj`` as strict JSON text: non-finite floats become ``null`` (:func:`json_safe`), and
+    ``allow_nan=False`` makes anything else non-finite an error instead of ``NaN`` in the text.
+    Every JSON that peftadapt writes or prints goes through here."""
+    return json.dumps(json_safe(obj), indent=indent, allow_nan=False, **dumps_kwargs)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically; non-finite floats become ``null`` (see :func:`json_safe`)."""
-    text = json.dumps(json_safe(obj), indent=2, allow_nan=False)  # before the temp file: a bad object writes nothing
+    text = json_text(obj)  # before the temp file: a bad object writes nothing
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:

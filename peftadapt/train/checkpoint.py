@@ -69,7 +69,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from ..core.io import json_safe, write_atomic, write_json
+from ..core.io import json_text, write_atomic, write_json
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -350,7 +350,7 @@ def save_checkpoint(
         files[SCHEDULER_FILE] = _torch_bytes(scheduler.state_dict())
         tensors, py = rng_state()
         files[RNG_FILE] = safetensors_bytes(tensors)
-        files[STATE_FILE] = json.dumps(json_safe({**state, "rng": py}), indent=2, allow_nan=False).encode()
+        files[STATE_FILE] = json_text({**state, "rng": py}).encode()
         for name, data in files.items():
             _write_bytes(tmp / name, data)
         # the manifest goes last: it makes the checkpoint complete

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from ..align.step import DomainAdaptation, as_alignment, check_alignment
 from ..core import comm
 from ..core.hf import hf_config, unwrap, wrapped_reason
-from ..core.io import check_writable_dir, json_safe, write_json
+from ..core.io import check_writable_dir, json_text, write_json
 from ..features import Pooling
 from ..quant.optim import make_optimizer
 from ..quant.prepare import checkpoint_kwargs, enable_checkpointing
@@ -871,7 +871,7 @@ class Trainer:
         self.history.append(record)
         if self.accelerator.is_main_process:
             with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")  # NaN: null, valid JSON
+                f.write(json_text(record, indent=None) + "\n")  # NaN: null, valid JSON
             if self.config.report_to:
                 self.accelerator.log(
                     {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
