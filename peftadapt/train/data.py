@@ -12,6 +12,7 @@ therefore needs only the step number to continue at the exact next batch.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
 import json
@@ -132,15 +133,23 @@ def _looks_like_hub_name(path: str) -> bool:
 _TEXT_FORMATS = ("csv", "tsv", "json", "jsonl")
 
 
-def _not_utf8(path: Path) -> str | None:
-    """Which line of a text file is not UTF-8 (one line naming file and line), or None."""
-    raw = path.read_bytes()
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        return f"{path}: line {line} is not UTF-8 text ({e.reason}); save the file as UTF-8"
-    return None
+def _not_utf8(path: Path, chunk_size: int = 1 << 20) -> str | None:
+    """Which line of a text file is not UTF-8 (one line naming file and line), or None. Read in
+    chunks, so a large file costs one pass and no more memory than a chunk (it runs at every load)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_size)
+            pending = len(decoder.getstate()[0])  # a multi-byte character's start, held from the last chunk
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                line += chunk[: max(0, e.start - pending)].count(b"\n")
+                return f"{path}: line {line} is not UTF-8 text ({e.reason}); save the file as UTF-8"
+            if not chunk:
+                return None
+            line += chunk.count(b"\n")
 
 
 @contextlib.contextmanager
