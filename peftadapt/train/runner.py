@@ -47,6 +47,11 @@ def _labels(d: TextData) -> list[int]:
     return d.labels
 
 
+def _selection(spec: DatasetSpec) -> dict[str, Any]:
+    """How a spec reads and filters its file (load_dataset_spec's keywords, shared by both readers)."""
+    return dict(format=spec.format, split=spec.split, subset=spec.subset, where=spec.where, where_not=spec.where_not)
+
+
 def load_data(
     run: RunConfig, num_labels: int | None, tokenizer=None
 ) -> tuple[TextData | Encoded, TextData | None, dict[str, TextData | Encoded]]:
@@ -63,25 +68,13 @@ def load_data(
             labels=data.labels,
             num_labels=num_labels,
             name=name,
-            format=spec.format,
-            split=spec.split,
-            subset=spec.subset,
-            where=spec.where,
-            where_not=spec.where_not,
+            **_selection(spec),
         )
 
     def read_sft(spec: DatasetSpec, name: str) -> Encoded:
         if tokenizer is None:
             raise ValueError(f"{name}: causal-LM data is tokenized while loading; pass the tokenizer")
-        ds = load_dataset_spec(
-            spec.path,
-            format=spec.format,
-            split=spec.split,
-            subset=spec.subset,
-            where=spec.where,
-            where_not=spec.where_not,
-            name=name,
-        )
+        ds = load_dataset_spec(spec.path, name=name, **_selection(spec))
         return encode_sft(
             ds,
             tokenizer,
