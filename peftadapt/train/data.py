@@ -165,15 +165,12 @@ def _quiet(ds_lib: Any) -> Iterator[None]:
 
 
 def _why_unreadable(path: Path, fmt: str) -> str | None:
-    """A one-line reason a text file failed to load (not UTF-8, a bad JSON line), naming file and line."""
-    if fmt not in _TEXT_FORMATS:
+    """A one-line reason a JSONL file failed to load (its first bad JSON line), naming file and line.
+    (Not UTF-8 is checked before every text file loads: :func:`_not_utf8`.)"""
+    if fmt != "jsonl":
         return None
-    why = _not_utf8(path)
-    if why is not None:
-        return why
-    text = path.read_text(encoding="utf-8")
-    if fmt == "jsonl":
-        for n, line_text in enumerate(text.splitlines(), 1):
+    with open(path, encoding="utf-8") as f:
+        for n, line_text in enumerate(f, 1):
             if line_text.strip():
                 try:
                     json.loads(line_text)
