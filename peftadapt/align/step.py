@@ -132,8 +132,9 @@ class DomainAdaptation:
     Batches are dicts of tensors on the model's device with an ``attention_mask``;
     the source batch has ``labels`` (the task loss is ``outputs.loss``); labels in
     the target batch are dropped (target data is unlabeled). While a ``target_lm`` term
-    is on, the target forward gets ``labels = input_ids`` with the padding set to -100,
-    and the term's value is that forward's ``loss`` (the model's next-token loss on the target).
+    is on, the target forward gets ``labels = input_ids`` with the padding (and each row's
+    first token, which nothing precedes) set to -100, and the term's value is that forward's
+    ``loss``: the model's mean next-token loss on the target, the same left or right padded.
     """
 
     def __init__(
@@ -361,20 +362,24 @@ class DomainAdaptation:
     def __repr__(self) -> str:
         terms = ", ".join(t.name for t in self.alignment.members)
         extra = "" if self.class_tokens is None else f", class_tokens={self.class_tokens}"
-        return (
-            f"DomainAdaptation(terms=[{terms}], layer={self.tap.layer_name!r}, pooling={self.tap.pooling!r}{extra})"
-        )
+        return f"DomainAdaptation(terms=[{terms}], layer={self.tap.layer_name!r}, pooling={self.tap.pooling!r}{extra})"
 
 
 def _lm_labels(batch: Mapping[str, Any]) -> torch.Tensor:
-    """Next-token targets of an unlabeled batch: its input ids, padding (attention_mask 0) ignored."""
-    ids = batch.get("input_ids")
-    if not isinstance(ids, torch.Tensor) or ids.shape != batch["attention_mask"].shape:
+    """Next-token targets of an unlabeled batch: its input ids, with the padding (attention_mask 0) and
+    each row's first token set to -100. Nothing precedes the first token: with left padding the model
+    would otherwise be asked to predict it from a pad position. So the loss is the mean next-token
+    cross-entropy of the unpadded rows, left or right padded."""
+    ids, mask = batch.get("input_ids"), batch["attention_mask"]
+    if not isinstance(ids, torch.Tensor) or ids.shape != mask.shape:
         raise ValueError(
             "target_lm needs the target batch's input_ids (batch, seq), the same shape as its attention_mask, "
             f"to use as its next-token targets; got keys {sorted(batch)}"
         )
-    return ids.masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+    attended = mask != 0
+    labels = ids.masked_fill(~attended, IGNORE_INDEX)
+    labels[torch.arange(ids.shape[0], device=ids.device), attended.int().argmax(1)] = IGNORE_INDEX
+    return labels
 
 
 def _lm_loss(out_t: Any) -> torch.Tensor:

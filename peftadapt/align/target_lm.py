@@ -21,10 +21,11 @@ class TargetLM(Regularizer):
     causal-LM form). Causal LMs only.
 
     :class:`~peftadapt.align.DomainAdaptation` computes it: while the term is on, the target
-    forward gets ``labels = input_ids`` with the padding (``attention_mask == 0``) set to -100
-    (the target batch's own labels are dropped: target data is unlabeled), and the term's value
-    is that forward's ``outputs.loss``, the mean next-token cross-entropy over the target's
-    tokens. Features and logits are not read. Logged as ``reg/target_lm``.
+    forward gets ``labels = input_ids`` with the padding (``attention_mask == 0``) and each row's
+    first token (nothing precedes it) set to -100; the target batch's own labels are dropped
+    (target data is unlabeled). The term's value is that forward's ``outputs.loss``: the mean
+    next-token cross-entropy over the target's tokens, the same left or right padded. Features
+    and logits are not read. Logged as ``reg/target_lm``.
 
     It is a mean of per-token losses, not a batch statistic: with several processes each
     computes it on its own shard (``scope="auto"`` is local).
