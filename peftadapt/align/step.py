@@ -26,7 +26,7 @@ from ..features import FeatureTap, Pooling
 from .numerics import check_progress
 from .regularizer import Regularizer
 from .terms import Alignment, Term
-from .verbalizer import IGNORE_INDEX, check_class_tokens, class_logits
+from .verbalizer import IGNORE_INDEX, check_class_tokens, class_logits, prompt_mask
 
 __all__ = ["DomainAdaptation", "as_alignment", "check_alignment"]
 
@@ -135,6 +135,11 @@ class DomainAdaptation:
     is on, the target forward gets ``labels = input_ids`` with the padding (and each row's
     first token, which nothing precedes) set to -100, and the term's value is that forward's
     ``loss``: the model's mean next-token loss on the target, the same left or right padded.
+
+    On a causal LM whose source labels cover the answer only (prompt tokens -100), the source
+    features are pooled over each row's prompt (the positions before its first label), the
+    part a target prompt has too: ``pooling="last"`` then reads the last prompt token of both
+    domains, the position that produces the answer.
     """
 
     def __init__(
@@ -157,7 +162,8 @@ class DomainAdaptation:
         if class_tokens is not None:
             vocab = getattr(getattr(model, "config", None), "vocab_size", None)
             class_tokens = check_class_tokens(class_tokens, vocab if isinstance(vocab, int) else None)
-        check_alignment(alignment, model, causal_lm, class_tokens)
+        self.causal_lm = is_causal_lm(model) if causal_lm is None else bool(causal_lm)
+        check_alignment(alignment, model, self.causal_lm, class_tokens)
         self.class_tokens: list[int] | None = None if class_tokens is None else list(class_tokens)
         self.model = model
         self.alignment = alignment
@@ -236,8 +242,10 @@ class DomainAdaptation:
         Runs the target forward only if a term is on; returns ``(reg_loss, logs)``
         with ``reg_loss`` a 0-dim tensor (zero and graph-free while every term is off)
         and ``logs`` as in :meth:`loss` without ``task_loss``. ``source_labels``: the
-        source batch's answer-only labels, which locate its class logits when
-        ``class_tokens`` is set and a term reading class logits is on.
+        source batch's labels. On a causal LM with answer-only labels they locate each
+        row's prompt: its features are pooled over the prompt alone (what a target prompt
+        holds; a row whose every token is a target is pooled whole), and its class logits
+        (``class_tokens``) are read right before the answer.
         """
         p = check_progress(progress)
         self._check_open()
@@ -249,7 +257,10 @@ class DomainAdaptation:
             logs["reg_loss"] = zero
             logs.update({f"weight/{k}": w for k, w in weights.items()})
             return zero, logs
-        fs = self._pooled(source_attention_mask, "source")  # before the target forward overwrites the tap
+        source_mask = source_attention_mask
+        if self.causal_lm and source_labels is not None:  # a causal LM's source: its prompt, as the target's
+            source_mask = prompt_mask(source_attention_mask, source_labels)
+        fs = self._pooled(source_mask, "source")  # before the target forward overwrites the tap
         target_batch = _check_batch(target_batch, "target_batch (a term is on at this progress)")
         target_batch = {k: v for k, v in target_batch.items() if k != "labels"}
         on = [t for t in self.alignment.members if weights[t.name] > 0]

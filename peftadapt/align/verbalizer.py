@@ -20,7 +20,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["IGNORE_INDEX", "check_answers", "check_class_tokens", "class_logits", "class_token_ids", "prompt_positions"]
+__all__ = [
+    "IGNORE_INDEX",
+    "check_answers",
+    "check_class_tokens",
+    "class_logits",
+    "class_token_ids",
+    "prompt_mask",
+    "prompt_positions",
+]
 
 IGNORE_INDEX = -100  # a label the loss skips (transformers' ignore_index)
 
@@ -111,6 +119,21 @@ def prompt_positions(attention_mask: torch.Tensor, labels: torch.Tensor | None =
             "(answer-only loss: data.train_on_inputs false, prompt tokens -100)"
         )
     return pos
+
+
+def prompt_mask(attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``attention_mask`` restricted to each row's prompt: the positions before its first label.
+
+    With answer-only labels (prompt tokens -100) a causal LM's features there have not seen the
+    answer, so a source row pools the same thing a target prompt does. A row without a prompt
+    (its labels start at its first token: every token a target) or without a label keeps its
+    whole mask. No host sync."""
+    mask = attention_mask != 0
+    t = mask.shape[1]
+    target = (labels.to(mask.device) != IGNORE_INDEX) & mask
+    first = torch.where(target.any(1), target.int().argmax(1), torch.full_like(target[:, 0], t, dtype=torch.long))
+    prompt = mask & (torch.arange(t, device=mask.device)[None, :] < first[:, None])
+    return torch.where(prompt.any(1, keepdim=True), prompt, mask).to(attention_mask.dtype)
 
 
 def class_logits(

@@ -251,3 +251,36 @@ def test_decoder_pooling_left_and_right_equals_the_unpadded_examples(layer, pool
             model(input_ids=ids, attention_mask=mask)
             got = tap.pooled()
             assert torch.allclose(got, torch.stack(want), atol=1e-5), (side, (got - torch.stack(want)).abs().max())
+
+
+class _Record(peftadapt.align.Regularizer):
+    """Keeps the features it is given (a test probe; the loss is 0)."""
+
+    def forward(self, source_features, target_features, source_logits=None, target_logits=None):
+        self.fs, self.ft = source_features.detach(), target_features.detach()
+        return (source_features.sum() + target_features.sum()) * 0.0
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_source_features_are_pooled_over_the_prompt_like_the_target(pooling):
+    """Source chats with answer-only labels and the same chats as target prompts: equal features."""
+    tok, source, target = _chat_batches()
+    target = list(reversed(target))  # the same chats, in the source's order
+    model = peftadapt.wrap(tiny_llama(len(tok)), "lora", r=4)
+    probe = _Record()
+    for side in ("right", "left"):
+        src_ids, src_mask = _pad([r["input_ids"] for r in source], side, tok.pad_token_id)
+        src_labels, _ = _pad([r["labels"] for r in source], side, -100)
+        tgt_ids, tgt_mask = _pad([r["input_ids"] for r in target], side, tok.pad_token_id)
+        src = {"input_ids": src_ids, "attention_mask": src_mask, "labels": src_labels}
+        with DomainAdaptation(model, [Term(probe)], layer=-1, pooling=pooling) as da, torch.no_grad():
+            da.loss(src, {"input_ids": tgt_ids, "attention_mask": tgt_mask}, 0.0)
+        assert torch.allclose(probe.fs, probe.ft, atol=1e-5), (side, (probe.fs - probe.ft).abs().max())
+    # labels on every token (no prompt to find): the whole row is pooled, as before
+    with DomainAdaptation(model, [Term(probe)], layer=-1, pooling=pooling) as da, torch.no_grad():
+        src = _source([r["input_ids"] for r in source])
+        da.loss(src, {"input_ids": tgt_ids, "attention_mask": tgt_mask}, 0.0)
+        with FeatureTap(model, layer=-1, pooling=pooling) as tap:
+            model(input_ids=src["input_ids"], attention_mask=src["attention_mask"])
+            whole = tap.pooled()
+    assert torch.allclose(probe.fs, whole, atol=1e-6)
