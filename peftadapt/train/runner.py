@@ -273,7 +273,10 @@ def build_trainer(run: RunConfig):
     feats = run.features
     alignment = None
     if run.regularizers:
-        width = feature_width(model, tokenizer, feats.layer, feats.pooling)
+        try:
+            width = feature_width(model, tokenizer, feats.layer, feats.pooling)
+        except (ValueError, TypeError) as e:  # a layer name / index the model does not have
+            raise ValueError(f"features.layer: {e}" if feats.layer is not None else str(e)) from None
         alignment = build_alignment(run.regularizers, width=width, num_labels=nl)
     return Trainer(
         model,
