@@ -168,7 +168,7 @@ class TermConfig:
 
 @dataclasses.dataclass
 class FeaturesConfig:
-    """Where the regularizers read features."""
+    """Where the regularizers read features (and, for a causal LM, which answer tokens are its classes)."""
 
     _where: ClassVar[str] = "features"
 
@@ -229,7 +229,11 @@ class DataConfig:
     _where: ClassVar[str] = "data"
 
     source: DatasetSpec = field(REQUIRED, "the labeled training data")
-    target: DatasetSpec | None = field(None, "unlabeled target-domain texts (needed by regularizers)")
+    target: DatasetSpec | None = field(
+        None,
+        "unlabeled target-domain data (needed by regularizers); causal_lm: read as prompts (a chat row: its turns "
+        "before any answer, plus the generation prompt)",
+    )
     eval: dict[str, DatasetSpec] = field({}, "named eval sets; metrics are logged as <name>/<metric>")
     source_validation: str | None = field(
         None,
