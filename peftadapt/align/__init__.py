@@ -19,7 +19,7 @@ from .registry import REGULARIZERS, build, register, regularizer_names
 from .regularizer import Regularizer
 from .schedule import SCHEDULES, dann_ramp, schedule_weight
 from .scope import SCOPES
-from .step import DomainAdaptation
+from .step import SOURCES, DomainAdaptation, Sources, source_domains
 from .terms import Alignment, Term
 
 __all__ = [
@@ -30,12 +30,14 @@ __all__ = [
     "REGULARIZERS",
     "SCHEDULES",
     "SCOPES",
+    "SOURCES",
     "Alignment",
     "DomainAdaptation",
     "DomainDiscriminator",
     "Entropy",
     "GradientReversal",
     "Regularizer",
+    "Sources",
     "Term",
     "build",
     "dann_ramp",
@@ -43,4 +45,5 @@ __all__ = [
     "register",
     "regularizer_names",
     "schedule_weight",
+    "source_domains",
 ]

@@ -11,12 +11,17 @@ where ``p`` in [0, 1] is the training progress (step / total steps), ``f_s``,
 during the model's own forward, ``g_s``, ``g_t`` the class logits (passed only
 to a term that reads them: CDAN, entropy) and ``lambda_k(p)`` term k's
 scheduled weight (:class:`~peftadapt.align.Term`).
+
+With several labeled source domains (``source_batch`` a mapping domain name ->
+batch) the task loss is the mean of the per-domain task losses, and each term
+sees either every source pooled against the target (``sources="pooled"``) or
+each source against the target, averaged over the domains (``"per_source"``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -27,7 +32,12 @@ from .numerics import check_progress
 from .regularizer import Regularizer
 from .terms import Alignment, Term
 
-__all__ = ["DomainAdaptation", "as_alignment", "check_alignment"]
+__all__ = ["SOURCES", "DomainAdaptation", "Sources", "as_alignment", "check_alignment", "source_domains"]
+
+# How the terms see several source domains: all of them concatenated vs the target ("pooled"), or
+# the mean over domains of D(f_s^d, f_t) ("per_source"). One source: both are the same.
+Sources = Literal["pooled", "per_source"]
+SOURCES: tuple[str, ...] = get_args(Sources)
 
 
 def as_alignment(regularizers: Any) -> Alignment | None:
@@ -74,6 +84,29 @@ def _check_batch(batch: Any, what: str) -> Mapping[str, Any]:
     return batch
 
 
+def source_domains(source_batch: Any, what: str = "source_batch") -> dict[str, Mapping[str, Any]] | None:
+    """``{domain: batch}`` when ``source_batch`` maps domain names to batches (several source
+    domains), None when it is one batch of model inputs. A mix of the two is an error."""
+    if not isinstance(source_batch, Mapping):
+        raise ValueError(
+            f"{what} must be a mapping of model inputs (the tokenizer's output) or a mapping domain name -> "
+            f"such a batch, got {type(source_batch).__name__}"
+        )
+    nested = [k for k, v in source_batch.items() if isinstance(v, Mapping)]
+    if not nested:
+        return None
+    if len(nested) != len(source_batch):
+        flat = sorted(str(k) for k, v in source_batch.items() if not isinstance(v, Mapping))
+        raise ValueError(
+            f"{what} mixes domain batches ({sorted(map(str, nested))}) with model inputs ({flat}); pass either "
+            "one batch (keys input_ids, attention_mask, labels) or {domain name: batch} for several source domains"
+        )
+    for name in source_batch:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{what}: domain names must be non-empty strings, got {name!r}")
+    return dict(source_batch)
+
+
 class DomainAdaptation:
     """The alignment half of a training step: tap features, run the target forward, sum the terms.
 
@@ -95,6 +128,11 @@ class DomainAdaptation:
             default: the task head's input, masked mean).
         causal_lm: whether ``model`` is a causal LM (its logits are per token,
             so terms that read class logits are rejected); None: from its class name.
+        sources: with several source domains (``loss`` given ``{domain: batch}``):
+            ``"pooled"``, each term sees the features of every source domain
+            concatenated against the target's; ``"per_source"``, each term is the mean
+            over domains d of ``D(f_s^d, f_t)`` (logged per domain too). One source
+            batch: the two are the same.
 
     Plain PyTorch loop::
 
@@ -120,7 +158,10 @@ class DomainAdaptation:
         layer: str | nn.Module | None = None,
         pooling: Pooling = "mean",
         causal_lm: bool | None = None,
+        sources: Sources = "pooled",
     ):
+        if sources not in SOURCES:
+            raise ValueError(f"sources={sources!r} is not a choice; valid: {list(SOURCES)}")
         alignment = as_alignment(regularizers)
         if alignment is None:
             raise ValueError(
@@ -131,6 +172,7 @@ class DomainAdaptation:
         check_alignment(alignment, model, causal_lm)
         self.model = model
         self.alignment = alignment
+        self.sources: Sources = sources
         self.tap = FeatureTap(model, layer=layer, pooling=pooling)  # last: nothing to undo if it raises
         self._removed = False
 
@@ -165,9 +207,18 @@ class DomainAdaptation:
         term is off (the caller can skip loading it: see :meth:`active`). ``model``:
         the module to call for the forward when it is a wrapper of the tapped model
         (Accelerate / DDP); default the tapped model.
+
+        Several source domains: ``source_batch`` = ``{domain name: batch}``, one forward
+        per domain; the task loss is the mean over domains of each domain's loss (each
+        domain counts the same, whatever its batch size), logged as ``task_loss/<domain>``
+        too; the terms see the sources as ``sources`` says (``"per_source"`` also logs
+        ``reg/<term>/<domain>``).
         """
         p = check_progress(progress)
         self._check_open()
+        domains = source_domains(source_batch)
+        if domains is not None:
+            return self._multi_source_loss(domains, target_batch, p, model)
         source_batch = _check_batch(source_batch, "source_batch")
         out = (model or self.model)(**source_batch)
         task_loss = getattr(out, "loss", None)
@@ -230,6 +281,74 @@ class DomainAdaptation:
         logs.update({f"weight/{k}": w for k, w in weights.items()})
         return total, logs
 
+    def _multi_source_loss(
+        self,
+        domains: Mapping[str, Mapping[str, Any]],
+        target_batch: Mapping[str, Any] | None,
+        p: float,
+        model: nn.Module | None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """:meth:`loss` for ``{domain: batch}``: a forward per domain (its pooled features
+        and logits kept while a term is on), then the target forward and the terms."""
+        weights = self.alignment.weights(p)
+        on = any(w > 0 for w in weights.values())
+        logits = self.alignment.needs_logits
+        task: dict[str, torch.Tensor] = {}
+        feats: dict[str, torch.Tensor] = {}
+        src_logits: dict[str, torch.Tensor] = {}
+        for name, batch in domains.items():
+            batch = _check_batch(batch, f"source_batch[{name!r}]")
+            out = (model or self.model)(**batch)
+            if getattr(out, "loss", None) is None:
+                raise ValueError(
+                    f"the forward of source domain {name!r} returned no loss: its batch needs labels "
+                    f"(keys: {sorted(batch)})"
+                )
+            task[name] = out.loss
+            if on:
+                feats[name] = self._pooled(batch["attention_mask"], f"source domain {name!r}")
+                if logits:
+                    src_logits[name] = out.logits
+        self.tap.clear()
+        task_loss = torch.stack(list(task.values())).mean()
+        logs: dict[str, Any] = {"task_loss": task_loss.detach()}
+        logs.update({f"task_loss/{k}": v.detach() for k, v in task.items()})
+        if not on:
+            logs["reg_loss"] = torch.zeros((), dtype=torch.float32, device=task_loss.device)
+            logs.update({f"weight/{k}": w for k, w in weights.items()})
+            return task_loss, logs
+        target_batch = _check_batch(target_batch, "target_batch (a term is on at this progress)")
+        target_batch = {k: v for k, v in target_batch.items() if k != "labels"}
+        out_t = (model or self.model)(**target_batch)
+        ft = self._pooled(target_batch["attention_mask"], "target")
+        self.tap.clear()
+        lt = out_t.logits if logits else None
+        if self.sources == "pooled":
+            groups = {"": (torch.cat(list(feats.values())), torch.cat(list(src_logits.values())) if logits else None)}
+        else:
+            groups = {name: (f, src_logits.get(name)) for name, f in feats.items()}
+        total = None
+        for term in self.alignment.members:
+            per: dict[str, torch.Tensor] = {}
+            weighted_sum = None
+            for name, (fs, ls) in groups.items():
+                weighted, value = term(fs, ft, ls if logits else None, lt, progress=p)
+                if weighted is None:  # off at this progress
+                    break
+                per[name] = value
+                weighted_sum = weighted if weighted_sum is None else weighted_sum + weighted
+            if weighted_sum is None:
+                continue
+            weighted_mean = weighted_sum / len(per)
+            logs[f"reg/{term.name}"] = torch.stack(list(per.values())).mean().detach()
+            if self.sources == "per_source":
+                logs.update({f"reg/{term.name}/{k}": v.detach() for k, v in per.items()})
+            total = weighted_mean if total is None else total + weighted_mean
+        assert total is not None  # a term is on at this progress (checked above)
+        logs["reg_loss"] = total.detach()
+        logs.update({f"weight/{k}": w for k, w in weights.items()})
+        return task_loss + total, logs
+
     def _pooled(self, mask: torch.Tensor, domain: str) -> torch.Tensor:
         captured = self.tap.features
         if captured.shape[0] != mask.shape[0]:
@@ -284,4 +403,7 @@ class DomainAdaptation:
 
     def __repr__(self) -> str:
         terms = ", ".join(t.name for t in self.alignment.members)
-        return f"DomainAdaptation(terms=[{terms}], layer={self.tap.layer_name!r}, pooling={self.tap.pooling!r})"
+        return (
+            f"DomainAdaptation(terms=[{terms}], layer={self.tap.layer_name!r}, pooling={self.tap.pooling!r}, "
+            f"sources={self.sources!r})"
+        )
