@@ -36,7 +36,9 @@ def _number(value: Any, name: str, low: float, strict: bool) -> float:
 
 
 def _task_loss(model: nn.Module, batch: Mapping[str, Any], domain: str, params: dict[str, Any] | None = None):
-    out = model(**batch) if params is None else functional_call(model, params, args=(), kwargs=batch, strict=False)
+    out = (
+        model(**batch) if params is None else functional_call(model, params, args=(), kwargs=dict(batch), strict=False)
+    )
     loss = getattr(out, "loss", None)
     if loss is None:
         raise ValueError(

@@ -95,6 +95,8 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="sources='both' is not a choice"):
         DomainAdaptation(model, "mmd", layer=LAYER, sources="both")  # type: ignore[arg-type]
     unlabeled = {k: v for k, v in domains["dvd"].items() if k != "labels"}
-    with DomainAdaptation(model, "mmd", layer=LAYER) as da:
-        with pytest.raises(ValueError, match="source domain 'dvd' returned no loss"):
-            da.loss({"books": domains["books"], "dvd": unlabeled}, tgt, progress=0.5)
+    with (
+        DomainAdaptation(model, "mmd", layer=LAYER) as da,
+        pytest.raises(ValueError, match="source domain 'dvd' returned no loss"),
+    ):
+        da.loss({"books": domains["books"], "dvd": unlabeled}, tgt, progress=0.5)

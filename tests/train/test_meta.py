@@ -8,7 +8,6 @@ import torch
 import torch.nn as nn
 
 import peftadapt
-
 from peftadapt.align import DomainAdaptation, Term
 from peftadapt.train.meta import MLDG
 
@@ -100,7 +99,7 @@ def test_first_order_on_a_lora_model_equals_two_plain_backwards():
 def test_second_order_with_alignment_runs_through_the_tap():
     model = _model()
     domains = {d: {**token_batch(seed=s, batch=3), "labels": torch.tensor([0, 1, 0])} for s, d in enumerate("pq")}
-    with pytest.raises(RuntimeError, match="first_order=True, or .* attn_implementation='eager'"):
+    with pytest.raises(RuntimeError, match=r"first_order=True, or .* attn_implementation='eager'"):
         MLDG(model, inner_lr=0.1, seed=0).backward(domains)  # CPU SDPA attention has no double backward
     model.zero_grad()
     peftadapt.base_model(model).set_attn_implementation("eager")
