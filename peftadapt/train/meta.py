@@ -119,13 +119,14 @@ class MLDG:
         *,
         da: DomainAdaptation | None = None,
         model: nn.Module | None = None,
+        scale: float = 1.0,
     ) -> dict[str, Any]:
         """Compute the MLDG loss of one step and backpropagate it: adds its gradient to the ``.grad``
         of the meta parameters (and of ``da``'s discriminators). Returns logs (detached tensors):
         ``loss``, ``meta_train_loss``, ``meta_test_loss``, ``meta_test/<domain>`` and, with ``da``,
         its logs (``task_loss``, ``reg/<term>``, ...). ``model``: a wrapper to call instead of
-        ``self.model`` (its parameter names must match :attr:`params`); ``target_batch`` and
-        ``progress`` go to ``da``."""
+        ``self.model`` (the same parameters, under any names); ``target_batch`` and ``progress``
+        go to ``da``; ``scale`` multiplies the gradient (``1 / k`` to accumulate k calls), not the logs."""
         domains = source_domains(source_batches, "source_batches")
         if domains is None:
             raise ValueError(
@@ -141,6 +142,7 @@ class MLDG:
             l_train, logs = da.loss({d: domains[d] for d in train}, target_batch, progress, model=net)
         else:
             l_train = torch.stack([_task_loss(net, domains[d], d) for d in train]).mean()
+            logs["task_loss"] = l_train.detach()
         tensors = list(self.params.values())
         # first order frees L_train's graph here, so the discriminators' gradients are taken now too
         extra = da.parameters() if da is not None and self.first_order else []
@@ -151,7 +153,7 @@ class MLDG:
             # theta' = theta - alpha * g with g a constant: d theta' / d theta = I, so backward of L_test(theta')
             # adds grad L_test(theta') to theta's .grad; grad L_train is added here (its graph is freed)
             for p, g in zip(tensors + extra, grads, strict=True):
-                p.grad = g.detach().clone() if p.grad is None else p.grad + g.detach()
+                p.grad = scale * g.detach() if p.grad is None else p.grad + scale * g.detach()
         name_in_net = {id(p): n for n, p in net.named_parameters()}
         missing = [n for n, p in self.params.items() if id(p) not in name_in_net]
         if missing:
@@ -167,7 +169,7 @@ class MLDG:
             da.tap.clear()  # the meta-test forwards went through the tap; nothing reads them
         if total.requires_grad:
             try:
-                total.backward()
+                (total * scale).backward()
             except RuntimeError as e:
                 if self.first_order or "derivative for" not in str(e):
                     raise
