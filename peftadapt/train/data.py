@@ -375,10 +375,17 @@ def check_labels(data: TextData, num_labels: int) -> None:
     encode_labels(data.labels, num_labels=num_labels, name=data.name)
 
 
-def check_domain_labels(domains: Mapping[str, TextData], where: str) -> None:
+def check_domain_labels(
+    domains: Mapping[str, TextData], where: str, label_names: Sequence[str | int] | None = None
+) -> None:
     """ValueError unless every source domain holds the same set of classes (a domain missing a class,
-    or holding one the others lack, would train a head whose classes mean different things per domain)."""
-    sets = {name: sorted(set(d.labels or [])) for name, d in domains.items()}
+    or holding one the others lack, would train a head whose classes mean different things per domain).
+    ``label_names``: the class names to print instead of the class ids."""
+
+    def named(i: int) -> str | int:
+        return label_names[i] if label_names is not None and 0 <= i < len(label_names) else i
+
+    sets = {name: [named(i) for i in sorted(set(d.labels or []))] for name, d in domains.items()}
     first, want = next(iter(sets.items()))
     for name, got in sets.items():
         if got != want:
