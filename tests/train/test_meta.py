@@ -123,3 +123,15 @@ def test_clear_errors():
     frozen = Linear().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         MLDG(frozen, inner_lr=0.1)
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+def test_scale_accumulates_like_one_call(first_order):
+    domains = _domains()
+    one, two = Linear(), Linear()
+    MLDG(one, inner_lr=0.1, first_order=first_order, seed=2).backward(domains)
+    ml = MLDG(two, inner_lr=0.1, first_order=first_order, seed=2)
+    for _ in range(2):
+        ml.step = 0  # the same split both times: half the gradient each
+        ml.backward(domains, scale=0.5)
+    torch.testing.assert_close(two.w.grad, one.w.grad)
