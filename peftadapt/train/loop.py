@@ -964,6 +964,7 @@ class Trainer:
         collective: every process calls it at the same log steps). Global-scope alignment
         values are already whole-batch values, equal on every process."""
         keys = ["task_loss"] + (["reg_loss"] if "reg_loss" in record else []) + [f"reg/{k}" for k in reg_names]
+        keys += [k for k in record if k.startswith("task_loss/")]  # several source domains
         vals = self.accelerator.reduce(
             torch.tensor([float(record[k]) for k in keys], dtype=torch.float64, device=self.accelerator.device),
             reduction="mean",
