@@ -12,7 +12,7 @@ from .features import FeatureTap
 from .integrations import add_alignment
 from .methods import METHODS, AdaptedModel, Adapter, Full, Head, LoRA, MethodConfig, PeftMethod, Prefix, register_method
 from .quant import build_quantized, load_quantized, merge_quantized, prepare_for_kbit_training
-from .train import TextData, TrainConfig, Trainer
+from .train import MLDG, TextData, TrainConfig, Trainer
 from .wrap import (
     adapter_names,
     add_adapter,
@@ -35,6 +35,7 @@ __all__ = [
     "CORAL",
     "DANN",
     "METHODS",
+    "MLDG",
     "MMD",
     "AdaptedModel",
     "Adapter",

@@ -20,7 +20,7 @@ from .registry import REGULARIZERS, build, register, regularizer_names
 from .regularizer import Regularizer
 from .schedule import SCHEDULES, dann_ramp, schedule_weight
 from .scope import SCOPES
-from .step import DomainAdaptation
+from .step import SOURCES, DomainAdaptation, Sources, source_domains
 from .target_lm import TargetLM
 from .terms import Alignment, Term
 from .verbalizer import class_logits, class_token_ids, prompt_positions
@@ -33,12 +33,14 @@ __all__ = [
     "REGULARIZERS",
     "SCHEDULES",
     "SCOPES",
+    "SOURCES",
     "Alignment",
     "DomainAdaptation",
     "DomainDiscriminator",
     "Entropy",
     "GradientReversal",
     "Regularizer",
+    "Sources",
     "TargetLM",
     "Term",
     "build",
@@ -50,4 +52,5 @@ __all__ = [
     "register",
     "regularizer_names",
     "schedule_weight",
+    "source_domains",
 ]

@@ -11,12 +11,17 @@ where ``p`` in [0, 1] is the training progress (step / total steps), ``f_s``,
 during the model's own forward, ``g_s``, ``g_t`` the class logits (passed only
 to a term that reads them: CDAN, entropy) and ``lambda_k(p)`` term k's
 scheduled weight (:class:`~peftadapt.align.Term`).
+
+With several labeled source domains (``source_batch`` a mapping domain name ->
+batch) the task loss is the mean of the per-domain task losses, and each term
+sees either every source pooled against the target (``sources="pooled"``) or
+each source against the target, averaged over the domains (``"per_source"``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 import torch.nn as nn
@@ -28,7 +33,12 @@ from .regularizer import Regularizer
 from .terms import Alignment, Term
 from .verbalizer import IGNORE_INDEX, check_class_tokens, class_logits, prompt_mask
 
-__all__ = ["DomainAdaptation", "as_alignment", "check_alignment"]
+__all__ = ["SOURCES", "DomainAdaptation", "Sources", "as_alignment", "check_alignment", "source_domains"]
+
+# How the terms see several source domains: all of them concatenated vs the target ("pooled"), or
+# the mean over domains of D(f_s^d, f_t) ("per_source"). One source: both are the same.
+Sources = Literal["pooled", "per_source"]
+SOURCES: tuple[str, ...] = get_args(Sources)
 
 
 def as_alignment(regularizers: Any) -> Alignment | None:
@@ -89,6 +99,29 @@ def _check_batch(batch: Any, what: str) -> Mapping[str, Any]:
     return batch
 
 
+def source_domains(source_batch: Any, what: str = "source_batch") -> dict[str, Mapping[str, Any]] | None:
+    """``{domain: batch}`` when ``source_batch`` maps domain names to batches (several source
+    domains), None when it is one batch of model inputs. A mix of the two is an error."""
+    if not isinstance(source_batch, Mapping):
+        raise ValueError(
+            f"{what} must be a mapping of model inputs (the tokenizer's output) or a mapping domain name -> "
+            f"such a batch, got {type(source_batch).__name__}"
+        )
+    nested = [k for k, v in source_batch.items() if isinstance(v, Mapping)]
+    if not nested:
+        return None
+    if len(nested) != len(source_batch):
+        flat = sorted(str(k) for k, v in source_batch.items() if not isinstance(v, Mapping))
+        raise ValueError(
+            f"{what} mixes domain batches ({sorted(map(str, nested))}) with model inputs ({flat}); pass either "
+            "one batch (keys input_ids, attention_mask, labels) or {domain name: batch} for several source domains"
+        )
+    for name in source_batch:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{what}: domain names must be non-empty strings, got {name!r}")
+    return dict(source_batch)
+
+
 class DomainAdaptation:
     """The alignment half of a training step: tap features, run the target forward, sum the terms.
 
@@ -117,6 +150,11 @@ class DomainAdaptation:
             at these ids (see :mod:`peftadapt.align.verbalizer`). The source batch's
             answer-only ``labels`` locate its prompt end; a target row's is its last
             attended token (the prompt ends with the generation prompt).
+        sources: with several source domains (``loss`` given ``{domain: batch}``):
+            ``"pooled"``, each term sees the features of every source domain
+            concatenated against the target's; ``"per_source"``, each term is the mean
+            over domains d of ``D(f_s^d, f_t)`` (logged per domain too). One source
+            batch: the two are the same.
 
     Plain PyTorch loop::
 
@@ -151,7 +189,10 @@ class DomainAdaptation:
         pooling: Pooling = "mean",
         causal_lm: bool | None = None,
         class_tokens: Sequence[int] | None = None,
+        sources: Sources = "pooled",
     ):
+        if sources not in SOURCES:
+            raise ValueError(f"sources={sources!r} is not a choice; valid: {list(SOURCES)}")
         alignment = as_alignment(regularizers)
         if alignment is None:
             raise ValueError(
@@ -167,6 +208,7 @@ class DomainAdaptation:
         self.class_tokens: list[int] | None = None if class_tokens is None else list(class_tokens)
         self.model = model
         self.alignment = alignment
+        self.sources: Sources = sources
         self.tap = FeatureTap(model, layer=layer, pooling=pooling)  # last: nothing to undo if it raises
         self._removed = False
 
@@ -207,23 +249,43 @@ class DomainAdaptation:
         term is off (the caller can skip loading it: see :meth:`active`). ``model``:
         the module to call for the forward when it is a wrapper of the tapped model
         (Accelerate / DDP); default the tapped model.
+
+        Several source domains: ``source_batch`` = ``{domain name: batch}``, one forward
+        per domain; the task loss is the mean over domains of each domain's loss (each
+        domain counts the same, whatever its batch size), logged as ``task_loss/<domain>``
+        too; the terms see the sources as ``sources`` says (``"per_source"`` also logs
+        ``reg/<term>/<domain>``).
         """
         p = check_progress(progress)
         self._check_open()
-        source_batch = _check_batch(source_batch, "source_batch")
-        out = (model or self.model)(**source_batch)
-        task_loss = getattr(out, "loss", None)
-        if task_loss is None:
-            raise ValueError(
-                f"the source forward returned no loss: source_batch needs labels (keys: "
-                f"{sorted(source_batch)}); class ids for a classifier, token ids for a causal LM"
-            )
+        domains = source_domains(source_batch)
+        single = domains is None
+        if domains is None:
+            domains = {"": _check_batch(source_batch, "source_batch")}
         on = self.active(p)
-        reg_loss, logs = self.alignment_loss(
-            out, source_batch["attention_mask"], target_batch, p, model=model, source_labels=source_batch.get("labels")
-        )
-        loss = task_loss + reg_loss if on else task_loss
-        return loss, {"task_loss": task_loss.detach(), **logs}
+        task: dict[str, torch.Tensor] = {}
+        sources: dict[str, _Source] = {}
+        for name, batch in domains.items():
+            what = "source_batch" if single else f"source_batch[{name!r}]"
+            batch = _check_batch(batch, what)
+            out = (model or self.model)(**batch)
+            if getattr(out, "loss", None) is None:
+                where = "the source forward" if single else f"the forward of source domain {name!r}"
+                raise ValueError(
+                    f"{where} returned no loss: {what} needs labels (keys: {sorted(batch)}); "
+                    "class ids for a classifier, token ids for a causal LM"
+                )
+            task[name] = out.loss
+            if on:  # pooled now: the next forward overwrites the tap
+                sources[name] = self._source(out, batch["attention_mask"], batch.get("labels"), what)
+        self.tap.clear()
+        task_loss = task[""] if single else torch.stack(list(task.values())).mean()
+        logs: dict[str, Any] = {"task_loss": task_loss.detach()}
+        if not single:
+            logs.update({f"task_loss/{k}": v.detach() for k, v in task.items()})
+        reg_loss, reg_logs = self._terms(sources, target_batch, p, model, task_loss.device)
+        logs.update(reg_logs)
+        return (task_loss + reg_loss if on else task_loss), logs
 
     def alignment_loss(
         self,
@@ -249,21 +311,37 @@ class DomainAdaptation:
         """
         p = check_progress(progress)
         self._check_open()
+        sources = {}
+        if self.active(p):
+            sources[""] = self._source(source_outputs, source_attention_mask, source_labels, "source")
+        self.tap.clear()
+        return self._terms(sources, target_batch, p, model, source_attention_mask.device)
+
+    def _source(self, out: Any, mask: torch.Tensor, labels: torch.Tensor | None, what: str) -> _Source:
+        """One source forward's pooled features (over the prompt, for a causal LM with answer-only
+        labels: the part a target prompt has too) and what its class logits need."""
+        pool_mask = prompt_mask(mask, labels) if self.causal_lm and labels is not None else mask
+        return _Source(self._pooled(pool_mask, what), out, mask, labels)
+
+    def _terms(
+        self,
+        sources: Mapping[str, _Source],
+        target_batch: Mapping[str, Any] | None,
+        p: float,
+        model: nn.Module | None,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The target forward and ``sum_k lambda_k(p) D_k`` against ``sources`` (empty while every term is
+        off: then zero, no forward). Several sources: pooled (concatenated) or per source (the mean)."""
         weights = self.alignment.weights(p)
         logs: dict[str, Any] = {}
-        if not any(w > 0 for w in weights.values()):
-            self.tap.clear()
-            zero = torch.zeros((), dtype=torch.float32, device=source_attention_mask.device)
-            logs["reg_loss"] = zero
+        on = [t for t in self.alignment.members if weights[t.name] > 0]
+        if not on:
+            logs["reg_loss"] = torch.zeros((), dtype=torch.float32, device=device)
             logs.update({f"weight/{k}": w for k, w in weights.items()})
-            return zero, logs
-        source_mask = source_attention_mask
-        if self.causal_lm and source_labels is not None:  # a causal LM's source: its prompt, as the target's
-            source_mask = prompt_mask(source_attention_mask, source_labels)
-        fs = self._pooled(source_mask, "source")  # before the target forward overwrites the tap
+            return logs["reg_loss"], logs
         target_batch = _check_batch(target_batch, "target_batch (a term is on at this progress)")
         target_batch = {k: v for k, v in target_batch.items() if k != "labels"}
-        on = [t for t in self.alignment.members if weights[t.name] > 0]
         lm_on = any(getattr(t.regularizer, "needs_lm_loss", False) for t in on)
         if lm_on:  # target_lm: the model's own next-token loss on the target, padding ignored
             target_batch["labels"] = _lm_labels(target_batch)
@@ -271,22 +349,36 @@ class DomainAdaptation:
         ft = self._pooled(target_batch["attention_mask"], "target")
         self.tap.clear()  # the features live on in the graph; the tap need not hold them
         lm_loss = _lm_loss(out_t) if lm_on else None
-        ls = lt = None
-        if any(getattr(t.regularizer, "needs_logits", False) for t in on):
-            ls, lt = self._class_logits(source_outputs, source_attention_mask, source_labels, out_t, target_batch)
-        total, raw = None, {}
-        for term in self.alignment.members:
-            logits = getattr(term.regularizer, "needs_logits", False)
-            weighted, value = term(
-                fs, ft, ls if logits else None, lt if logits else None, progress=p, target_lm_loss=lm_loss
-            )
-            if weighted is None:  # off at this progress
-                continue
-            raw[term.name] = value.detach()
-            total = weighted if total is None else total + weighted
+        groups: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        lt = None
+        logit_terms = any(getattr(t.regularizer, "needs_logits", False) for t in on)
+        for name, src in sources.items():
+            ls = None
+            if logit_terms:
+                ls, lt = self._class_logits(src.outputs, src.mask, src.labels, out_t, target_batch)
+            groups[name] = (src.features, ls)
+        if self.sources == "pooled" and len(groups) > 1:
+            ls_all = [ls for _f, ls in groups.values()]
+            cat = torch.cat(ls_all) if logit_terms else None  # type: ignore[arg-type]
+            groups = {"": (torch.cat([f for f, _ls in groups.values()]), cat)}
+        total: torch.Tensor | None = None
+        for term in on:
+            reads = getattr(term.regularizer, "needs_logits", False)
+            per: dict[str, torch.Tensor] = {}
+            weighted_all: list[torch.Tensor] = []
+            for name, (fs, ls) in groups.items():
+                weighted, value = term(
+                    fs, ft, ls if reads else None, lt if reads else None, progress=p, target_lm_loss=lm_loss
+                )
+                per[name] = value.detach()
+                weighted_all.append(weighted)
+            weighted_mean = weighted_all[0] if len(weighted_all) == 1 else torch.stack(weighted_all).mean()
+            logs[f"reg/{term.name}"] = torch.stack(list(per.values())).mean() if len(per) > 1 else per[next(iter(per))]
+            if "" not in per:  # named source domains, each against the target: logged per domain too
+                logs.update({f"reg/{term.name}/{k}": v for k, v in per.items()})
+            total = weighted_mean if total is None else total + weighted_mean
         assert total is not None  # a term is on at this progress (checked above), so one added its loss
         logs["reg_loss"] = total.detach()
-        logs.update({f"reg/{k}": v for k, v in raw.items()})
         logs.update({f"weight/{k}": w for k, w in weights.items()})
         return total, logs
 
@@ -374,6 +466,15 @@ class DomainAdaptation:
         terms = ", ".join(t.name for t in self.alignment.members)
         extra = "" if self.class_tokens is None else f", class_tokens={self.class_tokens}"
         return f"DomainAdaptation(terms=[{terms}], layer={self.tap.layer_name!r}, pooling={self.tap.pooling!r}{extra})"
+
+
+class _Source(NamedTuple):
+    """One source domain's forward, as the terms need it."""
+
+    features: torch.Tensor  # pooled (B, d)
+    outputs: Any  # the model's outputs (class logits)
+    mask: torch.Tensor  # the batch's attention mask
+    labels: torch.Tensor | None
 
 
 def _lm_labels(batch: Mapping[str, Any]) -> torch.Tensor:

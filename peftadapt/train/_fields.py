@@ -119,6 +119,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(e)
         if len(errors) == 1:  # `X | None`: X's own message (it names the choices)
             raise errors[0]
+        for a, err in zip(args, errors, strict=True):  # `X | list[X]`: the message of the form the value has
+            shaped = get_origin(a) is list if isinstance(value, (list, tuple)) else dataclasses.is_dataclass(a)
+            if shaped and isinstance(value, (Mapping, list, tuple)):
+                raise err
         raise ValueError(f"{key}: expected {describe(tp)}, got {value!r}")
     if get_origin(tp) is Literal:
         if value not in get_args(tp) or isinstance(value, bool) != any(isinstance(a, bool) for a in get_args(tp)):

@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any, ClassVar, Literal, get_args
 
 from ..align.scope import Scope
+from ..align.step import Sources
 from ..core.fields import field, help_of
 from ..quant.optim import Optim  # the factory's names: one list
 from ..quant.prepare import checkpoint_kwargs
@@ -26,6 +27,8 @@ LrSchedulerType = Literal["linear", "cosine", "constant"]
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 Tracker = Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]
 NanPolicy = Literal["stop", "skip"]  # what a step with a NaN / inf loss or gradient norm does
+Procedure = Literal["standard", "mldg"]  # what one training step optimizes (mldg: train.meta.MLDG)
+PROCEDURES = get_args(Procedure)
 
 # Old peftadapt key -> TrainingArguments name (0.1 run files); only for the error message.
 RENAMED = {
@@ -132,6 +135,24 @@ class TrainConfig:
         "with several processes: global (alignment loss over the whole batch), local (each process "
         "on its shard) or auto (global for mmd/coral/cdan+e); see docs/distributed.md",
     )
+    align_sources: Sources = field(
+        "pooled",
+        "several source domains: pooled (each term compares all sources together with the target) or "
+        "per_source (the mean over domains of each source vs the target); see docs/regularizers.md",
+    )
+    procedure: Procedure = field(
+        "standard",
+        "standard: the task (+ alignment) loss; mldg: meta-learning across the source domains "
+        "(needs two or more, data.source as a list or data.domain_column); see docs/training.md",
+    )
+    meta_learning_rate: float | None = field(
+        None, "procedure mldg: the step size of the virtual meta-train update (alpha); default: learning_rate"
+    )
+    meta_weight: float = field(1.0, "procedure mldg: the weight of the meta-test loss (beta)")
+    meta_first_order: bool = field(
+        True, "procedure mldg: drop the second-order term (no gradient through the inner gradient)"
+    )
+    meta_test_domains: int = field(1, "procedure mldg: source domains held out as meta-test at each step")
 
     def __post_init__(self):
         check_fields(self, self._where)
@@ -167,6 +188,13 @@ class TrainConfig:
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0 or null")
+        need(
+            self.meta_learning_rate is None or 0 < self.meta_learning_rate <= FLOAT32_MAX,
+            "meta_learning_rate",
+            "must be > 0, or null",
+        )
+        need(self.meta_weight >= 0, "meta_weight", "must be >= 0")
+        need(self.meta_test_domains >= 1, "meta_test_domains", "must be a positive integer")
         need(self.max_skipped_steps_in_a_row >= 1, "max_skipped_steps_in_a_row", "must be a positive integer")
         checkpoint_kwargs(self.gradient_checkpointing_kwargs, f"{where}.gradient_checkpointing_kwargs")
 

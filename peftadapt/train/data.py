@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -373,6 +373,27 @@ def check_labels(data: TextData, num_labels: int) -> None:
     if data.labels is None:
         raise ValueError(f"{data.name}: labels are needed for training/evaluating a classifier")
     encode_labels(data.labels, num_labels=num_labels, name=data.name)
+
+
+def check_domain_labels(
+    domains: Mapping[str, TextData], where: str, label_names: Sequence[str | int] | None = None
+) -> None:
+    """ValueError unless every source domain holds the same set of classes (a domain missing a class,
+    or holding one the others lack, would train a head whose classes mean different things per domain).
+    ``label_names``: the class names to print instead of the class ids."""
+
+    def named(i: int) -> str | int:
+        return label_names[i] if label_names is not None and 0 <= i < len(label_names) else i
+
+    sets = {name: [named(i) for i in sorted(set(d.labels or []))] for name, d in domains.items()}
+    first, want = next(iter(sets.items()))
+    for name, got in sets.items():
+        if got != want:
+            raise ValueError(
+                f"{where}: source domains {first!r} and {name!r} have different label sets: {first!r} has "
+                f"{want}, {name!r} has {got}; every source domain needs the same classes (drop the odd rows "
+                "with where / where_not, or leave that domain out)"
+            )
 
 
 def as_text_data(obj: Any, name: str) -> TextData:

@@ -60,12 +60,14 @@ from .data import (
     BatchStream,
     Encoded,
     as_text_data,
+    check_domain_labels,
     check_labels,
     check_tokenizer,
     token_rows,
     warn_unused_target_labels,
 )
 from .evaluate import LOWER_IS_BETTER, evaluate_model, macro_f1, metric_names  # noqa: F401  (public here too)
+from .meta import MLDG
 from .nonfinite import NonFiniteError, count_nonfinite, describe_step, nonfinite_names, step_is_finite, way_out
 from .plots import plot_history
 from .progress import PlainProgress, on_terminal
@@ -137,7 +139,10 @@ class Trainer:
             unwrapped model is refused.
         tokenizer: the model's tokenizer (must have a pad token).
         train: labeled source data: a :class:`TextData`, ``(texts, labels)``,
-            or (causal LM) a list of texts.
+            or (causal LM) a list of texts; several source domains: ``{domain name: data}``
+            (each step draws ``per_device_train_batch_size`` examples from every domain; an
+            epoch is a pass over the largest domain; the config's ``align_sources`` says how
+            the terms see them, ``procedure: "mldg"`` meta-learns across them).
         target: unlabeled target data for alignment (texts); None: plain fine-tuning.
         eval: evaluation sets, ``{name: TextData}`` (or one TextData, named "eval"); a set
             with validators may be unlabeled.
@@ -215,12 +220,18 @@ class Trainer:
         # an accelerate.Accelerator from setup() on (accelerate ships no types, so Any loses nothing)
         self.accelerator: Any = None
         self.da: DomainAdaptation | None = None
+        self.meta: MLDG | None = None  # procedure mldg, from setup() on
         self._term_checks: dict[Any, bool] = {}  # each term's own check_finite, while train() turns it off
 
     def _init_data(self, train: Any, target: Any, eval: Any, validators: Any, source_validation: str | None) -> None:
         """The training, target and eval data as the Trainer keeps them, and the validators named per eval set."""
         task = self.task
-        self.train_data = _as_data(train, "train", task)
+        if isinstance(train, Mapping):  # several source domains
+            if not train:
+                raise ValueError("train: an empty mapping of source domains; give {domain name: data}, one or more")
+            self.train_data: Any = {str(n): _as_data(d, f"train[{n!r}]", task) for n, d in train.items()}
+        else:
+            self.train_data = _as_data(train, "train", task)
         # a causal LM's target may come tokenized (chat prompts rendered with the generation prompt)
         self.target_data = None if target is None else _as_data(target, "target", task)
         if eval is None:
@@ -237,9 +248,26 @@ class Trainer:
             task,
         )
         if task == "classification":
-            for d in [self.train_data, *self.eval_data.values()]:
-                if d is self.train_data or d.labels is not None or not self.validators.get(d.name):
+            sources = self.source_domains()
+            for d in [*sources.values(), *self.eval_data.values()]:
+                if any(d is x for x in sources.values()) or d.labels is not None or not self.validators.get(d.name):
                     check_labels(d, self.num_labels)  # an unlabeled eval set is fine when validators score it
+            if isinstance(self.train_data, dict):
+                check_domain_labels(sources, "train")
+        self._check_procedure()
+
+    def source_domains(self) -> dict[str, Any]:
+        """The training data by source domain (one source: ``{"source": data}``)."""
+        return dict(self.train_data) if isinstance(self.train_data, dict) else {"source": self.train_data}
+
+    def _check_procedure(self) -> None:
+        cfg, n = self.config, len(self.source_domains())
+        if cfg.procedure == "mldg" and (not isinstance(self.train_data, dict) or n <= cfg.meta_test_domains):
+            raise ValueError(
+                f"procedure mldg holds out meta_test_domains={cfg.meta_test_domains} source domain(s) each step and "
+                f"needs more source domains than that; got {n if isinstance(self.train_data, dict) else 1}. Pass "
+                "train={domain: data, ...} (run file: data.source as a list, or data.domain_column)"
+            )
 
     def _init_alignment(self, regularizers: Any) -> None:
         """The alignment terms, checked against the data (target given, nothing packed) and the model."""
@@ -248,7 +276,8 @@ class Trainer:
             raise ValueError("regularizers need target data: pass target=... (unlabeled target texts)")
         if self.alignment is None and self.target_data is not None:
             warnings.warn("target data given without regularizers: it is not used (plain fine-tuning)", stacklevel=3)
-        if self.alignment is not None and getattr(self.train_data, "position_ids", None) is not None:
+        packed = any(getattr(d, "position_ids", None) is not None for d in self.source_domains().values())
+        if self.alignment is not None and packed:
             raise ValueError(
                 "packed training data cannot be combined with regularizers: a packed row holds several "
                 "examples, so its pooled features are no one example's; pass unpacked data"
@@ -350,6 +379,7 @@ class Trainer:
         self._setup_data()
         self._setup_alignment()
         self._setup_optimizer()
+        self._setup_meta()
         self._resume(resume)
         if cfg.report_to:
             self.accelerator.init_trackers(
@@ -364,20 +394,24 @@ class Trainer:
         pre-flight checks across processes (same config everywhere, batches big enough)."""
         cfg, acc, pad = self.config, self.accelerator, self.tokenizer.pad_token_id
         bs, tbs = preflight.batch_sizes(cfg, acc.num_processes)
-        ids, labels, positions = token_rows(self.train_data, self.tokenizer, self.max_length, self.task)
-        if positions is not None:  # packed rows: transformers keeps examples apart only without a cache
-            hf_config(self.base).use_cache = False
-        self._source = BatchStream(
-            ids,
-            labels,
-            bs,
-            seed=cfg.seed,
-            pad_id=pad,
-            task=self.task,
-            rank=acc.process_index,
-            world=acc.num_processes,
-            positions=positions,
-        )
+        self._sources: dict[str, BatchStream] = {}
+        for i, (name, data) in enumerate(self.source_domains().items()):
+            ids, labels, positions = token_rows(data, self.tokenizer, self.max_length, self.task)
+            if positions is not None:  # packed rows: transformers keeps examples apart only without a cache
+                hf_config(self.base).use_cache = False
+            self._sources[name] = BatchStream(
+                ids,
+                labels,
+                bs,
+                seed=cfg.seed if i == 0 else cfg.seed + 1 + i,  # seed + 1 is the target's
+                pad_id=pad,
+                task=self.task,
+                rank=acc.process_index,
+                world=acc.num_processes,
+                positions=positions,
+            )
+        self._source = next(iter(self._sources.values()))
+        epoch = max(b.batches_per_epoch for b in self._sources.values())  # an epoch: a pass over the largest domain
         self._target = None
         if self.alignment is not None and self.target_data is not None:  # both or neither (checked in __init__)
             self._target = BatchStream(
@@ -392,10 +426,9 @@ class Trainer:
             )
         if self.alignment is not None:  # the run-wide scope fills in terms left on "auto"
             self.alignment.set_default_scope(cfg.align_scope)
-        preflight.preflight(self, acc, self._source, self._target)
-        total = cfg.max_steps or max(
-            1, math.ceil(cfg.num_train_epochs * self._source.batches_per_epoch / cfg.gradient_accumulation_steps)
-        )
+        for stream in self._sources.values():  # every domain's batches must be big enough for the estimators
+            preflight.preflight(self, acc, stream, self._target)
+        total = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * epoch / cfg.gradient_accumulation_steps))
         self.state = RunState(total=total)
 
     def _setup_alignment(self) -> None:
@@ -410,6 +443,7 @@ class Trainer:
             pooling=self.pooling,
             causal_lm=self.task == "causal_lm",
             class_tokens=self.class_tokens,
+            sources=self.config.align_sources,
         ).to(self.accelerator.device)
         comm.broadcast_parameters(self.alignment)
         # The step's finite check covers the terms: a NaN / inf feature makes the loss non-finite, which
@@ -418,6 +452,28 @@ class Trainer:
         self._term_checks = {t.regularizer: t.regularizer.check_finite for t in self.alignment.members}
         for reg in self._term_checks:
             reg.check_finite = False
+
+    def _setup_meta(self) -> None:
+        """The MLDG meta-step (``procedure: mldg``) over the model's trainable parameters. Its meta-test
+        domains are drawn from (seed, micro-batch index), so a resumed run draws the same ones."""
+        cfg, acc = self.config, self.accelerator
+        self.meta = None
+        if cfg.procedure != "mldg":
+            return
+        if acc.num_processes > 1 or acc.mixed_precision == "fp16":
+            why = f"{acc.num_processes} processes" if acc.num_processes > 1 else "fp16 loss scaling"
+            raise ValueError(
+                f"procedure mldg runs on one process without fp16 loss scaling (it backpropagates its own "
+                f"meta-gradient); got {why}: launch one process, mixed_precision: bf16 or no"
+            )
+        self.meta = MLDG(
+            self.model,
+            inner_lr=cfg.meta_learning_rate or cfg.learning_rate,
+            meta_weight=cfg.meta_weight,
+            first_order=cfg.meta_first_order,
+            meta_test_domains=cfg.meta_test_domains,
+            seed=cfg.seed,
+        )
 
     def _setup_optimizer(self) -> None:
         """Adapter / head parameters (no weight decay on biases and norms) through the
@@ -514,17 +570,24 @@ class Trainer:
         weights: dict[str, float] = {}
         for micro in range(cfg.gradient_accumulation_steps):
             m = st.step * cfg.gradient_accumulation_steps + micro
-            batch = self._batch_to(self._source.batch(m))
+            batch = self._source_batch(m)
             # need_target implies alignment, hence a target stream
             target = self._batch_to(self._target.batch(m)) if need_target and self._target is not None else None
             with acc.autocast():
-                if self.da is None:
-                    loss = self._train_model(**batch).loss
-                    logs: dict[str, Any] = {"task_loss": loss.detach()}
+                if self.meta is not None:  # backpropagates its own meta-gradient (one process, checked)
+                    self.meta.step = m
+                    logs = self.meta.backward(
+                        batch, target, progress, da=self.da, model=self._train_model,
+                        scale=1 / cfg.gradient_accumulation_steps,
+                    )  # fmt: skip
+                    logs.pop("loss")
+                    loss = None
+                elif self.da is None:
+                    loss, logs = self._task_loss(batch)
                 else:
                     loss, logs = self.da.loss(batch, target, progress, model=self._train_model)
-            # mean over micro-batches: accumulating k batches of b equals one batch of k*b
-            acc.backward(loss / cfg.gradient_accumulation_steps)
+            if loss is not None:  # mean over micro-batches: accumulating k batches of b equals one batch of k*b
+                acc.backward(loss / cfg.gradient_accumulation_steps)
             for k, v in logs.items():
                 if k.startswith("weight/"):
                     weights[k[len("weight/") :]] = v
@@ -544,6 +607,21 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepOutput(losses, weights, grad_norm)
+
+    def _source_batch(self, m: int) -> Any:
+        """Micro-batch ``m`` of the source data on the device: one batch, or ``{domain: batch}``."""
+        if not isinstance(self.train_data, dict):
+            return self._batch_to(self._source.batch(m))
+        return {name: self._batch_to(s.batch(m)) for name, s in self._sources.items()}
+
+    def _task_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The task loss without alignment: several domains count the same (the mean of their losses)."""
+        if not isinstance(self.train_data, dict):
+            loss = self._train_model(**batch).loss
+            return loss, {"task_loss": loss.detach()}
+        per = {name: self._train_model(**b).loss for name, b in batch.items()}
+        loss = torch.stack(list(per.values())).mean()
+        return loss, {"task_loss": loss.detach(), **{f"task_loss/{k}": v.detach() for k, v in per.items()}}
 
     def _step_is_finite(self, losses: dict[str, list[torch.Tensor]], grad_norm: torch.Tensor | None) -> bool:
         """Every loss of the step and the gradient norm finite, on every process (one host sync). Without
@@ -860,6 +938,9 @@ class Trainer:
             "task_loss": means["task_loss"],
             "lr": self.scheduler.get_last_lr()[0],
         }
+        record.update({k: v for k, v in means.items() if k.startswith(("task_loss/", "meta_test"))})
+        if self.meta is not None:
+            record["loss"] += self.meta.meta_weight * means["meta_test_loss"]
         if self.da is not None:
             record["reg_loss"] = means["reg_loss"]
             record.update({k: v for k, v in means.items() if k.startswith("reg/")})
@@ -894,6 +975,7 @@ class Trainer:
         collective: every process calls it at the same log steps). Global-scope alignment
         values are already whole-batch values, equal on every process."""
         keys = ["task_loss"] + (["reg_loss"] if "reg_loss" in record else []) + [f"reg/{k}" for k in reg_names]
+        keys += [k for k in record if k.startswith("task_loss/")]  # several source domains
         vals = self.accelerator.reduce(
             torch.tensor([float(record[k]) for k in keys], dtype=torch.float64, device=self.accelerator.device),
             reduction="mean",

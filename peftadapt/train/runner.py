@@ -10,6 +10,7 @@ are built with the feature width measured on the model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from .data import (
     Encoded,
     TextData,
     balance_classes,
+    check_domain_labels,
     check_tokenizer,
     collate,
     load_dataset_spec,
@@ -53,13 +55,43 @@ def _selection(spec: DatasetSpec) -> dict[str, Any]:
     return dict(format=spec.format, split=spec.split, subset=spec.subset, where=spec.where, where_not=spec.where_not)
 
 
+def source_domain_specs(run: RunConfig) -> dict[str, tuple[DatasetSpec, str]]:
+    """``{domain name: (spec, config key)}`` of several source domains (data.source as a list, or
+    data.domain_column: one spec per value of that column, read with a ``where`` on it); {} for one source."""
+    data = run.data
+    srcs = data.source_specs()
+    if data.domain_column is None:
+        if len(srcs) == 1:
+            return {}
+        return {str(s.name): (s, f"data.source[{i}]") for i, s in enumerate(srcs)}
+    spec, col = srcs[0], data.domain_column
+    key = "data.source" if not isinstance(data.source, list) else "data.source[0]"
+    ds = load_dataset_spec(spec.path, name=key, **_selection(spec))
+    if col not in ds.column_names:
+        raise ValueError(
+            f"data.domain_column: column {col!r} not in {spec.path!r} ({key}); columns: {list(ds.column_names)}"
+        )
+    values = ds.unique(col)
+    if any(v is None or str(v) == "" for v in values):
+        raise ValueError(
+            f"data.domain_column: some rows of {spec.path!r} have no domain in column {col!r}; fill them, or drop "
+            f"them with {key}.where_not: {{{col}: ''}}"
+        )
+    out = {}
+    for v in sorted(str(v) for v in values):
+        where = {**(spec.where or {}), col: v}
+        out[v] = (dataclasses.replace(spec, where=where, name=v), f"{key} ({col}={v})")
+    return out
+
+
 def load_data(
     run: RunConfig, num_labels: int | None, tokenizer=None
-) -> tuple[TextData | Encoded, TextData | Encoded | None, dict[str, TextData | Encoded]]:
+) -> tuple[Any, TextData | Encoded | None, dict[str, TextData | Encoded]]:
     """The run's datasets. A classifier's are texts + labels; a causal LM's are tokenized here
     (``tokenizer`` needed) in their SFT format, the source packed if ``data.packing``, the
     target as prompts (a chat row: its turns before the answer plus the generation prompt;
-    the alignment reads it unlabeled)."""
+    the alignment reads it unlabeled). Several source domains (data.source as a list,
+    data.domain_column): the source is ``{domain name: data}``."""
     data, cls = run.data, run.model.task == "classification"
 
     def read(spec: DatasetSpec, name: str, labeled: bool) -> TextData:
@@ -94,15 +126,21 @@ def load_data(
             name=name,
         )
 
-    source: TextData | Encoded
-    if cls:
-        source = read(data.source, "data.source", True)
-        # an unlabeled eval set is scored by its validators only
+    def read_source(spec: DatasetSpec, name: str) -> TextData | Encoded:
+        if cls:
+            return read(spec, name, True)
+        enc = read_sft(spec, name)
+        return pack(enc, data.max_length) if data.packing else enc
+
+    domains = source_domain_specs(run)
+    source: Any = (
+        {d: read_source(spec, key) for d, (spec, key) in domains.items()}
+        if domains
+        else read_source(data.source_specs()[0], "data.source")
+    )
+    if cls:  # an unlabeled eval set is scored by its validators only
         evals: dict[str, TextData | Encoded] = {n: read(s, n, bool(s.label)) for n, s in data.eval.items()}
     else:
-        source = read_sft(data.source, "data.source")
-        if data.packing:
-            source = pack(source, data.max_length)
         evals = {n: read_sft(s, f"data.eval.{n}") for n, s in data.eval.items()}
     target: TextData | Encoded | None = None
     if data.target is not None and cls:
@@ -253,11 +291,15 @@ def build_trainer(run: RunConfig):
     check_inputs(run)
     tokenizer = _data_tokenizer(run)
     source, target, evals = load_data(run, nl, tokenizer)
-    if isinstance(source, TextData):  # a classifier's
-        if nl is None:
-            nl = max(2, max(_labels(source)) + 1)  # integer labels without a list: 0..max
-        if run.data.balance == "oversample":
-            source = balance_classes(source)
+    domains = source if isinstance(source, dict) else {"data.source": source}
+    if all(isinstance(d, TextData) for d in domains.values()):  # a classifier's
+        if nl is None:  # integer labels without a list: 0..max
+            nl = max(2, *(max(_labels(d)) + 1 for d in domains.values()))
+        if run.data.balance == "oversample":  # each domain balanced on its own
+            domains = {k: balance_classes(d) for k, d in domains.items()}
+            source = domains if isinstance(source, dict) else domains["data.source"]
+        if isinstance(source, dict):  # before the model loads: the same classes in every domain
+            check_domain_labels(source, "data.source", run.data.labels)
     check_head_size(run, nl)
     tokenizer = tokenizer or load_tokenizer(run.model, run.data.truncation, run.data.chat_template)
     class_tokens = _class_tokens(run, tokenizer)

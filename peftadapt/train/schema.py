@@ -203,6 +203,7 @@ class DatasetSpec:
     _shorthand: ClassVar[str] = "path"
 
     path: str = field(REQUIRED, "a CSV / TSV / JSON(L) / Parquet file, a save_to_disk folder, or a Hub dataset name")
+    name: str | None = field(None, "a source domain's name, when data.source is a list of domains")
     text: str = field("text", "the text column")
     label: str | None = field(None, "the label column (required for a classifier's source and eval sets)")
     format: Format | None = field(None, "how the file is read; default: from the suffix (a folder: hf)")
@@ -228,7 +229,14 @@ class DataConfig:
 
     _where: ClassVar[str] = "data"
 
-    source: DatasetSpec = field(REQUIRED, "the labeled training data")
+    source: DatasetSpec | list[DatasetSpec] = field(
+        REQUIRED,
+        "the labeled training data; several source domains: a list of datasets, each with a name "
+        "(per_device_train_batch_size examples of every domain per micro-batch)",
+    )
+    domain_column: str | None = field(
+        None, "one source dataset holding several domains: the column naming each row's domain"
+    )
     target: DatasetSpec | None = field(
         None,
         "unlabeled target-domain data (needed by regularizers); causal_lm: read as prompts (a chat row: its turns "
@@ -258,10 +266,43 @@ class DataConfig:
             check_label_names(self.labels, f"{where}.labels")
         if self.max_length < 2:
             raise ValueError(f"{where}.max_length: must be an integer >= 2, got {self.max_length!r}")
+        self._validate_domains(where)
+
+    def _validate_domains(self, where: str) -> None:
+        """Source domains: a list names each one (distinct names), domain_column needs one source dataset,
+        and only source domains have names."""
+        if isinstance(self.source, list):
+            if not self.source:
+                raise ValueError(f"{where}.source: an empty list; give one dataset, or a list of named domains")
+            names = [s.name for s in self.source]
+            if len(names) > 1 and any(not n for n in names):
+                i = next(i for i, n in enumerate(names) if not n)
+                raise ValueError(
+                    f"{where}.source[{i}].name: several source domains need a name each, e.g. "
+                    "[{name: books, path: books.csv}, {name: dvd, path: dvd.csv}]"
+                )
+            dup = sorted({n for n in names if n and names.count(n) > 1})
+            if dup:
+                raise ValueError(f"{where}.source: domain name(s) {dup} given twice; each domain once")
+            if self.domain_column is not None and len(self.source) > 1:
+                raise ValueError(
+                    f"{where}.domain_column: splits one source dataset into domains; data.source lists "
+                    f"{len(self.source)} datasets already (drop one of the two)"
+                )
+        if self.domain_column is not None and not self.domain_column:
+            raise ValueError(f"{where}.domain_column: an empty column name")
+        for key, spec in self.specs().items():
+            if spec.name is not None and not key.startswith(f"{where}.source"):
+                raise ValueError(f"{key}.name: only source domains (data.source as a list) have names")
+
+    def source_specs(self) -> list[DatasetSpec]:
+        """The source datasets, one or several."""
+        return list(self.source) if isinstance(self.source, list) else [self.source]
 
     def specs(self) -> dict[str, DatasetSpec]:
-        """Every dataset by its config key (data.source, data.target, data.eval.NAME)."""
-        out = {"data.source": self.source}
+        """Every dataset by its config key (data.source or data.source[i], data.target, data.eval.NAME)."""
+        srcs = self.source_specs()
+        out = {"data.source" if len(srcs) == 1 else f"data.source[{i}]": s for i, s in enumerate(srcs)}
         if self.target is not None:
             out["data.target"] = self.target
         out.update({f"data.eval.{n}": s for n, s in self.eval.items()})
@@ -335,6 +376,11 @@ class RunConfig:
         for key, spec in data.specs().items():
             if spec.sft_format is not None and task != "causal_lm":
                 raise ValueError(f"{key}.sft_format: a causal_lm data layout; this model's task is {task}")
+        if self.training.procedure == "mldg" and len(data.source_specs()) < 2 and data.domain_column is None:
+            raise ValueError(
+                "training.procedure: mldg meta-learns across source domains; give several: data.source as a list "
+                "of named datasets, or data.domain_column"
+            )
         if data.balance != "none" and task != "classification":
             raise ValueError("data.balance: oversample balances class labels; it needs model.task: classification")
 

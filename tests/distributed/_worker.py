@@ -34,7 +34,7 @@ def scenario_align(out: Path, rank: int, world: int, args: dict) -> dict:
     return res
 
 
-def _trainer(tok, out_dir, *, rank, learning_rate=0.02, regs=None, **kw):
+def _trainer(tok, out_dir, *, rank, learning_rate=0.02, regs=None, train=None, **kw):
     from peftadapt.align import MMD, Term
     from peftadapt.train import Trainer
     from tests.train.conftest import text_data, tiny_classifier
@@ -54,7 +54,12 @@ def _trainer(tok, out_dir, *, rank, learning_rate=0.02, regs=None, **kw):
     )
     opts.update(kw)
     return Trainer(
-        model, tok, text_data(40, 0), target=text_data(40, 1, labeled=False, name="target"), regularizers=regs, **opts
+        model,
+        tok,
+        text_data(40, 0) if train is None else train,
+        target=text_data(40, 1, labeled=False, name="target"),
+        regularizers=regs,
+        **opts,
     )
 
 
@@ -110,11 +115,29 @@ def scenario_trainer(out: Path, rank: int, world: int, args: dict) -> dict:
         )
     )
     res["errors"]["nan_one_rank"] = _nan_on_one_rank(tok, out / "nan", rank)
+    res["domains"] = _several_domains(tok, out, rank)
     res["saves"] = saves
     res["history"] = tr.history
     res["world"] = tr.accelerator.num_processes
     res["distributed_type"] = str(tr.accelerator.distributed_type)
     return res
+
+
+def _several_domains(tok, out: Path, rank: int) -> dict:
+    """Two source domains, per-source MMD under DDP (the ranks must agree); MLDG refuses two processes."""
+    from safetensors.torch import save_file
+
+    from peftadapt.train import checkpoint as ckpt
+    from tests.train.conftest import text_data
+
+    domains = {"a": text_data(24, 0), "b": text_data(24, 3)}
+    tr = _trainer(tok, out / "domains", rank=rank, train=domains, max_steps=2, align_sources="per_source")
+    tr.train()
+    save_file(ckpt.trainable_state(tr.accelerator.unwrap_model(tr.model)), str(out / f"domains{rank}.safetensors"))
+    mldg = _expect_error(
+        lambda: _trainer(tok, out / "mldg", rank=rank, train=domains, regs=[], procedure="mldg").train()
+    )
+    return {"history": tr.history, "mldg": mldg}
 
 
 def _nan_on_one_rank(tok, out_dir: Path, rank: int) -> str | None:

@@ -128,6 +128,15 @@ def test_trainer_ranks_agree_and_only_the_main_process_writes(launched):
     assert t0["history"] == t1["history"]
 
 
+def test_several_source_domains_under_ddp(launched):
+    out, results = launched
+    d0, d1 = results[0]["trainer"]["domains"], results[1]["trainer"]["domains"]
+    w0, w1 = load_file(str(out / "domains0.safetensors")), load_file(str(out / "domains1.safetensors"))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert d0["history"] == d1["history"] and "reg/mmd/b" in d0["history"][0] and "task_loss/a" in d0["history"][0]
+    assert d0["mldg"] == d1["mldg"] and "procedure mldg runs on one process" in d0["mldg"]
+
+
 def test_a_run_saved_with_two_processes_resumes_with_one(launched, tmp_path, minilm_tokenizer):
     """Resume checkpoint-2 of the 2-process run in this (single) process: with
     global_batch_size fixed, global-scope MMD and no dropout the 1-process steps 3-4
