@@ -9,9 +9,11 @@ adaptation from the ``--domain`` reviews to the target's):
     # -> train.jsonl, val.jsonl (books chats), target.jsonl (kitchen prompts: the user turn only,
     #    unlabeled), target_test.jsonl (kitchen test chats with their answers, for evaluation)
 
-In that mode the user turn is "Is this review positive or negative?\n\n<review>" (the
-study's prompt, benchmarks/causal_da) and a target row is the user turn alone: peftadapt
-renders it with the chat template's generation prompt and no answer.
+In that mode the rows are exactly those of the study (benchmarks/causal_da/encode.py, one home for
+the prompt): the user turn "Review: <first 64 tokens>\n\nIs this review positive or negative? Answer
+with one word.", the study's 800-review subsets of the source and target train splits, and a target
+row is the user turn alone: peftadapt renders it with the chat template's generation prompt and no
+answer. The review is cut with SmolLM2's tokenizer (``--tokenizer``, default examples/data/smollm2-135m).
 
 Reads the reviews in place from ../shared/data/amazon-multidomain (env AMAZON_DATA
 overrides; see benchmarks/amazon/data.py) and writes one chat per line:
@@ -28,23 +30,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
 from benchmarks.amazon.data import load_split
 
 HERE = Path(__file__).resolve().parent
 QUESTION = "Is this product review positive or negative? Answer with one word."
-DA_QUESTION = "Is this review positive or negative?"  # the study's prompt (benchmarks/causal_da)
 WORDS = 40
 
 
-def chat(text: str, label: int | None, da: bool = False) -> dict:
-    """One chat; ``label=None``: the user turn alone (an unlabeled target prompt)."""
+def chat(text: str, label: int | None, tok=None) -> dict:
+    """One chat; ``label=None``: the user turn alone (an unlabeled target prompt); ``tok``: the study's prompt."""
+    if tok is not None:  # lazy: the study's prompt, only in --target mode
+        from benchmarks.causal_da.encode import ANSWERS, messages
+
+        answer = [] if label is None else [{"role": "assistant", "content": ANSWERS[label]}]
+        return {"messages": [*messages(text, tok), *answer]}
     review = " ".join(text.split()[:WORDS])
-    user = f"{DA_QUESTION}\n\n{review}" if da else f"{QUESTION}\n\nReview: {review}"
     answer = [] if label is None else [{"role": "assistant", "content": "positive" if label else "negative"}]
-    return {"messages": [{"role": "user", "content": user}, *answer]}
+    return {"messages": [{"role": "user", "content": f"{QUESTION}\n\nReview: {review}"}, *answer]}
 
 
 def balanced(reviews: list, n: int) -> list:
@@ -67,20 +71,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train", type=int, default=96, help="train chats (balanced, from the train split)")
     ap.add_argument("--val", type=int, default=32, help="validation chats (balanced, from the test split)")
     ap.add_argument("--target", default=None, help="a target domain: also write its unlabeled prompts (DA)")
-    ap.add_argument("--target-train", type=int, default=96, help="target prompts (from its train split)")
     ap.add_argument("--target-test", type=int, default=32, help="target test chats (balanced, from its test split)")
+    ap.add_argument("--tokenizer", default=str(HERE / "data" / "smollm2-135m"), help="cuts reviews (--target mode)")
     args = ap.parse_args(argv)
-    split, da = load_split(args.domain), args.target is not None
+    split = load_split(args.domain)
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, reviews, n in (("train", split.train, args.train), ("val", split.test, args.val)):
-        write(args.out / f"{name}.jsonl", [chat(r.text, r.label, da) for r in balanced(reviews, n)])
-    if da:
-        target = load_split(args.target)
-        # unlabeled: the user turn only, a seeded sample of the train split chosen without its labels
-        sample = random.Random(0).sample(target.train, min(args.target_train, len(target.train)))
-        write(args.out / "target.jsonl", [chat(r.text, None, da) for r in sample])
-        rows = [chat(r.text, r.label, da) for r in balanced(target.test, args.target_test)]
-        write(args.out / "target_test.jsonl", rows)
+    if args.target is None:
+        for name, reviews, n in (("train", split.train, args.train), ("val", split.test, args.val)):
+            write(args.out / f"{name}.jsonl", [chat(r.text, r.label) for r in balanced(reviews, n)])
+        return
+    from transformers import AutoTokenizer
+
+    from benchmarks.causal_da.encode import TRAIN_PER_CLASS, study_subset  # lazy: --target mode only
+
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    target = load_split(args.target)
+    # the study's rows: its 800 source chats, its 800 unlabeled target prompts (user turn only)
+    write(args.out / "train.jsonl", [chat(r.text, r.label, tok) for r in study_subset(split.train, TRAIN_PER_CLASS)])
+    write(args.out / "val.jsonl", [chat(r.text, r.label, tok) for r in balanced(split.test, args.val)])
+    write(args.out / "target.jsonl", [chat(r.text, None, tok) for r in study_subset(target.train, TRAIN_PER_CLASS)])
+    write(args.out / "target_test.jsonl", [chat(r.text, r.label, tok) for r in balanced(target.test, args.target_test)])
 
 
 if __name__ == "__main__":

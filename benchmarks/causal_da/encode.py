@@ -65,16 +65,16 @@ def answer_ids(tok) -> list[int]:
 
 @dataclass
 class Encoded:
-    hidden: torch.Tensor      # (N, L, d) fp16: output of the last frozen block, prompt + true answer
-    mask: torch.Tensor        # (N, L) attention mask of prompt + answer (right padding)
-    input_ids: torch.Tensor   # (N, L)
+    hidden: torch.Tensor  # (N, L, d) fp16: output of the last frozen block, prompt + true answer
+    mask: torch.Tensor  # (N, L) attention mask of prompt + answer (right padding)
+    input_ids: torch.Tensor  # (N, L)
     prompt_len: torch.Tensor  # (N,) tokens of the prompt (generation prompt included)
-    labels: torch.Tensor      # (N,) 1 = positive
-    zero_shot: torch.Tensor   # (N, 2) untrained logits of (negative, positive) at the last prompt position
+    labels: torch.Tensor  # (N,) 1 = positive
+    zero_shot: torch.Tensor  # (N, 2) untrained logits of (negative, positive) at the last prompt position
     probe_last: torch.Tensor  # (N, layers+1, d) fp16 prompt last-token feature per layer
     probe_mean: torch.Tensor  # (N, layers+1, d) fp16 prompt mean feature per layer
-    train: torch.Tensor       # indices of the train subset (balanced)
-    test: torch.Tensor        # indices of the 400 test reviews
+    train: torch.Tensor  # indices of the train subset (balanced)
+    test: torch.Tensor  # indices of the 400 test reviews
 
     def answer_labels(self) -> torch.Tensor:
         """Token labels for answer-only loss: the answer token and the <|im_end|> after it; -100 elsewhere."""
@@ -85,7 +85,12 @@ class Encoded:
         return lab
 
 
-def _subset(reviews, n_per_class: int, seed: int) -> list:
+TRAIN_PER_CLASS = 400  # 800 train reviews per domain: labeled when it is the source, prompts when the target
+SUBSET_SEED = 17
+
+
+def study_subset(reviews, n_per_class: int = TRAIN_PER_CLASS, seed: int = SUBSET_SEED) -> list:
+    """The study's balanced subset of a train split (the same reviews for a domain as source and as target)."""
     rng = random.Random(seed)
     out = []
     for label in (0, 1):
@@ -95,13 +100,13 @@ def _subset(reviews, n_per_class: int, seed: int) -> list:
     return out
 
 
-def encode_domain(domain: str, adapt_layers: int, n_train_per_class: int = 400, log=print) -> Encoded:
+def encode_domain(domain: str, adapt_layers: int, n_train_per_class: int = TRAIN_PER_CLASS, log=print) -> Encoded:
     """The cached encoding of ``domain`` (computed once, then read from the cache)."""
     from safetensors.torch import load_file, save_file
 
     path = cache_dir() / f"{domain}_top{adapt_layers}_n{n_train_per_class}_r{REVIEW_TOKENS}.safetensors"
     split = load_split(domain)
-    train = _subset(split.train, n_train_per_class, seed=17)
+    train = study_subset(split.train, n_train_per_class)
     reviews = train + list(split.test)
     if not path.exists():
         t = _run_trunk(reviews, adapt_layers, log=log, what=domain)
@@ -111,8 +116,16 @@ def encode_domain(domain: str, adapt_layers: int, n_train_per_class: int = 400, 
     t = load_file(str(path))
     n = len(train)
     return Encoded(
-        t["hidden"], t["mask"].long(), t["input_ids"].long(), t["prompt_len"].long(), t["labels"].long(),
-        t["zero_shot"].float(), t["probe_last"], t["probe_mean"], torch.arange(n), torch.arange(n, len(reviews)),
+        t["hidden"],
+        t["mask"].long(),
+        t["input_ids"].long(),
+        t["prompt_len"].long(),
+        t["labels"].long(),
+        t["zero_shot"].float(),
+        t["probe_last"],
+        t["probe_mean"],
+        torch.arange(n),
+        torch.arange(n, len(reviews)),
     )
 
 
@@ -171,8 +184,14 @@ def _run_trunk(reviews, adapt_layers: int, log=print, what: str = "", bs: int = 
             log(f"  encode {what}: {s + bs}/{len(rows)} reviews, {time.time() - t0:.0f}s")
     labels = torch.tensor([r.label for r in reviews])
     return {
-        "hidden": hidden, "mask": mask.to(torch.int8), "input_ids": ids.to(torch.int32), "prompt_len": plen,
-        "labels": labels, "zero_shot": zero_shot, "probe_last": probe_last, "probe_mean": probe_mean,
+        "hidden": hidden,
+        "mask": mask.to(torch.int8),
+        "input_ids": ids.to(torch.int32),
+        "prompt_len": plen,
+        "labels": labels,
+        "zero_shot": zero_shot,
+        "probe_last": probe_last,
+        "probe_mean": probe_mean,
     }
 
 
@@ -195,5 +214,7 @@ if __name__ == "__main__":
     for dom in a.domains:
         e = encode_domain(dom, a.adapt_layers, log=lambda m: print(m, flush=True))
         zs = (e.zero_shot[e.test].argmax(1) == e.labels[e.test]).float().mean()
-        print(f"{dom}: {len(e.train)} train + {len(e.test)} test, L={e.hidden.shape[1]}, zero-shot test acc {zs:.3f}",
-              flush=True)
+        print(
+            f"{dom}: {len(e.train)} train + {len(e.test)} test, L={e.hidden.shape[1]}, zero-shot test acc {zs:.3f}",
+            flush=True,
+        )

@@ -46,8 +46,11 @@ def probe(pairs=PAIRS, adapt_layers: int = 4) -> dict:
                 xs, xst = feats_s[es.train, layer].float(), feats_s[es.test, layer].float()
                 xt, xtt = feats_t[et.train, layer].float(), feats_t[et.test, layer].float()
                 clf = fit_logistic(xs, es.labels[es.train], 2, l2=1e-2)
-                dom = fit_logistic(torch.cat([xs[::2], xt[::2]]),
-                                   torch.cat([torch.zeros(len(xs[::2])), torch.ones(len(xt[::2]))]).long(), 2)
+                dom = fit_logistic(
+                    torch.cat([xs[::2], xt[::2]]),
+                    torch.cat([torch.zeros(len(xs[::2])), torch.ones(len(xt[::2]))]).long(),
+                    2,
+                )
                 xd = torch.cat([xs[1::2], xt[1::2]])
                 yd = torch.cat([torch.zeros(len(xs[1::2])), torch.ones(len(xt[1::2]))]).long()
                 err = 1 - _acc(dom, xd, yd)

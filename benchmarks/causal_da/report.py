@@ -44,8 +44,10 @@ def collect(res: dict):
 
 def report(res: dict) -> str:
     acc, weights, pos, pairs, seeds = collect(res)
-    lines = ["| | " + " | ".join(pairs) + " | **average** | λ (balance rule, range) | predicted positive % |",
-             "|---|" + "---|" * (len(pairs) + 3)]
+    lines = [
+        "| | " + " | ".join(pairs) + " | **average** | λ (balance rule, range) | predicted positive % |",
+        "|---|" + "---|" * (len(pairs) + 3),
+    ]
     for row in ROWS:
         sds = ["-"] if row == "zero-shot" else seeds
         cells = [_fmt(*_stats([acc.get((row, p, s)) for s in sds])) for p in pairs]
@@ -60,9 +62,13 @@ def report(res: dict) -> str:
         pp = [v for (r, _p, _s), v in pos.items() if r == row and not math.isnan(v)]
         ptxt = f"{sum(pp) / len(pp):.0f}" if pp else ""
         lines.append(f"| {LABELS.get(row, row)} | " + " | ".join(cells) + f" | **{avg}** | {wtxt} | {ptxt} |")
-    lines += ["", "Gain over source-only (the quick profile's noise rule: gain > 2 sigma):", "",
-              "| regularizer | gain (points) | sigma | (pair, seed) cells better / tied / total | gain > 2 sigma? |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Gain over source-only (the quick profile's noise rule: gain > 2 sigma):",
+        "",
+        "| regularizer | gain (points) | sigma | (pair, seed) cells better / tied / total | gain > 2 sigma? |",
+        "|---|---|---|---|---|",
+    ]
     base = {(p, s): acc.get(("source-only", p, s)) for p in pairs for s in seeds}
     for row in REGULARIZERS:
         other = {(p, s): acc.get((row, p, s)) for p in pairs for s in seeds}
@@ -70,8 +76,10 @@ def report(res: dict) -> str:
             continue
         g = gain_check(base, other, pairs, seeds)
         gain = "–" if g["gain"] is None else f"{g['gain']:+.2f}"
-        lines.append(f"| {LABELS.get(row, row)} | {gain} | {g['sigma']:.2f} | {g['wins']} / {g['ties']} / "
-                     f"{g['cells']} | {'**yes**' if g['met'] else 'no'} |")
+        lines.append(
+            f"| {LABELS.get(row, row)} | {gain} | {g['sigma']:.2f} | {g['wins']} / {g['ties']} / "
+            f"{g['cells']} | {'**yes**' if g['met'] else 'no'} |"
+        )
     return "\n".join(lines)
 
 
@@ -88,14 +96,16 @@ def main(argv=None) -> None:
         "Commands: " + "; ".join(f"`{c}`" for c in res["meta"]["commands"]) + f" ({res['meta']['machine']}, "
         f"torch {res['meta']['torch']}). Report: `python -m benchmarks.causal_da.report`.",
         "",
-        (f"Protocol: the review (first 64 tokens) in a user turn, \"Review: ...\\n\\nIs this review positive or "
-        f"negative? Answer with one word.\"; the answer \"positive\" / \"negative\"; accuracy (%) on the target's "
-        f"400 test reviews by the answer token's log-likelihood at the end of the prompt; source: 800 labeled "
-        f"reviews (balanced), target: 800 unlabeled reviews (prompts only). LoRA r {p['lora_r']} on q/k/v/o of "
-        f"the top {p['adapt_layers']} of 30 blocks, answer-only loss, batch {p['batch']} source + {p['batch']} "
-        f"target, AdamW lr {p['learning_rate']}, {p['warmup_steps']} source-only warm-up steps then "
-        f"{p['adapt_steps']} steps with the regularizer (source-only: the same steps without it); seeds "
-        f"{p['seeds']}. Weights: λ = {p['balance']} × L_answer / |D| on the warm-up model (no target label)."),
+        (
+            f'Protocol: the review (first 64 tokens) in a user turn, "Review: ...\\n\\nIs this review positive or '
+            f'negative? Answer with one word."; the answer "positive" / "negative"; accuracy (%) on the target\'s '
+            f"400 test reviews by the answer token's log-likelihood at the end of the prompt; source: 800 labeled "
+            f"reviews (balanced), target: 800 unlabeled reviews (prompts only). LoRA r {p['lora_r']} on q/k/v/o of "
+            f"the top {p['adapt_layers']} of 30 blocks, answer-only loss, batch {p['batch']} source + {p['batch']} "
+            f"target, AdamW lr {p['learning_rate']}, {p['warmup_steps']} source-only warm-up steps then "
+            f"{p['adapt_steps']} steps with the regularizer (source-only: the same steps without it); seeds "
+            f"{p['seeds']}. Weights: λ = {p['balance']} × L_answer / |D| on the warm-up model (no target label)."
+        ),
         "",
     ]
     md = "\n".join(head) + report(res) + "\n"

@@ -70,12 +70,12 @@ class Profile:
     seeds: list = field(default_factory=lambda: [0, 1])
     regs: list = field(default_factory=lambda: list(REGULARIZERS))
     adapt_layers: int = 4
-    batch: int = 8             # per domain
+    batch: int = 8  # per domain
     warmup_steps: int = 100
     adapt_steps: int = 60
     learning_rate: float = 1e-3
     lora_r: int = 8
-    balance: float = 0.5       # lambda = balance * L_answer / |D| at the start of adaptation
+    balance: float = 0.5  # lambda = balance * L_answer / |D| at the start of adaptation
 
 
 class TopLM(nn.Module):
@@ -97,8 +97,14 @@ class TopLM(nn.Module):
         hf.model.layers = nn.ModuleList(list(hf.model.layers)[n - prof.adapt_layers :])
         hf.config.num_hidden_layers = prof.adapt_layers
         hf.config.use_cache = False
-        self.net = peftadapt.wrap(hf, "lora", r=prof.lora_r, alpha=2 * prof.lora_r, dropout=0.05,
-                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        self.net = peftadapt.wrap(
+            hf,
+            "lora",
+            r=prof.lora_r,
+            alpha=2 * prof.lora_r,
+            dropout=0.05,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        )
         self.hf = peftadapt.base_model(self.net)
         self.register_buffer("answers", torch.tensor(answer_ids(AutoTokenizer.from_pretrained(model_dir()))))
 
@@ -165,14 +171,21 @@ def build_da(model: TopLM, reg: str, weight: float) -> DomainAdaptation:
     r = peftadapt.align.build("entropy", diversity=True) if name == "entropy" else peftadapt.align.build(name)
     pooling = "mean" if reg == "mmd-mean" else "last"
     # causal_lm=False for entropy: TopLM's .logits are the two answers' logits (class logits), not per token
-    return DomainAdaptation(model, [Term(r, weight=weight, name=name)], layer=model.norm, pooling=pooling,
-                            causal_lm=reg != "entropy")
+    return DomainAdaptation(
+        model, [Term(r, weight=weight, name=name)], layer=model.norm, pooling=pooling, causal_lm=reg != "entropy"
+    )
 
 
-def train_steps(model: TopLM, src: Encoded, steps: int, prof: Profile, seed: int, tgt: Encoded | None = None,
-                da: DomainAdaptation | None = None) -> dict:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=prof.learning_rate,
-                            weight_decay=0.0)
+def train_steps(
+    model: TopLM,
+    src: Encoded,
+    steps: int,
+    prof: Profile,
+    seed: int,
+    tgt: Encoded | None = None,
+    da: DomainAdaptation | None = None,
+) -> dict:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=prof.learning_rate, weight_decay=0.0)
     s_samp = Sampler(src.train, prof.batch, seed)
     t_samp = Sampler(tgt.train, prof.batch, seed + 7) if tgt is not None else None
     model.train()
@@ -270,15 +283,21 @@ def run(prof: Profile, out: Path, log=print) -> dict:
     cmd = f"{env} python -m benchmarks.causal_da.run {' '.join(sys.argv[1:])}".strip()
     # the study's design (every process of it runs a --pairs / --seeds / --regs slice of the default)
     design = {**asdict(prof), "pairs": Profile().pairs, "seeds": Profile().seeds, "regs": Profile().regs}
-    results["meta"] = {"profile": design, "torch": torch.__version__, "python": platform.python_version(),
-                       "machine": f"{platform.machine()} {os.cpu_count()} cpus",
-                       "commands": list(dict.fromkeys([*cmds, cmd]))}
+    results["meta"] = {
+        "profile": design,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "commands": list(dict.fromkeys([*cmds, cmd])),
+    }
     enc = {d: encode_domain(d, prof.adapt_layers) for d in sorted({d for p in prof.pairs for d in p})}
     for s, t in prof.pairs:  # zero-shot: the untrained model (from the encoding pass)
         e = enc[t]
         pred = e.zero_shot[e.test].argmax(1)
-        cells[f"{s}>{t}|zero-shot|-"] = {"acc": float((pred == e.labels[e.test]).float().mean()),
-                                         "pos_frac": float(pred.float().mean())}
+        cells[f"{s}>{t}|zero-shot|-"] = {
+            "acc": float((pred == e.labels[e.test]).float().mean()),
+            "pos_frac": float(pred.float().mean()),
+        }
     _save(results, out)
     for seed in prof.seeds:
         for source in dict.fromkeys(s for s, _ in prof.pairs):
@@ -290,8 +309,11 @@ def run(prof: Profile, out: Path, log=print) -> dict:
                 torch.manual_seed(2000 + seed)
                 stats = train_steps(model, enc[source], prof.adapt_steps, prof, seed + 1)
                 for t, k in zip(targets, keys, strict=True):
-                    cells[k] = {**evaluate(model, enc[t], enc[t].test), "task": stats["task"],
-                                "seconds": time.time() - t0}
+                    cells[k] = {
+                        **evaluate(model, enc[t], enc[t].test),
+                        "task": stats["task"],
+                        "seconds": time.time() - t0,
+                    }
                     log(f"{k}: {cells[k]}")
                 _save(results, out)
             for target in targets:
