@@ -26,6 +26,9 @@ LrSchedulerType = Literal["linear", "cosine", "constant"]
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 Tracker = Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]
 NanPolicy = Literal["stop", "skip"]  # what a step with a NaN / inf loss or gradient norm does
+# standard: one run (the task loss, plus the regularizers if any); adda: source training, then ADDA's adversarial phase
+Procedure = Literal["standard", "adda"]
+PROCEDURES = get_args(Procedure)
 
 # Old peftadapt key -> TrainingArguments name (0.1 run files); only for the error message.
 RENAMED = {
@@ -132,6 +135,19 @@ class TrainConfig:
         "with several processes: global (alignment loss over the whole batch), local (each process "
         "on its shard) or auto (global for mmd/coral/cdan+e); see docs/distributed.md",
     )
+    procedure: Procedure = field(
+        "standard",
+        "standard: one run (task loss + regularizers); adda: source training, then ADDA's adversarial phase "
+        "(a target adapter against a domain discriminator; needs data.target; see docs/training.md)",
+    )
+    adda_steps: int | None = field(
+        None, "procedure adda: optimizer steps of the adversarial phase; default: as many as the source phase"
+    )
+    adda_learning_rate: float | None = field(
+        None,
+        "procedure adda: learning rate of the target adapter in the adversarial phase; default learning_rate "
+        "(the discriminator's: discriminator_learning_rate)",
+    )
 
     def __post_init__(self):
         check_fields(self, self._where)
@@ -154,6 +170,7 @@ class TrainConfig:
             "save_steps",
             "early_stopping_patience",
             "warmup_steps",
+            "adda_steps",
         ):
             v = getattr(self, key)
             need(v is None or v >= (0 if key == "warmup_steps" else 1), key, "must be a positive integer or null")
@@ -162,6 +179,11 @@ class TrainConfig:
         need(
             self.discriminator_learning_rate is None or 0 < self.discriminator_learning_rate <= FLOAT32_MAX,
             "discriminator_learning_rate",
+            "must be > 0 and a float32 (<= 3.4e38), or null",
+        )
+        need(
+            self.adda_learning_rate is None or 0 < self.adda_learning_rate <= FLOAT32_MAX,
+            "adda_learning_rate",
             "must be > 0 and a float32 (<= 3.4e38), or null",
         )
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")

@@ -35,6 +35,7 @@ from .data import (
     load_text_data,
     tokenize,
 )
+from .adda import ADDATrainer, check_adda_run
 from .loop import Trainer, evaluate_model
 from .schema import DatasetSpec, ModelConfig, RunConfig, TermConfig
 from .sft import encode_sft, pack
@@ -246,6 +247,7 @@ def build_trainer(run: RunConfig):
     training, task = run.training, run.model.task
     nl = run.num_labels
     check_inputs(run)
+    check_adda_run(run)
     tokenizer = _data_tokenizer(run)
     source, target, evals = load_data(run, nl, tokenizer)
     if isinstance(source, TextData):  # a classifier's
@@ -269,7 +271,8 @@ def build_trainer(run: RunConfig):
     if run.regularizers:
         width = feature_width(model, tokenizer, feats.layer, feats.pooling)
         alignment = build_alignment(run.regularizers, width=width, num_labels=nl)
-    return Trainer(
+    trainer_class = ADDATrainer if training.procedure == "adda" else Trainer
+    return trainer_class(
         model,
         tokenizer,
         source,
