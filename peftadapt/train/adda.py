@@ -135,6 +135,7 @@ class ADDATrainer(Trainer):
     def _setup_data(self) -> None:
         super()._setup_data()  # the source stream, preflight, the source phase's total
         cfg, acc = self.config, self.accelerator
+        assert self.target_data is not None  # checked in __init__
         _, tbs = batch_sizes(cfg, acc.num_processes)
         self._target = BatchStream(
             tokenize(self.target_data.texts, self.tokenizer, self.max_length),
@@ -208,7 +209,7 @@ class ADDATrainer(Trainer):
         ga = cfg.gradient_accumulation_steps
         micro = range(st.step * ga, (st.step + 1) * ga)
         losses: dict[str, list[torch.Tensor]] = {"d_loss": [], "d_accuracy": [], "t_loss": []}
-        self.adda.train()
+        adda.train()
         for m in micro:  # 1. the discriminator
             with self.accelerator.autocast():
                 fs = adda.source_features(self._batch_to(self._source.batch(m)))

@@ -24,6 +24,7 @@ from ..core.io import check_writable_dir
 from ..features import FeatureTap
 from ..wrap import load as load_adapter
 from ..wrap import wrap
+from .adda import ADDATrainer, check_adda_run
 from .checkpoint import MANIFEST, verify_checkpoint
 from .data import (
     Encoded,
@@ -35,7 +36,6 @@ from .data import (
     load_text_data,
     tokenize,
 )
-from .adda import ADDATrainer, check_adda_run
 from .loop import Trainer, evaluate_model
 from .schema import DatasetSpec, ModelConfig, RunConfig, TermConfig
 from .sft import encode_sft, pack
