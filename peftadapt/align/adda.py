@@ -32,6 +32,7 @@ from torch.func import functional_call
 from ..core.hf import HEAD_NAMES
 from ..features import FeatureTap, Pooling
 from .adversarial import DomainDiscriminator, _domain_bce
+from .numerics import full_precision
 
 __all__ = ["ADDA"]
 
@@ -172,9 +173,16 @@ class ADDA:
 
     # -- the two losses ------------------------------------------------------------------
     def _d(self, f: torch.Tensor) -> torch.Tensor:
+        """D's logits (B,), in D's own dtype (fp32) with autocast off, as DANN's discriminator runs."""
         w = next(self.discriminator.parameters(), None)
-        z = self.discriminator(f if w is None else f.to(w.dtype))
+        with full_precision(f):
+            z = self.discriminator(f if w is None else f.to(w.dtype))
         return z.reshape(f.shape[0]).float()
+
+    @torch.no_grad()
+    def discriminator_accuracy(self, source_features: torch.Tensor, target_features: torch.Tensor) -> torch.Tensor:
+        """The fraction of both batches D labels right (source: logit > 0); 0.5 is a fooled D."""
+        return torch.cat([self._d(source_features) > 0, self._d(target_features) <= 0]).float().mean()
 
     def discriminator_loss(self, source_features: torch.Tensor, target_features: torch.Tensor) -> torch.Tensor:
         """``L_D = 0.5 [mean BCE(D(f_s), 1) + mean BCE(D(f_t), 0)]``; the features are
@@ -212,8 +220,7 @@ class ADDA:
         t_optimizer.zero_grad(set_to_none=True)
         d_loss = self.discriminator_loss(fs, ft)
         d_loss.backward()
-        with torch.no_grad():
-            acc = torch.cat([self._d(fs) > 0, self._d(ft.detach()) <= 0]).float().mean()
+        acc = self.discriminator_accuracy(fs, ft)
         d_optimizer.step()
         d_optimizer.zero_grad(set_to_none=True)
         t_loss = self.target_loss(ft)

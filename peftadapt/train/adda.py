@@ -187,7 +187,17 @@ class ADDATrainer(Trainer):
             if g["params"]
         ]
         optimizer = make_optimizer(groups, cfg.optim, lr=lr, weight_decay=cfg.weight_decay, device=acc.device)
-        self._train_model, self.optimizer = acc.prepare(self.model, optimizer)
+        # The head gets no gradient in this phase: DDP must not wait for one (it tracks the parameters that
+        # require grad when it wraps), yet it stays trainable for the checkpoints and final/.
+        named = dict(self.model.named_parameters())
+        heads = [named[n] for n in self.adda.head_names]
+        for p in heads:
+            p.requires_grad_(False)
+        try:
+            self._train_model, self.optimizer = acc.prepare(self.model, optimizer)
+        finally:
+            for p in heads:
+                p.requires_grad_(True)
         self._disc = [p for p in self.adda.discriminator.parameters() if p.requires_grad]
         self.optimizer.add_param_group(
             {"params": self._disc, "weight_decay": cfg.weight_decay, "lr": cfg.discriminator_learning_rate or lr}
@@ -218,9 +228,7 @@ class ADDATrainer(Trainer):
             d_loss = adda.discriminator_loss(fs, ft)
             self.accelerator.backward(d_loss / ga)
             losses["d_loss"].append(d_loss.detach())
-            with torch.no_grad():
-                right = torch.cat([adda._d(fs) > 0, adda._d(ft) <= 0]).float().mean()
-            losses["d_accuracy"].append(right)
+            losses["d_accuracy"].append(adda.discriminator_accuracy(fs, ft))
         if self.accelerator.num_processes > 1:
             comm.average_gradients(self._disc)
         if not self._half_step({"d_loss": losses["d_loss"]}, self._disc, clip=False):
