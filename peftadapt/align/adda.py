@@ -13,21 +13,21 @@ in :func:`peftadapt.align.adversarial._domain_bce`: it only rescales D's step.)
 
 Parameter-efficient: the frozen base model is shared. "The encoder" is the model's
 trainable tensors (LoRA, adapters, prefix, ...), so M_s is a snapshot of them
-(:attr:`ADDA.source_params`, a few MB), run through
-``torch.func.functional_call(model, source_params, kwargs=batch)``, and M_t is the
+(:attr:`ADDA.source_params`, a few MB), swapped in for the live parameters during the
+source forward (what ``torch.func.functional_call`` does; see ``_source_weights``), and M_t is the
 live parameters (which start equal to the snapshot). The head's parameters are
 never updated here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call
 
 from ..core.hf import HEAD_NAMES
 from ..features import FeatureTap, Pooling
@@ -108,6 +108,7 @@ class ADDA:
                 f"{self.head_names[:4]}: wrap it with an adapter first (peftadapt.wrap(model, 'lora'))"
             )
         self.source_params: dict[str, torch.Tensor] = {n: p.detach().clone() for n, p in trainable.items()}
+        self._live = trainable
         self._features = features
         self.tap = None if features is not None else FeatureTap(model, layer=layer, pooling=pooling, capture=capture)
         try:
@@ -159,11 +160,33 @@ class ADDA:
         was = self.model.training
         self.model.train(False)
         try:
-            with torch.no_grad():
-                out = functional_call(self.model, self.source_params, args=(), kwargs=dict(batch))
+            with torch.no_grad(), self._source_weights():
+                out = self.model(**batch)
                 return self._read(out, batch).detach()
         finally:
             self.model.train(was)
+
+    @contextlib.contextmanager
+    def _source_weights(self) -> Iterator[None]:
+        """The snapshot in place of the live trainable parameters, for the duration of the block.
+
+        Like ``torch.func.functional_call(model, source_params)``, which we do not use: on a model
+        that reaches one submodule by two paths (a wrapper keeping ``self.net = wrap(hf)`` and
+        ``self.hf = base_model(self.net)``) torch 2.x leaves the snapshot in the model and computes
+        with the wrong weights. Here every module is visited once, its parameter entries swapped
+        and put back."""
+        by_id = {id(p): self.source_params[n] for n, p in self._live.items()}
+        swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+        try:
+            for module in self.model.modules():  # each module object once, however many paths reach it
+                for leaf, p in list(module._parameters.items()):
+                    if p is not None and id(p) in by_id:
+                        module._parameters[leaf] = nn.Parameter(by_id[id(p)], requires_grad=False)
+                        swapped.append((module, leaf, p))
+            yield
+        finally:
+            for module, leaf, p in reversed(swapped):
+                module._parameters[leaf] = p
 
     def target_features(self, batch: Mapping[str, Any], model: nn.Module | None = None) -> torch.Tensor:
         """``M_t(x)``: features of the live (target) adapter, with gradient. ``model``: a

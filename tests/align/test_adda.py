@@ -127,6 +127,7 @@ class HiddenStateModel(nn.Module):
     def __init__(self, d: int = 4):
         super().__init__()
         self.block = nn.Linear(d, d)
+        self.alias = self.block  # one submodule on two paths (TopModel keeps net and hf)
         self.head = nn.Linear(d, 2)
 
     def forward(self, h, am):
@@ -146,6 +147,13 @@ def test_any_model_called_with_keywords_and_a_features_function():
     logs = adda.step({"h": h, "am": am}, {"h": h + 1, "am": am}, d_opt, t_opt)
     assert set(logs) == {"d_loss", "t_loss", "d_accuracy"}
     assert not torch.equal(model.block.weight, w0) and torch.equal(model.head.weight, head0)
+    # the source forward used the snapshot, and left the live (target) parameters in place on both paths
+    assert model.block.weight is model.alias.weight and model.block.weight.requires_grad
+    f_src = adda.source_features({"h": h, "am": am})
+    w_s, b_s = adda.source_params["block.weight"], adda.source_params["block.bias"]
+    assert torch.allclose(f_src, (h @ w_s.T + b_s).mean(1), atol=1e-6)
+    assert model.block.weight is model.alias.weight and model.block.weight.requires_grad
+    assert adda.target_features({"h": h, "am": am}).requires_grad
 
 
 def test_one_line_errors():
