@@ -34,7 +34,7 @@ from ..features import FeatureTap, Pooling
 from .adversarial import DomainDiscriminator, _domain_bce
 from .numerics import full_precision
 
-__all__ = ["ADDA"]
+__all__ = ["ADDA", "head_parameter_names"]
 
 _SOURCE_PREFIX = "source."
 _DISC_PREFIX = "discriminator."
@@ -98,9 +98,8 @@ class ADDA:
         if features is not None and not callable(features):
             raise TypeError(f"features must be a function of the model's output, got {type(features).__name__}")
         self.model = model
-        heads = set(HEAD_NAMES) if head is None else {head} if isinstance(head, str) else set(head)
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.head_names = [n for n in trainable if heads & set(n.split("."))]
+        self.head_names = head_parameter_names(model, head)
         self._target = [p for n, p in trainable.items() if n not in self.head_names]
         if not self._target:
             raise ValueError(
@@ -307,6 +306,13 @@ class ADDA:
     def __repr__(self) -> str:
         where = "features=<function>" if self.tap is None else f"layer={self.tap.layer_name!r}"
         return f"ADDA({where}, target tensors={len(self._target)}, head={self.head_names})"
+
+
+def head_parameter_names(model: nn.Module, head: str | Iterable[str] | None = None) -> list[str]:
+    """Names of ``model``'s trainable parameters that belong to the head: a dotted component of the
+    name is one of ``head`` (default :data:`~peftadapt.core.hf.HEAD_NAMES`: classifier, score, ...)."""
+    heads = set(HEAD_NAMES) if head is None else {head} if isinstance(head, str) else set(head)
+    return [n for n, p in model.named_parameters() if p.requires_grad and heads & set(n.split("."))]
 
 
 def _inputs(batch: Any, what: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from safetensors.torch import load_file
 
-from ..align.adda import ADDA
+from ..align.adda import ADDA, head_parameter_names
 from ..core import comm
 from ..features import FeatureTap
 from ..quant.optim import make_optimizer
@@ -80,6 +80,12 @@ class ADDATrainer(Trainer):
             raise ValueError(f"training.procedure: adda adapts a classifier; task is {self.task!r}")
         if self.target_data is None:
             raise ValueError("training.procedure: adda needs unlabeled target data: pass target=... (texts)")
+        heads = set(head_parameter_names(self.model))
+        if not any(p.requires_grad for n, p in self.model.named_parameters() if n not in heads):
+            raise ValueError(
+                "training.procedure: adda trains a second adapter for the target, but this model trains only "
+                f"its head ({sorted(heads)[:2]}); use a method with an adapter (method: lora, houlsby, ...)"
+            )
         warn_unused_target_labels(self.target_data)
         self.alignment = None
         self.adda: ADDA | None = None

@@ -132,6 +132,15 @@ def test_one_line_errors(tmp_path, tiny_model_dir, run_files, capsys, tok):
         Trainer(model, tok, text_data(8, 0), procedure="adda", output_dir=str(tmp_path / "x"))
     with pytest.raises(ValueError, match="needs unlabeled target data"):
         ADDATrainer(model, tok, text_data(8, 0), procedure="adda", output_dir=str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="trains only its head"):
+        ADDATrainer(
+            tiny_classifier(method="head"),
+            tok,
+            text_data(8, 0),
+            target=["b"],
+            procedure="adda",
+            output_dir=str(tmp_path),
+        )
     with pytest.raises(ValueError, match="adapts a classifier"):
         ADDATrainer(
             model, tok, ["a text"], target=["b"], task="causal_lm", procedure="adda", output_dir=str(tmp_path / "x")
