@@ -40,7 +40,7 @@ from .loop import RunState, StepOutput, Trainer, _lr_lambda
 from .nonfinite import describe_step, step_is_finite
 from .preflight import batch_sizes
 
-__all__ = ["ADDATrainer", "check_adda_run"]
+__all__ = ["ADDATrainer", "check_adda_backend", "check_adda_run"]
 
 SOURCE_DIR = "source"  # the source phase's output folder inside output_dir
 
@@ -60,6 +60,18 @@ def check_adda_run(run: Any) -> None:
         raise ValueError(
             "training.procedure: adda is its own alignment (a discriminator against a target adapter); "
             "remove the regularizers, or use procedure: standard"
+        )
+
+
+def check_adda_backend(distributed_type: Any) -> None:
+    """``procedure: adda`` runs on one process or under DDP. FSDP shards the parameters the source
+    snapshot is swapped into, and DeepSpeed's engine would not hold the discriminator: one line, before
+    the source phase spends its time."""
+    kind = str(distributed_type or "").split(".")[-1]
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise ValueError(
+            f"training.procedure: adda runs on one process or under DDP (multi-GPU / multi-CPU), not under "
+            f"{kind}; launch it without the {kind.lower()} config (an adapter is small enough to replicate)"
         )
 
 
@@ -106,6 +118,7 @@ class ADDATrainer(Trainer):
                 self.adda.remove()
 
     def setup(self, resume: bool | str = False) -> None:
+        check_adda_backend(self._make_accelerator().distributed_type)
         self._train_source(resume)
         super().setup(resume)
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from peftadapt.cli import main
 from peftadapt.train import ADDATrainer, Trainer
 from peftadapt.train import checkpoint as ck
+from peftadapt.train.adda import check_adda_backend
 
 from .conftest import run_config, text_data, tiny_classifier
 
@@ -145,3 +146,11 @@ def test_one_line_errors(tmp_path, tiny_model_dir, run_files, capsys, tok):
         ADDATrainer(
             model, tok, ["a text"], target=["b"], task="causal_lm", procedure="adda", output_dir=str(tmp_path / "x")
         )
+
+
+def test_backend_check():
+    for ok in ("DistributedType.NO", "DistributedType.MULTI_GPU", "DistributedType.MULTI_CPU", None):
+        check_adda_backend(ok)
+    for bad in ("DistributedType.FSDP", "DistributedType.DEEPSPEED"):
+        with pytest.raises(ValueError, match=r"runs on one process or under DDP .* not under (FSDP|DEEPSPEED)"):
+            check_adda_backend(bad)
