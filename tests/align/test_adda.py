@@ -165,3 +165,23 @@ def test_one_line_errors():
         ADDA(frozen)
     with pytest.raises(ValueError, match="mapping of model inputs"):
         ADDA(Toy()).source_features(torch.zeros(2, 3))
+
+
+def test_one_optimizer_for_both_sides_equals_two():
+    torch.manual_seed(4)
+    xs, xt = torch.randn(4, 3), torch.randn(5, 3)
+    ends = []
+    for shared in (False, True):
+        torch.manual_seed(0)
+        model, disc = Toy(), nn.Linear(3, 1)
+        adda = ADDA(model, disc)
+        if shared:  # a parameter without a gradient is not stepped: each half moves only its own side
+            opt = torch.optim.SGD([*disc.parameters(), *model.parameters()], lr=0.3, weight_decay=0.1)
+            d_opt = t_opt = opt
+        else:
+            d_opt = torch.optim.SGD(disc.parameters(), lr=0.3, weight_decay=0.1)
+            t_opt = torch.optim.SGD(adda.target_parameters(), lr=0.3, weight_decay=0.1)
+        for _ in range(2):
+            adda.step({"x": xs}, {"x": xt}, d_opt, t_opt)
+        ends.append([p.detach().clone() for p in [*disc.parameters(), *model.parameters()]])
+    assert all(torch.equal(a, b) for a, b in zip(*ends, strict=True))
