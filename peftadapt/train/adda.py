@@ -34,7 +34,7 @@ from ..features import FeatureTap
 from ..quant.optim import make_optimizer
 from ..wrap import after_optimizer_step
 from . import checkpoint as ckpt
-from .config import Procedure
+from .config import TrainConfig
 from .data import BatchStream, tokenize, warn_unused_target_labels
 from .loop import RunState, StepOutput, Trainer, _lr_lambda
 from .nonfinite import describe_step, step_is_finite
@@ -77,10 +77,16 @@ def check_adda_backend(distributed_type: Any) -> None:
 
 class ADDATrainer(Trainer):
     """:class:`Trainer` for ``training.procedure: adda`` (see the module docstring); same arguments
-    (``target`` required, no ``regularizers``). ``train()`` returns the adversarial phase's final
-    metrics; ``self.source_metrics`` holds the source phase's."""
+    (``target`` required, no ``regularizers``; ``procedure`` defaults to ``"adda"``). ``train()`` returns
+    the adversarial phase's final metrics; ``self.source_metrics`` holds the source phase's."""
 
-    procedure: ClassVar[Procedure] = "adda"
+    procedures: ClassVar[tuple[str, ...]] = ("adda",)
+
+    def __init__(self, model: Any, tokenizer: Any, train: Any, *, config: TrainConfig | None = None, **kwargs: Any):
+        # the class is the procedure: a config left on the default ("standard") means adda here
+        if "procedure" not in kwargs and (config is None or config.procedure == "standard"):
+            kwargs["procedure"] = "adda"
+        super().__init__(model, tokenizer, train, config=config, **kwargs)
 
     def _init_alignment(self, regularizers: Any) -> None:
         if regularizers is not None:

@@ -54,7 +54,7 @@ from ..quant.prepare import checkpoint_kwargs, enable_checkpointing
 from ..wrap import after_optimizer_step
 from . import checkpoint as ckpt
 from . import preflight
-from .config import TASKS, Procedure, Task, TrainConfig
+from .config import PROCEDURES, TASKS, Task, TrainConfig
 from .data import (
     BatchStream,
     Encoded,
@@ -160,7 +160,8 @@ class Trainer:
     methods, so a subclass can replace one and keep the rest.
     """
 
-    procedure: ClassVar[Procedure] = "standard"  # training.procedure this class runs (ADDATrainer: "adda")
+    # the training.procedure values this class runs (ADDATrainer: "adda" only)
+    procedures: ClassVar[tuple[str, ...]] = tuple(p for p in PROCEDURES if p != "adda")
 
     def __init__(
         self,
@@ -184,10 +185,11 @@ class Trainer:
         if task not in TASKS:
             raise ValueError(f"task {task!r} is not supported; valid tasks: {list(TASKS)}")
         self.config = _make_config(config, overrides)
-        if self.config.procedure != self.procedure:
+        if self.config.procedure not in self.procedures:
             raise ValueError(
-                f"training.procedure: {self.config.procedure!r} is not this trainer's ({self.procedure!r}); "
-                "procedure 'adda' runs through peftadapt.train.ADDATrainer (peftadapt train picks it)"
+                f"training.procedure: {self.config.procedure!r} is not run by {type(self).__name__} (it runs "
+                f"{list(self.procedures)}); procedure 'adda' runs through peftadapt.train.ADDATrainer "
+                "(peftadapt train picks it)"
             )
         check_writable_dir(self.config.output_dir, "output_dir")  # before any work, not at the first save
         self.task, self.max_length = task, int(max_length)

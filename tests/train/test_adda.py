@@ -132,7 +132,7 @@ def test_one_line_errors(tmp_path, tiny_model_dir, run_files, capsys, tok):
     with pytest.raises(ValueError, match=r"runs through peftadapt\.train\.ADDATrainer"):
         Trainer(model, tok, text_data(8, 0), procedure="adda", output_dir=str(tmp_path / "x"))
     with pytest.raises(ValueError, match="needs unlabeled target data"):
-        ADDATrainer(model, tok, text_data(8, 0), procedure="adda", output_dir=str(tmp_path / "x"))
+        ADDATrainer(model, tok, text_data(8, 0), output_dir=str(tmp_path / "x"))  # procedure adda by default
     with pytest.raises(ValueError, match="trains only its head"):
         ADDATrainer(
             tiny_classifier(method="head"),
