@@ -2,6 +2,17 @@
 
     python examples/make_chat_data.py          # -> examples/data/amazon_chat/{train,val}.jsonl
 
+With ``--target DOMAIN`` it writes the data of examples/llm_da_sentiment.yaml (domain
+adaptation from the ``--domain`` reviews to the target's):
+
+    python examples/make_chat_data.py --domain books --target kitchen --out examples/data/amazon_da
+    # -> train.jsonl, val.jsonl (books chats), target.jsonl (kitchen prompts: the user turn only,
+    #    unlabeled), target_test.jsonl (kitchen test chats with their answers, for evaluation)
+
+In that mode the user turn is "Is this review positive or negative?\n\n<review>" (the
+study's prompt, benchmarks/causal_da) and a target row is the user turn alone: peftadapt
+renders it with the chat template's generation prompt and no answer.
+
 Reads the reviews in place from ../shared/data/amazon-multidomain (env AMAZON_DATA
 overrides; see benchmarks/amazon/data.py) and writes one chat per line:
 
@@ -17,23 +28,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 from pathlib import Path
 
 from benchmarks.amazon.data import load_split
 
 HERE = Path(__file__).resolve().parent
 QUESTION = "Is this product review positive or negative? Answer with one word."
+DA_QUESTION = "Is this review positive or negative?"  # the study's prompt (benchmarks/causal_da)
 WORDS = 40
 
 
-def chat(text: str, label: int) -> dict:
+def chat(text: str, label: int | None, da: bool = False) -> dict:
+    """One chat; ``label=None``: the user turn alone (an unlabeled target prompt)."""
     review = " ".join(text.split()[:WORDS])
-    return {
-        "messages": [
-            {"role": "user", "content": f"{QUESTION}\n\nReview: {review}"},
-            {"role": "assistant", "content": "positive" if label else "negative"},
-        ]
-    }
+    user = f"{DA_QUESTION}\n\n{review}" if da else f"{QUESTION}\n\nReview: {review}"
+    answer = [] if label is None else [{"role": "assistant", "content": "positive" if label else "negative"}]
+    return {"messages": [{"role": "user", "content": user}, *answer]}
+
+
+def balanced(reviews: list, n: int) -> list:
+    """The first n reviews, half of each class, interleaved."""
+    pos = [r for r in reviews if r.label == 1][: n // 2]
+    neg = [r for r in reviews if r.label == 0][: n - n // 2]
+    return [r for pair in zip(pos, neg, strict=False) for r in pair]
+
+
+def write(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    print(f"wrote {path} ({len(rows)} chats)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,16 +66,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--domain", default="kitchen")
     ap.add_argument("--train", type=int, default=96, help="train chats (balanced, from the train split)")
     ap.add_argument("--val", type=int, default=32, help="validation chats (balanced, from the test split)")
+    ap.add_argument("--target", default=None, help="a target domain: also write its unlabeled prompts (DA)")
+    ap.add_argument("--target-train", type=int, default=96, help="target prompts (from its train split)")
+    ap.add_argument("--target-test", type=int, default=32, help="target test chats (balanced, from its test split)")
     args = ap.parse_args(argv)
-    split = load_split(args.domain)
+    split, da = load_split(args.domain), args.target is not None
     args.out.mkdir(parents=True, exist_ok=True)
     for name, reviews, n in (("train", split.train, args.train), ("val", split.test, args.val)):
-        pos = [r for r in reviews if r.label == 1][: n // 2]
-        neg = [r for r in reviews if r.label == 0][: n - n // 2]
-        rows = [chat(r.text, r.label) for pair in zip(pos, neg, strict=False) for r in pair]
-        with open(args.out / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        print(f"wrote {args.out / (name + '.jsonl')} ({len(rows)} chats)")
+        write(args.out / f"{name}.jsonl", [chat(r.text, r.label, da) for r in balanced(reviews, n)])
+    if da:
+        target = load_split(args.target)
+        # unlabeled: the user turn only, a seeded sample of the train split chosen without its labels
+        sample = random.Random(0).sample(target.train, min(args.target_train, len(target.train)))
+        write(args.out / "target.jsonl", [chat(r.text, None, da) for r in sample])
+        rows = [chat(r.text, r.label, da) for r in balanced(target.test, args.target_test)]
+        write(args.out / "target_test.jsonl", rows)
 
 
 if __name__ == "__main__":

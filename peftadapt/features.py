@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .core.hf import FINAL_NORM_NAMES, OUTPUT_HEADS
 
-__all__ = ["POOLINGS", "FeatureTap", "Pooling", "pool"]
+__all__ = ["POOLINGS", "FeatureTap", "Pooling", "layer_stack", "pool"]
 
 Pooling = Literal["mean", "cls", "last"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
@@ -78,15 +78,24 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: Poo
     return hidden[rows, idx]
 
 
+def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The model's stack of blocks: its largest non-empty ``nn.ModuleList`` (the shallowest on a tie),
+    as ``(name, stack)``; None if it has none. ``layer=<int>`` indexes it."""
+    stacks = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not stacks:
+        return None
+    return max(stacks, key=lambda nm: (len(nm[1]), -nm[0].count(".")))
+
+
 def last_hidden_layer(model: nn.Module) -> str:
     """Name of the module whose output is the backbone's last hidden state: the final norm
     (``norm`` / ``ln_f`` / ...) that is a sibling of the largest layer stack, else that stack's
     last block. The default tap of a model without a task head, and of a causal LM whose fused
     LM head (TRL) never calls ``lm_head``."""
-    named = dict(model.named_modules())
-    stacks = [(n, m) for n, m in named.items() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    if stacks:
-        stack_name, stack = max(stacks, key=lambda nm: (len(nm[1]), -nm[0].count(".")))
+    found = layer_stack(model)
+    if found is not None:
+        stack_name, stack = found
+        named = dict(model.named_modules())
         prefix = stack_name.rsplit(".", 1)[0] + "." if "." in stack_name else ""
         # A final norm that is a sibling of the layer stack produces the last hidden state.
         for norm in FINAL_NORM_NAMES:
@@ -96,6 +105,24 @@ def last_hidden_layer(model: nn.Module) -> str:
     raise ValueError(
         f"{type(model).__name__} has no task head ({list(OUTPUT_HEADS)}) and no layer stack; pass layer='<module name>'"
     )
+
+
+def _block(model: nn.Module, index: int) -> str:
+    """Name of block ``index`` of the layer stack (negative counts from the end, as in Python)."""
+    found = layer_stack(model)
+    if found is None:
+        raise ValueError(
+            f"layer={index}: {type(model).__name__} has no layer stack (nn.ModuleList of blocks) to index; "
+            "pass layer='<module name>'"
+        )
+    name, stack = found
+    n = len(stack)
+    if not -n <= index < n:
+        raise ValueError(
+            f"layer={index} is out of range: {name!r} has {n} blocks, so valid indexes are {-n}..{n - 1} "
+            "(negative counts from the end)"
+        )
+    return f"{name}.{index % n}"
 
 
 class FeatureTap:
@@ -111,7 +138,10 @@ class FeatureTap:
             the last block of its layer stack. A string names a module: the plain
             transformers name (``"bert.encoder.layer.5"``) works on a peft-wrapped
             model too (prefixes like ``base_model.model.`` are resolved). An
-            ``nn.Module`` inside ``model`` is used directly.
+            ``nn.Module`` inside ``model`` is used directly. An ``int`` picks block ``i``
+            of the model's layer stack (its largest ``nn.ModuleList``: ``model.layers`` of
+            a Llama, ``encoder.layer`` of a BERT), negative counting from the end as in
+            Python (``-1``: the last block's output, before the final norm).
         pooling: ``"mean"`` (masked mean), ``"cls"`` (first non-padding token) or
             ``"last"`` (last non-padding token; use it for decoders, left or right
             padded). (B, d) captures (BERT's pooled classifier input) are returned as is.
@@ -127,7 +157,7 @@ class FeatureTap:
     def __init__(
         self,
         model: nn.Module,
-        layer: str | nn.Module | None = None,
+        layer: str | int | nn.Module | None = None,
         pooling: Pooling = "mean",
         capture: str | None = None,
     ) -> None:
@@ -156,7 +186,7 @@ class FeatureTap:
 
     # -- layer resolution ------------------------------------------------------
     @staticmethod
-    def _resolve(model: nn.Module, layer) -> tuple[str, nn.Module, str]:
+    def _resolve(model: nn.Module, layer: str | int | nn.Module | None) -> tuple[str, nn.Module, str]:
         named = dict(model.named_modules())
         if isinstance(layer, nn.Module):
             for n, m in named.items():
@@ -171,8 +201,11 @@ class FeatureTap:
                     return n, named[n], "input"
             n = last_hidden_layer(model)
             return n, named[n], "output"
+        if isinstance(layer, int) and not isinstance(layer, bool):
+            n = _block(model, layer)
+            return n, named[n], "output"
         if not isinstance(layer, str):
-            raise TypeError(f"layer must be None, a module name or an nn.Module, got {type(layer).__name__}")
+            raise TypeError(f"layer must be None, a module name, a block index (int) or an nn.Module, got {layer!r}")
         if layer in named and layer != "":
             return layer, named[layer], "output"
         wanted = [layer]

@@ -75,6 +75,45 @@ def collect(res: dict):
     return acc, pairs, prof["methods"], prof["seeds"]
 
 
+def gain_check(base: dict, other: dict, pairs, seeds) -> dict:
+    """The noise rule: does ``other`` beat ``base`` on the pair average by more than 2 sigma?
+
+    ``base`` / ``other``: {(pair, seed): accuracy %} (None where missing). sigma is the largest of the seed
+    noise of the two pair-averages sqrt((s_base^2 + s_other^2) / 2), the std of the paired per-seed gain, and
+    the per-pair seed std of ``base`` (pooled over pairs) / sqrt(#pairs): the conservative reading.
+    """
+    def avg(d):
+        out = []
+        for sd in seeds:
+            vals = [d.get((p, sd)) for p in pairs]
+            out.append(None if any(v is None for v in vals) else sum(vals) / len(vals))
+        return out
+
+    b_avg, o_avg = avg(base), avg(other)
+    _mb, sb, nb = _stats(b_avg)
+    _mo, so, no = _stats(o_avg)
+    gains = [a - b for a, b in zip(o_avg, b_avg, strict=False) if a is not None and b is not None]
+    gm, gs, gn = _stats(gains)
+    noise = math.sqrt((sb ** 2 + so ** 2) / 2) if nb > 1 and no > 1 else float("nan")
+    cells = [(other.get((p, sd)), base.get((p, sd))) for p in pairs for sd in seeds]
+    cells = [(a, b) for a, b in cells if a is not None and b is not None]
+    pp = [_stats([base.get((p, sd)) for sd in seeds])[1] for p in pairs]
+    pp = [x for x in pp if x is not None and not math.isnan(x)]
+    g = {
+        "gain": gm,
+        "paired_std": gs,
+        "seed_noise": noise,
+        "n": gn,
+        "wins": sum(a > b for a, b in cells),
+        "ties": sum(a == b for a, b in cells),
+        "cells": len(cells),
+        "pair_noise": math.sqrt(sum(x * x for x in pp) / len(pp)) if pp else float("nan"),
+    }
+    g["sigma"] = max(noise, gs if gs is not None else float("nan"), g["pair_noise"] / math.sqrt(len(pairs)))
+    g["met"] = bool(gn > 1 and gm is not None and gm > 2 * g["sigma"])
+    return g
+
+
 def pair_average(acc, method, row, pairs, seeds):
     """Per-seed average over the pairs (None for a seed that misses a pair)."""
     out = []
@@ -90,7 +129,6 @@ def tables(res: dict) -> tuple[str, dict]:
     for method in methods:
         lines += [f"### {method}", "", "| | " + " | ".join(pairs) + " | **average** |",
                   "|---|" + "---|" * (len(pairs) + 1)]
-        so_avg = pair_average(acc, method, "source-only", pairs, seeds)
         for row in (*ROWS, "oracle-pair"):
             name = {"oracle-pair": "oracle (target labels)"}.get(row, row)
             if row in FROZEN_WEIGHTS:
@@ -100,29 +138,12 @@ def tables(res: dict) -> tuple[str, dict]:
             m, sd, n = _stats(avg)
             lines.append(f"| {name} | " + " | ".join(cells) + f" | **{_fmt(m, sd, n)}** |")
             if row in REGULARIZERS and m is not None:
-                _ms, ss, ns = _stats(so_avg)
-                gains = [a - b for a, b in zip(avg, so_avg, strict=False) if a is not None and b is not None]
-                gm, gs, gn = _stats(gains)
-                noise = math.sqrt((ss ** 2 + sd ** 2) / 2) if n > 1 and ns > 1 else float("nan")
-                cells = [(acc.get((method, row, p, sd)), acc.get((method, "source-only", p, sd)))
-                         for p in pairs for sd in seeds]
-                cells = [(a, b) for a, b in cells if a is not None and b is not None]
-                # per-pair seed noise of source-only, pooled over pairs: the noise of one run
-                pp = [_stats([acc.get((method, "source-only", p, sd)) for sd in seeds])[1] for p in pairs]
-                pp = [x for x in pp if x is not None and not math.isnan(x)]
-                goal[(method, row)] = {
-                    "gain": gm,
-                    "paired_std": gs,
-                    "seed_noise": noise,
-                    "n": gn,
-                    "wins": sum(a > b for a, b in cells),
-                    "ties": sum(a == b for a, b in cells),
-                    "cells": len(cells),
-                    "pair_noise": math.sqrt(sum(x * x for x in pp) / len(pp)) if pp else float("nan"),
-                }
-                g = goal[(method, row)]
-                g["sigma"] = max(noise, gs, g["pair_noise"] / math.sqrt(len(pairs)))
-                g["met"] = bool(gn > 1 and gm is not None and gm > 2 * g["sigma"])
+                goal[(method, row)] = gain_check(
+                    {(p, sd): acc.get((method, "source-only", p, sd)) for p in pairs for sd in seeds},
+                    {(p, sd): acc.get((method, row, p, sd)) for p in pairs for sd in seeds},
+                    pairs,
+                    seeds,
+                )
         lines.append("")
     return "\n".join(lines), goal
 

@@ -1,7 +1,7 @@
-"""Domain-alignment regularizers: MMD, CORAL, DANN, CDAN(+E), target entropy.
+"""Domain-alignment regularizers: MMD, CORAL, DANN, CDAN(+E), target entropy, target LM loss.
 
 ``build(name, **options)`` makes one from the registry ("mmd", "coral", "dann",
-"cdan", "cdan+e", "entropy", or your own via ``register``); ``Alignment`` holds a
+"cdan", "cdan+e", "entropy", "target_lm", or your own via ``register``); ``Alignment`` holds a
 scheduled, weighted sum of several; ``DomainAdaptation`` is the whole DA step (feature
 tap + terms + schedule) that every training loop calls; ``ADDA`` is the GAN-style
 adversarial phase after source training (two adapters on one base). See docs/regularizers.md.
@@ -9,7 +9,8 @@ adversarial phase after source training (two adapters on one base). See docs/reg
 Modules: :mod:`.regularizer` (the interface), :mod:`.registry`, :mod:`.schedule`,
 :mod:`.scope` (several processes), :mod:`.terms` (``Term``, ``Alignment``), :mod:`.step`
 (``DomainAdaptation``), :mod:`.adda` (``ADDA``), one
-module per method (:mod:`.mmd`, :mod:`.coral`, :mod:`.adversarial`, :mod:`.entropy`).
+module per method (:mod:`.mmd`, :mod:`.coral`, :mod:`.adversarial`, :mod:`.entropy`, :mod:`.target_lm`),
+:mod:`.verbalizer` (class logits of a causal LM from answer tokens).
 """
 
 from .adda import ADDA
@@ -22,7 +23,9 @@ from .regularizer import Regularizer
 from .schedule import SCHEDULES, dann_ramp, schedule_weight
 from .scope import SCOPES
 from .step import DomainAdaptation
+from .target_lm import TargetLM
 from .terms import Alignment, Term
+from .verbalizer import class_logits, class_token_ids, prompt_positions
 
 __all__ = [
     "ADDA",
@@ -39,10 +42,14 @@ __all__ = [
     "Entropy",
     "GradientReversal",
     "Regularizer",
+    "TargetLM",
     "Term",
     "build",
+    "class_logits",
+    "class_token_ids",
     "dann_ramp",
     "grad_reverse",
+    "prompt_positions",
     "register",
     "regularizer_names",
     "schedule_weight",

@@ -82,7 +82,7 @@ class ADDA:
         model: nn.Module,
         discriminator: nn.Module | None = None,
         *,
-        layer: str | nn.Module | None = None,
+        layer: str | int | nn.Module | None = None,
         pooling: Pooling = "mean",
         capture: str | None = None,
         features: Callable[[Any], torch.Tensor] | None = None,

@@ -52,6 +52,8 @@ class Regularizer(nn.Module):
     Class attributes:
         name: registry name (set by :func:`register`).
         needs_logits: whether forward needs ``source_logits``/``target_logits``.
+        needs_lm_loss: whether forward needs ``target_lm_loss``, the causal LM's own next-token
+            loss on the target batch (``target_lm``), which :class:`DomainAdaptation` computes.
         min_batch: the smallest batch per domain the estimator is defined for.
         check_finite: reject NaN/inf features (one device sync per call;
             set to False on an instance to skip the check).
@@ -65,6 +67,7 @@ class Regularizer(nn.Module):
 
     name: str = "regularizer"
     needs_logits: bool = False
+    needs_lm_loss: bool = False
     min_batch: int = 1
     check_finite: bool = True
     batch_statistic: bool = True

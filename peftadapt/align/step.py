@@ -15,7 +15,7 @@ scheduled weight (:class:`~peftadapt.align.Term`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from ..features import FeatureTap, Pooling
 from .numerics import check_progress
 from .regularizer import Regularizer
 from .terms import Alignment, Term
+from .verbalizer import IGNORE_INDEX, check_class_tokens, class_logits, prompt_mask
 
 __all__ = ["DomainAdaptation", "as_alignment", "check_alignment"]
 
@@ -40,17 +41,31 @@ def as_alignment(regularizers: Any) -> Alignment | None:
     return Alignment(regularizers if isinstance(regularizers, (list, tuple)) else [regularizers])
 
 
-def check_alignment(alignment: Alignment, model: nn.Module, causal_lm: bool | None = None) -> None:
-    """Reject terms that read class logits (CDAN, CDAN+E, entropy) on a causal LM: its
-    logits are per token over the vocabulary, not per example over classes.
+def check_alignment(
+    alignment: Alignment, model: nn.Module, causal_lm: bool | None = None, class_tokens: Sequence[int] | None = None
+) -> None:
+    """The terms fit the model. On a causal LM, terms that read class logits (CDAN, CDAN+E,
+    entropy) need ``class_tokens`` (its logits are per token over the vocabulary, not per example
+    over classes); ``target_lm`` (the model's own LM loss) and ``class_tokens`` need a causal LM.
     ``causal_lm=None`` infers it from the model's class name."""
     if causal_lm is None:
         causal_lm = is_causal_lm(model)
-    if causal_lm and alignment.needs_logits:
-        names = [t.name for t in alignment.terms if getattr(t.regularizer, "needs_logits", False)]
+    if causal_lm and alignment.needs_logits and class_tokens is None:
+        names = [t.name for t in alignment.members if getattr(t.regularizer, "needs_logits", False)]
         raise ValueError(
-            f"regularizers {names} read class logits (cdan, cdan+e, entropy) and need a sequence "
-            "classifier (task='classification'); for a causal LM use mmd, coral or dann"
+            f"regularizers {names} read class logits (cdan, cdan+e, entropy): a sequence classifier's "
+            "(task='classification'), or a causal LM's read off its answer tokens: pass class_tokens (run file: "
+            "features.class_tokens, e.g. [positive, negative]), or use mmd, coral, dann or target_lm"
+        )
+    if not causal_lm and alignment.needs_lm_loss:
+        raise ValueError(
+            "target_lm is a causal LM's own next-token loss on the target batch, and this model is a "
+            "classifier; use it with a causal LM (task='causal_lm'), or drop it"
+        )
+    if not causal_lm and class_tokens is not None:
+        raise ValueError(
+            "class_tokens reads class logits off a causal LM's answer tokens; this model is a classifier, "
+            "whose logits are class logits already: drop class_tokens"
         )
 
 
@@ -92,9 +107,16 @@ class DomainAdaptation:
         regularizers: an :class:`Alignment`, or a :class:`Term` / regularizer /
             registered name, or a list of those (at least one).
         layer, pooling: where and how the tap reads features (see FeatureTap;
-            default: the task head's input, masked mean).
+            default: the task head's input, masked mean). ``layer`` is a module name,
+            a block index of the layer stack (``-1``: the last block) or a module.
         causal_lm: whether ``model`` is a causal LM (its logits are per token,
-            so terms that read class logits are rejected); None: from its class name.
+            so terms that read class logits need ``class_tokens``); None: from its class name.
+        class_tokens: a causal LM's answer token ids, one per class in class order (e.g.
+            ``class_token_ids(tokenizer, ["positive", "negative"])``): the class logits that
+            entropy / CDAN / CDAN+E read are the LM logits at each row's last prompt position
+            at these ids (see :mod:`peftadapt.align.verbalizer`). The source batch's
+            answer-only ``labels`` locate its prompt end; a target row's is its last
+            attended token (the prompt ends with the generation prompt).
 
     Plain PyTorch loop::
 
@@ -109,7 +131,15 @@ class DomainAdaptation:
 
     Batches are dicts of tensors on the model's device with an ``attention_mask``;
     the source batch has ``labels`` (the task loss is ``outputs.loss``); labels in
-    the target batch are dropped (target data is unlabeled).
+    the target batch are dropped (target data is unlabeled). While a ``target_lm`` term
+    is on, the target forward gets ``labels = input_ids`` with the padding (and each row's
+    first token, which nothing precedes) set to -100, and the term's value is that forward's
+    ``loss``: the model's mean next-token loss on the target, the same left or right padded.
+
+    On a causal LM whose source labels cover the answer only (prompt tokens -100), the source
+    features are pooled over each row's prompt (the positions before its first label), the
+    part a target prompt has too: ``pooling="last"`` then reads the last prompt token of both
+    domains, the position that produces the answer.
     """
 
     def __init__(
@@ -117,9 +147,10 @@ class DomainAdaptation:
         model: nn.Module,
         regularizers: Alignment | Term | Regularizer | str | Iterable[Any],
         *,
-        layer: str | nn.Module | None = None,
+        layer: str | int | nn.Module | None = None,
         pooling: Pooling = "mean",
         causal_lm: bool | None = None,
+        class_tokens: Sequence[int] | None = None,
     ):
         alignment = as_alignment(regularizers)
         if alignment is None:
@@ -128,7 +159,12 @@ class DomainAdaptation:
                 "e.g. regularizers=[Term('mmd', weight=0.3)] (without terms, train on the task "
                 "loss alone: no DomainAdaptation needed)"
             )
-        check_alignment(alignment, model, causal_lm)
+        if class_tokens is not None:
+            vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+            class_tokens = check_class_tokens(class_tokens, vocab if isinstance(vocab, int) else None)
+        self.causal_lm = is_causal_lm(model) if causal_lm is None else bool(causal_lm)
+        check_alignment(alignment, model, self.causal_lm, class_tokens)
+        self.class_tokens: list[int] | None = None if class_tokens is None else list(class_tokens)
         self.model = model
         self.alignment = alignment
         self.tap = FeatureTap(model, layer=layer, pooling=pooling)  # last: nothing to undo if it raises
@@ -146,6 +182,12 @@ class DomainAdaptation:
     def active(self, progress: float) -> bool:
         """Whether some term is on at ``progress`` (only then is a target batch needed)."""
         return any(w > 0 for w in self.weights(progress).values())
+
+    @property
+    def needs_target_logits(self) -> bool:
+        """Whether the target forward must return every position's logits (``target_lm``'s loss,
+        class logits read through ``class_tokens``), so a caller must not pass ``logits_to_keep``."""
+        return self.alignment.needs_lm_loss or (self.class_tokens is not None and self.alignment.needs_logits)
 
     # -- the step ----------------------------------------------------------------------
     def loss(
@@ -177,7 +219,9 @@ class DomainAdaptation:
                 f"{sorted(source_batch)}); class ids for a classifier, token ids for a causal LM"
             )
         on = self.active(p)
-        reg_loss, logs = self.alignment_loss(out, source_batch["attention_mask"], target_batch, p, model=model)
+        reg_loss, logs = self.alignment_loss(
+            out, source_batch["attention_mask"], target_batch, p, model=model, source_labels=source_batch.get("labels")
+        )
         loss = task_loss + reg_loss if on else task_loss
         return loss, {"task_loss": task_loss.detach(), **logs}
 
@@ -189,6 +233,7 @@ class DomainAdaptation:
         progress: float,
         *,
         model: nn.Module | None = None,
+        source_labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """``sum_k lambda_k(p) D_k`` for a caller that already ran the source forward
         through the tapped model (e.g. transformers' ``Trainer.compute_loss``), right
@@ -196,7 +241,11 @@ class DomainAdaptation:
 
         Runs the target forward only if a term is on; returns ``(reg_loss, logs)``
         with ``reg_loss`` a 0-dim tensor (zero and graph-free while every term is off)
-        and ``logs`` as in :meth:`loss` without ``task_loss``.
+        and ``logs`` as in :meth:`loss` without ``task_loss``. ``source_labels``: the
+        source batch's labels. On a causal LM with answer-only labels they locate each
+        row's prompt: its features are pooled over the prompt alone (what a target prompt
+        holds; a row whose every token is a target is pooled whole), and its class logits
+        (``class_tokens``) are read right before the answer.
         """
         p = check_progress(progress)
         self._check_open()
@@ -208,17 +257,28 @@ class DomainAdaptation:
             logs["reg_loss"] = zero
             logs.update({f"weight/{k}": w for k, w in weights.items()})
             return zero, logs
-        fs = self._pooled(source_attention_mask, "source")  # before the target forward overwrites the tap
+        source_mask = source_attention_mask
+        if self.causal_lm and source_labels is not None:  # a causal LM's source: its prompt, as the target's
+            source_mask = prompt_mask(source_attention_mask, source_labels)
+        fs = self._pooled(source_mask, "source")  # before the target forward overwrites the tap
         target_batch = _check_batch(target_batch, "target_batch (a term is on at this progress)")
         target_batch = {k: v for k, v in target_batch.items() if k != "labels"}
+        on = [t for t in self.alignment.members if weights[t.name] > 0]
+        lm_on = any(getattr(t.regularizer, "needs_lm_loss", False) for t in on)
+        if lm_on:  # target_lm: the model's own next-token loss on the target, padding ignored
+            target_batch["labels"] = _lm_labels(target_batch)
         out_t = (model or self.model)(**target_batch)
         ft = self._pooled(target_batch["attention_mask"], "target")
         self.tap.clear()  # the features live on in the graph; the tap need not hold them
+        lm_loss = _lm_loss(out_t) if lm_on else None
+        ls = lt = None
+        if any(getattr(t.regularizer, "needs_logits", False) for t in on):
+            ls, lt = self._class_logits(source_outputs, source_attention_mask, source_labels, out_t, target_batch)
         total, raw = None, {}
         for term in self.alignment.members:
             logits = getattr(term.regularizer, "needs_logits", False)
             weighted, value = term(
-                fs, ft, source_outputs.logits if logits else None, out_t.logits if logits else None, progress=p
+                fs, ft, ls if logits else None, lt if logits else None, progress=p, target_lm_loss=lm_loss
             )
             if weighted is None:  # off at this progress
                 continue
@@ -229,6 +289,34 @@ class DomainAdaptation:
         logs.update({f"reg/{k}": v for k, v in raw.items()})
         logs.update({f"weight/{k}": w for k, w in weights.items()})
         return total, logs
+
+    def _class_logits(
+        self,
+        source_outputs: Any,
+        source_mask: torch.Tensor,
+        source_labels: torch.Tensor | None,
+        out_t: Any,
+        target_batch: Mapping[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (source, target) logits a class-logits term reads: the model's own (a classifier), or
+        read off a causal LM's answer tokens (``class_tokens``)."""
+        ls, lt = getattr(source_outputs, "logits", None), getattr(out_t, "logits", None)
+        if ls is None or lt is None:
+            raise ValueError(
+                "a term reads class logits but the model's outputs have no logits; call the model so that "
+                "it returns them (return_outputs=True for a trainer's compute_loss)"
+            )
+        if self.class_tokens is None:
+            return ls, lt
+        if source_labels is None:
+            raise ValueError(
+                "class_tokens: the source's class logits sit right before its answer, found from its answer-only "
+                "labels; pass source_labels=<the source batch's labels> to alignment_loss"
+            )
+        return (
+            class_logits(ls, self.class_tokens, source_mask, source_labels),
+            class_logits(lt, self.class_tokens, target_batch["attention_mask"]),
+        )
 
     def _pooled(self, mask: torch.Tensor, domain: str) -> torch.Tensor:
         captured = self.tap.features
@@ -284,4 +372,32 @@ class DomainAdaptation:
 
     def __repr__(self) -> str:
         terms = ", ".join(t.name for t in self.alignment.members)
-        return f"DomainAdaptation(terms=[{terms}], layer={self.tap.layer_name!r}, pooling={self.tap.pooling!r})"
+        extra = "" if self.class_tokens is None else f", class_tokens={self.class_tokens}"
+        return f"DomainAdaptation(terms=[{terms}], layer={self.tap.layer_name!r}, pooling={self.tap.pooling!r}{extra})"
+
+
+def _lm_labels(batch: Mapping[str, Any]) -> torch.Tensor:
+    """Next-token targets of an unlabeled batch: its input ids, with the padding (attention_mask 0) and
+    each row's first token set to -100. Nothing precedes the first token: with left padding the model
+    would otherwise be asked to predict it from a pad position. So the loss is the mean next-token
+    cross-entropy of the unpadded rows, left or right padded."""
+    ids, mask = batch.get("input_ids"), batch["attention_mask"]
+    if not isinstance(ids, torch.Tensor) or ids.shape != mask.shape:
+        raise ValueError(
+            "target_lm needs the target batch's input_ids (batch, seq), the same shape as its attention_mask, "
+            f"to use as its next-token targets; got keys {sorted(batch)}"
+        )
+    attended = mask != 0
+    labels = ids.masked_fill(~attended, IGNORE_INDEX)
+    labels[torch.arange(ids.shape[0], device=ids.device), attended.int().argmax(1)] = IGNORE_INDEX
+    return labels
+
+
+def _lm_loss(out_t: Any) -> torch.Tensor:
+    loss = getattr(out_t, "loss", None)
+    if not isinstance(loss, torch.Tensor):
+        raise ValueError(
+            "target_lm: the target forward with labels returned no loss; the model must compute its "
+            "language-modeling loss from labels (a transformers causal LM, *ForCausalLM)"
+        )
+    return loss

@@ -77,13 +77,17 @@ class Term(nn.Module):
         """The effective weight lambda(progress)."""
         return self.weight * schedule_weight(self.schedule, progress, self.warmup, self.start)
 
-    def forward(self, fs, ft, source_logits=None, target_logits=None, progress: float = 0.0):
-        """Returns (weighted loss or None if the weight is 0, raw loss or None)."""
+    def forward(self, fs, ft, source_logits=None, target_logits=None, progress: float = 0.0, target_lm_loss=None):
+        """Returns (weighted loss or None if the weight is 0, raw loss or None). ``target_lm_loss``
+        reaches only a regularizer that reads it (``needs_lm_loss``: ``target_lm``)."""
         w = self.weight_at(progress)
         if hasattr(self.regularizer, "set_progress"):
             self.regularizer.set_progress(progress)
         if w == 0.0:
             return None, None
+        if getattr(self.regularizer, "needs_lm_loss", False):  # a per-process loss: nothing to gather
+            raw = self.regularizer(fs, ft, source_logits, target_logits, target_lm_loss=target_lm_loss)
+            return w * raw, raw
         fs, ft, source_logits, target_logits = gather_inputs(
             self.scope, self.regularizer, fs, ft, source_logits, target_logits
         )
@@ -129,6 +133,11 @@ class Alignment(nn.Module):
     @property
     def needs_logits(self) -> bool:
         return any(getattr(t.regularizer, "needs_logits", False) for t in self.members)
+
+    @property
+    def needs_lm_loss(self) -> bool:
+        """Some term reads the target's own language-modeling loss (``target_lm``)."""
+        return any(getattr(t.regularizer, "needs_lm_loss", False) for t in self.members)
 
     @property
     def has_parameters(self) -> bool:

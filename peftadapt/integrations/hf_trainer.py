@@ -36,7 +36,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..align.step import DomainAdaptation, as_alignment
+from ..align.verbalizer import class_token_ids
 from ..core import comm
 from ..core.hf import is_causal_lm, unwrap
 from ..core.io import write_atomic
@@ -215,7 +216,8 @@ class AlignmentPlugin:
         tr = self.trainer
         target = self.target.batch(k, tr.args.device, rank=comm.rank(), world=comm.world_size())
         target.update(self.target_extra)
-        reg, logs = self.da.alignment_loss(outputs, mask, target, p, model=model)
+        labels = inputs.get("labels")  # the answer-only labels locate a causal LM's class logits (class_tokens)
+        reg, logs = self.da.alignment_loss(outputs, mask, target, p, model=model, source_labels=labels)
         # the trainer divides an unscaled loss by the accumulation steps itself; a scaled one it leaves as is
         total = loss + (reg / ga if scaled else reg)
         self._record(loss.detach() * (1.0 if scaled else 1.0 / ga), reg.detach() / ga, logs, weights)
@@ -392,8 +394,9 @@ def add_alignment(
     *,
     target: Any,
     regularizers: Any,
-    layer: str | nn.Module | None = None,
+    layer: str | int | nn.Module | None = None,
     pooling: Pooling = "mean",
+    class_tokens: Sequence[str | int] | None = None,
     discriminator_learning_rate: float | None = None,
     target_batch_size: int | None = None,
     max_length: int | None = None,
@@ -409,8 +412,13 @@ def add_alignment(
         regularizers: a :class:`~peftadapt.Term`, regularizer or name, or a list of them,
             e.g. ``[Term("mmd", weight=0.3, start=0.5)]``.
         layer, pooling: where the feature tap reads (default: the task head's input of a
-            classifier, the final norm of a causal LM) and how it pools (``"mean"``, ``"cls"``,
+            classifier, the final norm of a causal LM; a module name, or a block index of the
+            layer stack, ``-1`` the last block) and how it pools (``"mean"``, ``"cls"``,
             ``"last"``; ``"last"`` for decoders).
+        class_tokens: a causal LM's answers (strings, tokenized with the trainer's
+            ``processing_class``, or token ids), one per class in class order: entropy / CDAN /
+            CDAN+E then read the LM logits at the last prompt position at these tokens
+            (``DomainAdaptation(class_tokens=...)``; the training batches need answer-only labels).
         discriminator_learning_rate: learning rate of the DANN / CDAN discriminators
             (default: ``args.learning_rate``).
         target_batch_size: target examples per process and micro-batch (default:
@@ -454,7 +462,8 @@ def add_alignment(
     if layer is None and causal:
         # TRL's fused LM head never calls lm_head, so a tap on its input would see nothing
         layer = last_hidden_layer(model)
-    da = DomainAdaptation(model, alignment, layer=layer, pooling=pooling, causal_lm=causal)
+    ids = None if class_tokens is None else class_token_ids(getattr(trainer, "processing_class", None), class_tokens)
+    da = DomainAdaptation(model, alignment, layer=layer, pooling=pooling, causal_lm=causal, class_tokens=ids)
     try:
         da.to(trainer.args.device)
         has_disc = bool(da.parameters())
@@ -475,7 +484,7 @@ def add_alignment(
         extra: dict[str, Any] = {}
         if causal:
             params = inspect.signature(unwrap(model).forward).parameters
-            if "logits_to_keep" in params:
+            if "logits_to_keep" in params and not da.needs_target_logits:
                 extra["logits_to_keep"] = 1  # the target forward needs features, not (B, T, vocab) logits
             extra["use_cache"] = False
     except BaseException:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..train.data import epoch_order
+from ..train.sft import encode_sft
 
 __all__ = ["TargetBatches", "target_indices"]
 
@@ -187,7 +188,17 @@ def _prepare_sft(texts: list[str] | None, dataset: Any, trainer: Any) -> list[di
         dataset = datasets.Dataset.from_dict({field: texts})
     _warn_labels(list(dataset.column_names))
     dataset = dataset.remove_columns([c for c in dataset.column_names if c in LABEL_COLUMNS])
-    prepared = trainer._prepare_dataset(dataset, trainer.processing_class, args, False, None, "target")
+    field = getattr(args, "dataset_text_field", None) or "text"
+    if "messages" in dataset.column_names and field not in dataset.column_names:
+        # a chat target is a prompt: its turns before any answer plus the generation prompt, as peftadapt's
+        # own Trainer reads it (TRL renders a user-only chat without the generation prompt)
+        limit = getattr(args, "max_length", None) or 1_000_000
+        enc = encode_sft(
+            dataset, trainer.processing_class, format="messages", prompts=True, max_length=limit, name="target"
+        )
+        prepared: Any = [{"input_ids": ids} for ids in enc.input_ids]
+    else:
+        prepared = trainer._prepare_dataset(dataset, trainer.processing_class, args, False, None, "target")
     completion = bool(getattr(trainer.data_collator, "completion_only_loss", False))
     out = []
     for row in prepared:

@@ -45,6 +45,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..align.step import DomainAdaptation, as_alignment, check_alignment
+from ..align.verbalizer import check_answers, class_token_ids
 from ..core import comm
 from ..core.hf import hf_config, unwrap, wrapped_reason
 from ..core.io import check_writable_dir, json_text, write_json
@@ -62,7 +63,6 @@ from .data import (
     check_labels,
     check_tokenizer,
     token_rows,
-    tokenize,
     warn_unused_target_labels,
 )
 from .evaluate import LOWER_IS_BETTER, evaluate_model, macro_f1, metric_names  # noqa: F401  (public here too)
@@ -151,7 +151,11 @@ class Trainer:
         task: "classification" or "causal_lm".
         max_length: tokens per example (longer texts are truncated).
         feature_layer, pooling: where ``peftadapt.FeatureTap`` reads the alignment
-            features (default: the task head's input, mean pooling).
+            features (default: the task head's input, mean pooling); ``feature_layer`` is a
+            module name or a block index of the layer stack (``-1``: the last block).
+        class_tokens: causal LM: the answers (strings, tokenized with ``tokenizer``, or token
+            ids), one per class in class order, whose LM logits at the last prompt position are
+            the class logits entropy / CDAN / CDAN+E read (``DomainAdaptation(class_tokens=...)``).
         name: the label of the progress bar.
 
     ``train(resume=False)`` runs and returns the final evaluation metrics;
@@ -175,11 +179,12 @@ class Trainer:
         config: TrainConfig | None = None,
         task: Task = "classification",
         max_length: int = 128,
-        feature_layer: str | None = None,
+        feature_layer: str | int | None = None,
         pooling: Pooling = "mean",
         name: str = "train",
         validators: Mapping[str, Sequence[str]] | None = None,
         source_validation: str | None = None,
+        class_tokens: Sequence[str | int] | None = None,
         **overrides: Any,
     ):
         if task not in TASKS:
@@ -204,6 +209,7 @@ class Trainer:
                 # decoder classifiers find each row's last token through the pad id
                 hf_cfg.pad_token_id = tokenizer.pad_token_id
 
+        self.class_tokens = None if class_tokens is None else class_token_ids(tokenizer, class_tokens)
         self._init_data(train, target, eval, validators, source_validation)
         self._init_alignment(regularizers)
         if not any(p.requires_grad for p in model.parameters()):
@@ -224,7 +230,8 @@ class Trainer:
         """The training, target and eval data as the Trainer keeps them, and the validators named per eval set."""
         task = self.task
         self.train_data = _as_data(train, "train", task)
-        self.target_data = None if target is None else as_text_data(target, "target")
+        # a causal LM's target may come tokenized (chat prompts rendered with the generation prompt)
+        self.target_data = None if target is None else _as_data(target, "target", task)
         if eval is None:
             eval = {}
         elif not isinstance(eval, Mapping):
@@ -256,8 +263,11 @@ class Trainer:
                 "examples, so its pooled features are no one example's; pass unpacked data"
             )
         if self.alignment is not None:
-            warn_unused_target_labels(self.target_data)
-            check_alignment(self.alignment, self.model, causal_lm=self.task == "causal_lm")
+            if not isinstance(self.target_data, Encoded):  # tokenized target rows are prompts: no labels to warn of
+                warn_unused_target_labels(self.target_data)
+            check_alignment(self.alignment, self.model, self.task == "causal_lm", self.class_tokens)
+            if self.class_tokens is not None and isinstance(self.train_data, Encoded):
+                check_answers(self.train_data.labels, self.class_tokens, "train", self.tokenizer.decode)
 
     def _pick_best_metric(self) -> None:
         """Which metric picks the best checkpoint (and drives early stopping), and its direction."""
@@ -380,7 +390,7 @@ class Trainer:
         self._target = None
         if self.alignment is not None and self.target_data is not None:  # both or neither (checked in __init__)
             self._target = BatchStream(
-                tokenize(self.target_data.texts, self.tokenizer, self.max_length),
+                token_rows(self.target_data, self.tokenizer, self.max_length, "causal_lm")[0],  # ids only
                 None,
                 tbs,
                 seed=cfg.seed + 1,
@@ -408,6 +418,7 @@ class Trainer:
             layer=self.feature_layer,
             pooling=self.pooling,
             causal_lm=self.task == "causal_lm",
+            class_tokens=self.class_tokens,
         ).to(self.accelerator.device)
         comm.broadcast_parameters(self.alignment)
         # The step's finite check covers the terms: a NaN / inf feature makes the loss non-finite, which

@@ -293,7 +293,7 @@ def preflight(trainer: Any, accelerator: Any, source: Any, target: Any | None) -
             training=dict(dataclasses.asdict(cfg).items()),
             task=trainer.task,
             max_length=trainer.max_length,
-            features=[trainer.feature_layer, trainer.pooling],
+            features=[trainer.feature_layer, trainer.pooling, getattr(trainer, "class_tokens", None)],
             trainable=[
                 (n, list(p.shape), str(p.dtype)) for n, p in trainer.model.named_parameters() if p.requires_grad
             ],

@@ -19,6 +19,7 @@ import torch
 from .. import quant
 from ..align import Alignment, Term
 from ..align.registry import build_with_defaults
+from ..align.verbalizer import class_token_ids
 from ..core.hf import check_attn_implementation, check_model_folder, saved_classifier_rows
 from ..core.io import check_writable_dir
 from ..features import FeatureTap
@@ -55,10 +56,11 @@ def _selection(spec: DatasetSpec) -> dict[str, Any]:
 
 def load_data(
     run: RunConfig, num_labels: int | None, tokenizer=None
-) -> tuple[TextData | Encoded, TextData | None, dict[str, TextData | Encoded]]:
-    """The run's datasets. A classifier's are texts + labels; a causal LM's source and eval
-    sets are tokenized here (``tokenizer`` needed) in their SFT format, the source packed if
-    ``data.packing``; target sets are texts (the alignment reads them unlabeled)."""
+) -> tuple[TextData | Encoded, TextData | Encoded | None, dict[str, TextData | Encoded]]:
+    """The run's datasets. A classifier's are texts + labels; a causal LM's are tokenized here
+    (``tokenizer`` needed) in their SFT format, the source packed if ``data.packing``, the
+    target as prompts (a chat row: its turns before the answer plus the generation prompt;
+    the alignment reads it unlabeled)."""
     data, cls = run.data, run.model.task == "classification"
 
     def read(spec: DatasetSpec, name: str, labeled: bool) -> TextData:
@@ -72,7 +74,7 @@ def load_data(
             **_selection(spec),
         )
 
-    def read_sft(spec: DatasetSpec, name: str) -> Encoded:
+    def read_sft(spec: DatasetSpec, name: str, prompts: bool = False) -> Encoded:
         if tokenizer is None:
             raise ValueError(f"{name}: causal-LM data is tokenized while loading; pass the tokenizer")
         ds = load_dataset_spec(spec.path, name=name, **_selection(spec))
@@ -89,6 +91,7 @@ def load_data(
             max_length=data.max_length,
             truncation=data.truncation,
             train_on_inputs=data.train_on_inputs,
+            prompts=prompts,
             name=name,
         )
 
@@ -102,9 +105,11 @@ def load_data(
         if data.packing:
             source = pack(source, data.max_length)
         evals = {n: read_sft(s, f"data.eval.{n}") for n, s in data.eval.items()}
-    target = None
-    if data.target is not None:
-        target = read(data.target, "data.target", cls and bool(data.target.label))
+    target: TextData | Encoded | None = None
+    if data.target is not None and cls:
+        target = read(data.target, "data.target", bool(data.target.label))
+    elif data.target is not None:
+        target = read_sft(data.target, "data.target", prompts=True)
     return source, target, evals
 
 
@@ -257,6 +262,7 @@ def build_trainer(run: RunConfig):
             source = balance_classes(source)
     check_head_size(run, nl)
     tokenizer = tokenizer or load_tokenizer(run.model, run.data.truncation, run.data.chat_template)
+    class_tokens = _class_tokens(run, tokenizer)
     set_seed(training.seed)  # head init, adapter init and discriminators are seeded too
     base = load_base_model(run.model, nl, training.gradient_checkpointing)
     model = wrap_model(base, run)
@@ -269,7 +275,10 @@ def build_trainer(run: RunConfig):
     feats = run.features
     alignment = None
     if run.regularizers:
-        width = feature_width(model, tokenizer, feats.layer, feats.pooling)
+        try:
+            width = feature_width(model, tokenizer, feats.layer, feats.pooling)
+        except (ValueError, TypeError) as e:  # a layer name / index the model does not have
+            raise ValueError(f"features.layer: {e}" if feats.layer is not None else str(e)) from None
         alignment = build_alignment(run.regularizers, width=width, num_labels=nl)
     trainer_class = ADDATrainer if training.procedure == "adda" else Trainer
     return trainer_class(
@@ -286,7 +295,18 @@ def build_trainer(run: RunConfig):
         pooling=feats.pooling,
         validators={n: s.validators for n, s in run.data.eval.items() if s.validators},
         source_validation=run.data.source_validation,
+        class_tokens=class_tokens,
     )
+
+
+def _class_tokens(run: RunConfig, tokenizer) -> list[int] | None:
+    """``features.class_tokens`` as token ids (the answers' first tokens), checked before the model loads."""
+    if run.features.class_tokens is None:
+        return None
+    try:
+        return class_token_ids(tokenizer, run.features.class_tokens)
+    except ValueError as e:
+        raise ValueError(f"features.{e}") from None
 
 
 def evaluate_checkpoint(run: RunConfig, checkpoint: str | Path) -> dict[str, float]:

@@ -141,7 +141,9 @@ class TermConfig:
     _shorthand: ClassVar[str] = "name"
     _extra: ClassVar[str] = "options"
 
-    name: str = field(REQUIRED, "a registered regularizer: mmd, coral, dann, cdan, cdan+e, entropy, or yours")
+    name: str = field(
+        REQUIRED, "a registered regularizer: mmd, coral, dann, cdan, cdan+e, entropy, target_lm (causal_lm), or yours"
+    )
     weight: float = field(1.0, "the term's maximum weight lambda, on the scale of the task loss")
     schedule: Schedule = field("constant", "how the weight ramps up: constant, linear warm-up, or the DANN ramp")
     warmup: float = field(0.0, "ramp length as a fraction of training (linear / dann)")
@@ -166,15 +168,32 @@ class TermConfig:
 
 @dataclasses.dataclass
 class FeaturesConfig:
-    """Where the regularizers read features."""
+    """Where the regularizers read features (and, for a causal LM, which answer tokens are its classes)."""
 
     _where: ClassVar[str] = "features"
 
-    layer: str | None = field(None, "module name whose output is aligned; null: the task head's input")
+    layer: str | int | None = field(
+        None,
+        "module name whose output is aligned, or a block index of the layer stack (-1: the last block); "
+        "null: the task head's input",
+    )
     pooling: Pooling = field("mean", "how (batch, tokens, width) outputs become one vector per example")
+    class_tokens: list[str | int] | None = field(
+        None,
+        "causal_lm: the answers (strings, tokenized; or token ids), one per class in class order; entropy / cdan / "
+        "cdan+e read the LM logits of their first tokens at the last prompt position",
+    )
 
     def __post_init__(self):
         check_fields(self, self._where)
+
+    def validate(self, where: str) -> None:
+        tokens = self.class_tokens
+        if tokens is not None and (len(tokens) < 2 or len(set(tokens)) < len(tokens)):
+            raise ValueError(
+                f"{where}.class_tokens: one distinct answer per class, at least two (e.g. [positive, negative]), "
+                f"got {tokens!r}"
+            )
 
 
 @dataclasses.dataclass
@@ -210,7 +229,11 @@ class DataConfig:
     _where: ClassVar[str] = "data"
 
     source: DatasetSpec = field(REQUIRED, "the labeled training data")
-    target: DatasetSpec | None = field(None, "unlabeled target-domain texts (needed by regularizers)")
+    target: DatasetSpec | None = field(
+        None,
+        "unlabeled target-domain data (needed by regularizers); causal_lm: read as prompts (a chat row: its turns "
+        "before any answer, plus the generation prompt)",
+    )
     eval: dict[str, DatasetSpec] = field({}, "named eval sets; metrics are logged as <name>/<metric>")
     source_validation: str | None = field(
         None,
@@ -276,12 +299,25 @@ class RunConfig:
                 raise ValueError(f"{key}.validators: only eval sets (data.eval.NAME) are scored by validators")
             if task == "classification" and key != "data.target" and not spec.label and not spec.validators:
                 raise ValueError(f"{key}.label is required for a classifier: the name of the label column")
+        tokens = self.features.class_tokens
         for i, t in enumerate(self.regularizers):
-            if task != "classification" and getattr(REGULARIZERS[t.name.lower()][0], "needs_logits", False):
+            reg = REGULARIZERS[t.name.lower()][0]
+            if task != "classification" and getattr(reg, "needs_logits", False) and tokens is None:
                 raise ValueError(
-                    f"regularizers[{i}] ({t.name}): {t.name} reads class predictions, so it needs "
-                    f"model.task: classification; with {task} use mmd, coral or dann"
+                    f"regularizers[{i}] ({t.name}): {t.name} reads class predictions: a classifier's (model.task: "
+                    "classification), or a causal LM's read off its answer tokens: set features.class_tokens (e.g. "
+                    "[positive, negative]), or use mmd, coral, dann or target_lm"
                 )
+            if task != "causal_lm" and getattr(reg, "needs_lm_loss", False):
+                raise ValueError(
+                    f"regularizers[{i}] ({t.name}): the model's own next-token loss on the target; it needs "
+                    f"model.task: causal_lm (this model's task is {task})"
+                )
+        if tokens is not None and task != "causal_lm":
+            raise ValueError(
+                f"features.class_tokens: class logits read off a causal LM's answer tokens; a {task} model's "
+                "logits are class logits already: remove it (or set model.task: causal_lm)"
+            )
         if self.regularizers and data.target is None:
             raise ValueError("regularizers need unlabeled target data: add data.target (or remove the regularizers)")
         if self.method.name.lower() == "full" and self.model.quantize:

@@ -13,6 +13,10 @@ A row of the data is one of (:data:`SFTFormat`, detected from the columns unless
     content and the template's end-of-turn token.
 
 ``train_on_inputs=True`` makes every token a target (axolotl's key of the same name).
+``prompts=True`` reads unlabeled rows (the alignment's target data) as what the model reads
+before it answers: a chat's turns up to its answer, rendered with the template's generation
+prompt (a user-only row ends with ``<|im_start|>assistant\n``), a prompt_completion row's prompt,
+a text row's text; answers present are dropped and no token is a target.
 Assistant spans are found by rendering the conversation's prefixes, as TRL and
 axolotl do: the tokens between "everything before turn i, plus the assistant
 header" (``add_generation_prompt=True``) and "everything up to turn i" belong to
@@ -89,9 +93,10 @@ class SFTEncoder:
         max_length: int,
         truncation: str = "right",
         train_on_inputs: bool = False,
+        prompts: bool = False,
         name: str = "data",
     ):
-        self.tok, self.format, self.columns = tokenizer, format, dict(columns)
+        self.tok, self.format, self.columns, self.prompts = tokenizer, format, dict(columns), prompts
         self.max_length, self.truncation, self.train_on_inputs, self.name = (
             max_length,
             truncation,
@@ -134,15 +139,31 @@ class SFTEncoder:
             labels[start:end] = full[start:end]
         return full, labels
 
-    def __call__(self, row: Mapping[str, Any]) -> dict[str, list[int]]:
+    def prompt(self, row: Mapping[str, Any]) -> tuple[list[int], bool]:
+        """An unlabeled row's prompt ids, and whether an answer was dropped from it."""
         c = self.columns
+        if self.format == "messages":
+            messages = _check_messages(row[c["messages"]], self.name)
+            turns = len(messages)
+            while messages and messages[-1]["role"] == "assistant":
+                messages.pop()
+            return _chat_ids(self.tok, messages, generation_prompt=True), len(messages) < turns
+        if self.format == "prompt_completion":
+            return _ids(self.tok(str(row[c["prompt"]] or ""))), bool(row[c["completion"]])
+        return _ids(self.tok(str(row[c["text"]] or ""))), False
+
+    def __call__(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        c = self.columns
+        keep = slice(-self.max_length, None) if self.truncation == "left" else slice(0, self.max_length)
+        if self.prompts:
+            ids, answered = self.prompt(row)
+            return {"input_ids": ids[keep], "labels": [IGNORE] * len(ids[keep]), "answered": answered}
         if self.format == "messages":
             ids, labels = self.messages(_check_messages(row[c["messages"]], self.name))
         elif self.format == "prompt_completion":
             ids, labels = self.prompt_completion(str(row[c["prompt"]] or ""), str(row[c["completion"]] or ""))
         else:
             ids, labels = self.text(str(row[c["text"]] or ""))
-        keep = slice(-self.max_length, None) if self.truncation == "left" else slice(0, self.max_length)
         return {"input_ids": ids[keep], "labels": labels[keep]}
 
 
@@ -173,6 +194,7 @@ def encode_sft(
     max_length: int = 512,
     truncation: str = "right",
     train_on_inputs: bool = False,
+    prompts: bool = False,
     name: str = "data",
 ) -> Encoded:
     """Tokenize a ``datasets.Dataset`` of SFT rows into input ids and per-token labels.
@@ -180,7 +202,8 @@ def encode_sft(
     Runs through ``Dataset.map`` (cached for file-backed datasets). Rows left with no
     target token (e.g. a conversation without an assistant turn, or one truncated
     before its answer) are dropped with a warning: they would add nothing but a
-    batch without any target gives no loss.
+    batch without any target gives no loss. ``prompts=True``: unlabeled rows read as
+    prompts (see the module doc; every label -100), for the alignment's target data.
     """
     from datasets.fingerprint import Hasher  # lazy: datasets costs ~0.6 s to import
 
@@ -199,11 +222,14 @@ def encode_sft(
         max_length=max_length,
         truncation=truncation,
         train_on_inputs=train_on_inputs,
+        prompts=prompts,
         name=name,
     )
-    options = (fmt, sorted(cols.items()), max_length, truncation, train_on_inputs)
+    options = (fmt, sorted(cols.items()), max_length, truncation, train_on_inputs) + (("prompts",) if prompts else ())
     fingerprint = Hasher.hash((ds._fingerprint, "sft", _VERSION, options, _tokenizer_digest(tokenizer)))
     out = ds.map(encoder, remove_columns=ds.column_names, new_fingerprint=fingerprint, desc=f"{name}: tokenize")
+    if prompts:
+        return _prompt_rows(out, name)
     ids, labels = out["input_ids"], out["labels"]
     keep = [i for i, y in enumerate(labels) if any(t != IGNORE for t in y[1:])]
     if len(keep) < len(ids):
@@ -216,6 +242,23 @@ def encode_sft(
     if not ids:
         raise ValueError(f"{name}: no row has a target token; check the data and data.max_length")
     return Encoded(ids, labels, name=name)
+
+
+def _prompt_rows(out: Any, name: str) -> Encoded:
+    """The encoded prompts, without empty rows; a warning when answers were dropped (the data is unlabeled)."""
+    ids = [x for x in out["input_ids"] if x]
+    answered = sum(bool(a) for a in out["answered"])
+    if answered:
+        warnings.warn(
+            f"{name}: {answered} of {len(out['input_ids'])} rows carry an answer (an assistant turn / completion); "
+            "alignment reads target data unlabeled, so only their prompts are used",
+            stacklevel=3,
+        )
+    if len(ids) < len(out["input_ids"]):
+        warnings.warn(f"{name}: {len(out['input_ids']) - len(ids)} rows have no token; they are skipped", stacklevel=3)
+    if not ids:
+        raise ValueError(f"{name}: no row has a token; check the data")
+    return Encoded(ids, [[IGNORE] * len(x) for x in ids], name=name)
 
 
 def pack(data: Encoded, max_length: int) -> Encoded:

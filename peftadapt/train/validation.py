@@ -80,7 +80,7 @@ def collect_outputs(
     *,
     max_length: int,
     batch_size: int,
-    feature_layer: str | None = None,
+    feature_layer: str | int | None = None,
     pooling: Pooling = "mean",
     features: bool = True,
     accelerator=None,
@@ -117,7 +117,7 @@ def validator_metrics(
     *,
     max_length: int,
     batch_size: int,
-    feature_layer: str | None = None,
+    feature_layer: str | int | None = None,
     pooling: Pooling = "mean",
     accelerator=None,
 ) -> dict[str, float]:

@@ -152,7 +152,7 @@ def test_bad_input_is_a_value_error_naming_value_and_fix():
         DomainAdaptation(model, None)
     lm = peftadapt.wrap(make_tiny("llama", "causal"), "lora", r=4)
     before = _hooks(lm)
-    with pytest.raises(ValueError, match=r"\['entropy'\].*task='classification'.*mmd, coral or dann"):
+    with pytest.raises(ValueError, match=r"\['entropy'\].*pass class_tokens.*mmd, coral, dann or target_lm"):
         DomainAdaptation(lm, ["entropy"])
     assert _hooks(lm) == before  # nothing registered by a constructor that raised
     DomainAdaptation(lm, ["mmd"]).remove()  # a causal LM with a feature-only term is fine

@@ -171,7 +171,7 @@ CLI_CASES = [
         ["training.learning_rate", "'fast'", "float"],
     ),
     Case("lr_old_name", lambda c, b: c["training"].update(lr=1e-3), ["training.lr", "did you mean learning_rate"]),
-    Case("cdan_on_causal_lm", _causal_cdan, ["cdan", "model.task: classification"]),
+    Case("cdan_on_causal_lm", _causal_cdan, ["cdan", "model.task: classification", "features.class_tokens"]),
     Case(
         "duplicate_labels",
         lambda c, b: c["data"].update(labels=["negative", "negative", "positive"]),
@@ -400,7 +400,7 @@ API_CASES = [
     ("csv_not_utf8", _read("latin1.csv"), ["latin1.csv", "line 3"]),
     ("jsonl_not_utf8", _read("latin1.jsonl"), ["latin1.jsonl", "line 2"]),
     ("seed_not_a_number", _load_config(lambda c, b: c["training"].update(seed="abc")), ["training.seed", "'abc'"]),
-    ("cdan_on_causal_lm", _load_config(_causal_cdan), ["cdan", "classification"]),
+    ("cdan_on_causal_lm", _load_config(_causal_cdan), ["cdan", "classification", "class_tokens"]),
     (
         "duplicate_labels",
         _load_config(lambda c, b: c["data"].update(labels=["negative", "negative", "positive"])),
