@@ -4,7 +4,7 @@ The public API, re-exported; nothing else lives here.
 """
 
 from . import align, bench
-from .align import CDAN, CORAL, DANN, MMD, Alignment, DomainAdaptation, Entropy, Term
+from .align import ADDA, CDAN, CORAL, DANN, MMD, Alignment, DomainAdaptation, Entropy, Term
 from .align import register as register_regularizer
 from .core.hf import find_task_head
 from .core.version import __version__
@@ -12,7 +12,7 @@ from .features import FeatureTap
 from .integrations import add_alignment
 from .methods import METHODS, AdaptedModel, Adapter, Full, Head, LoRA, MethodConfig, PeftMethod, Prefix, register_method
 from .quant import build_quantized, load_quantized, merge_quantized, prepare_for_kbit_training
-from .train import MLDG, TextData, TrainConfig, Trainer
+from .train import MLDG, ADDATrainer, TextData, TrainConfig, Trainer
 from .wrap import (
     adapter_names,
     add_adapter,
@@ -31,12 +31,14 @@ from .wrap import (
 )
 
 __all__ = [
+    "ADDA",
     "CDAN",
     "CORAL",
     "DANN",
     "METHODS",
     "MLDG",
     "MMD",
+    "ADDATrainer",
     "AdaptedModel",
     "Adapter",
     "Alignment",

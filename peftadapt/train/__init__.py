@@ -2,6 +2,7 @@
 the typed run file (:class:`RunConfig`, :func:`load_run_config`), data loading,
 checkpoints and plots."""
 
+from .adda import ADDATrainer  # noqa: F401
 from .config import TrainConfig  # noqa: F401
 from .data import TextData, load_text_data  # noqa: F401
 from .loop import Trainer  # noqa: F401

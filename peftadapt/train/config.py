@@ -27,7 +27,9 @@ LrSchedulerType = Literal["linear", "cosine", "constant"]
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 Tracker = Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]
 NanPolicy = Literal["stop", "skip"]  # what a step with a NaN / inf loss or gradient norm does
-Procedure = Literal["standard", "mldg"]  # what one training step optimizes (mldg: train.meta.MLDG)
+# standard: one run (the task loss, plus the regularizers if any); mldg: meta-learning across the source
+# domains (train.meta.MLDG); adda: source training, then ADDA's adversarial phase (train.adda)
+Procedure = Literal["standard", "mldg", "adda"]
 PROCEDURES = get_args(Procedure)
 
 # Old peftadapt key -> TrainingArguments name (0.1 run files); only for the error message.
@@ -143,7 +145,8 @@ class TrainConfig:
     procedure: Procedure = field(
         "standard",
         "standard: the task (+ alignment) loss; mldg: meta-learning across the source domains "
-        "(needs two or more, data.source as a list or data.domain_column); see docs/training.md",
+        "(needs two or more, data.source as a list or data.domain_column); adda: source training, then ADDA's "
+        "adversarial phase (a target adapter against a domain discriminator; needs data.target); see docs/training.md",
     )
     meta_learning_rate: float | None = field(
         None, "procedure mldg: the step size of the virtual meta-train update (alpha); default: learning_rate"
@@ -153,6 +156,14 @@ class TrainConfig:
         True, "procedure mldg: drop the second-order term (no gradient through the inner gradient)"
     )
     meta_test_domains: int = field(1, "procedure mldg: source domains held out as meta-test at each step")
+    adda_steps: int | None = field(
+        None, "procedure adda: optimizer steps of the adversarial phase; default: as many as the source phase"
+    )
+    adda_learning_rate: float | None = field(
+        None,
+        "procedure adda: learning rate of the target adapter in the adversarial phase; default learning_rate "
+        "(the discriminator's: discriminator_learning_rate)",
+    )
 
     def __post_init__(self):
         check_fields(self, self._where)
@@ -175,6 +186,7 @@ class TrainConfig:
             "save_steps",
             "early_stopping_patience",
             "warmup_steps",
+            "adda_steps",
         ):
             v = getattr(self, key)
             need(v is None or v >= (0 if key == "warmup_steps" else 1), key, "must be a positive integer or null")
@@ -183,6 +195,11 @@ class TrainConfig:
         need(
             self.discriminator_learning_rate is None or 0 < self.discriminator_learning_rate <= FLOAT32_MAX,
             "discriminator_learning_rate",
+            "must be > 0 and a float32 (<= 3.4e38), or null",
+        )
+        need(
+            self.adda_learning_rate is None or 0 < self.adda_learning_rate <= FLOAT32_MAX,
+            "adda_learning_rate",
             "must be > 0 and a float32 (<= 3.4e38), or null",
         )
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")

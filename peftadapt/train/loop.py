@@ -37,7 +37,7 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -55,7 +55,7 @@ from ..quant.prepare import checkpoint_kwargs, enable_checkpointing
 from ..wrap import after_optimizer_step
 from . import checkpoint as ckpt
 from . import preflight
-from .config import TASKS, Task, TrainConfig
+from .config import PROCEDURES, TASKS, Task, TrainConfig
 from .data import (
     BatchStream,
     Encoded,
@@ -169,6 +169,9 @@ class Trainer:
     methods, so a subclass can replace one and keep the rest.
     """
 
+    # the training.procedure values this class runs (ADDATrainer: "adda" only)
+    procedures: ClassVar[tuple[str, ...]] = tuple(p for p in PROCEDURES if p != "adda")
+
     def __init__(
         self,
         model: nn.Module,
@@ -192,6 +195,12 @@ class Trainer:
         if task not in TASKS:
             raise ValueError(f"task {task!r} is not supported; valid tasks: {list(TASKS)}")
         self.config = _make_config(config, overrides)
+        if self.config.procedure not in self.procedures:
+            raise ValueError(
+                f"training.procedure: {self.config.procedure!r} is not run by {type(self).__name__} (it runs "
+                f"{list(self.procedures)}); procedure 'adda' runs through peftadapt.train.ADDATrainer "
+                "(peftadapt train picks it)"
+            )
         check_writable_dir(self.config.output_dir, "output_dir")  # before any work, not at the first save
         self.task, self.max_length = task, int(max_length)
         self.model, self.tokenizer = model, tokenizer
@@ -293,7 +302,7 @@ class Trainer:
         """Which metric picks the best checkpoint (and drives early stopping), and its direction."""
         cfg, names = self.config, self.metric_names()
         best = cfg.metric_for_best_model
-        da = self.alignment is not None
+        da = self._adapts()
         if best is None:
             best = default_metric_for_best(list(self.eval_data), self.validators, self.source_validation, self.task, da)
         warn_if_target_labels(best, self.source_validation, da, self.task)
@@ -523,7 +532,7 @@ class Trainer:
         if resume:
             parts = dict(
                 model=acc.unwrap_model(self._train_model),
-                alignment=self.alignment,
+                alignment=self._saved_modules(),
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
             )
@@ -713,7 +722,7 @@ class Trainer:
         path = ckpt.save_checkpoint(
             self.output_dir / f"checkpoint-{st.step}",
             model=acc.unwrap_model(self._train_model),
-            alignment=self.alignment,
+            alignment=self._saved_modules(),
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             state=state,
@@ -885,6 +894,15 @@ class Trainer:
         return metric_names(labeled, self.task) + validator_metric_names(self.validators)
 
     # -- helpers -------------------------------------------------------------------------
+    def _adapts(self) -> bool:
+        """Whether this run adapts to target data (then the best checkpoint is never picked by target labels)."""
+        return self.alignment is not None
+
+    def _saved_modules(self) -> Any:
+        """What a checkpoint saves besides the model, optimizer and scheduler (``state_dict`` /
+        ``load_state_dict``): the alignment terms (discriminators)."""
+        return self.alignment
+
     def _best_path(self) -> Path | None:
         st = self.state
         return None if st.best_step is None else self.output_dir / f"checkpoint-{st.best_step}"

