@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core.autograd import swapped_parameters
 from ..core.hf import HEAD_NAMES
 from ..features import FeatureTap, Pooling
 from .adversarial import DomainDiscriminator, _domain_bce
@@ -174,18 +175,9 @@ class ADDA:
         ``self.hf = base_model(self.net)``) torch 2.x leaves the snapshot in the model and computes
         with the wrong weights. Here every module is visited once, its parameter entries swapped
         and put back."""
-        by_id = {id(p): self.source_params[n] for n, p in self._live.items()}
-        swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
-        try:
-            for module in self.model.modules():  # each module object once, however many paths reach it
-                for leaf, p in list(module._parameters.items()):
-                    if p is not None and id(p) in by_id:
-                        module._parameters[leaf] = nn.Parameter(by_id[id(p)], requires_grad=False)
-                        swapped.append((module, leaf, p))
+        by_id = {id(p): nn.Parameter(self.source_params[n], requires_grad=False) for n, p in self._live.items()}
+        with swapped_parameters(self.model, by_id):
             yield
-        finally:
-            for module, leaf, p in reversed(swapped):
-                module._parameters[leaf] = p
 
     def target_features(self, batch: Mapping[str, Any], model: nn.Module | None = None) -> torch.Tensor:
         """``M_t(x)``: features of the live (target) adapter, with gradient. ``model``: a

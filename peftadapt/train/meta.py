@@ -7,10 +7,10 @@ Each step splits the source domains into meta-train and meta-test domains and mi
 
 with ``alpha`` the inner learning rate and ``beta`` the meta weight: a step that lowers the loss on the
 meta-train domains must also lower it on a held-out domain. Second order differentiates through the inner
-gradient (``torch.func.functional_call`` on the trainable parameters); first order drops that term: the
-gradient is ``grad L_train(theta) + beta * grad L_test(theta')`` at ``theta' = theta - alpha * grad
-L_train(theta)``. With a :class:`~peftadapt.align.DomainAdaptation`, ``L_train`` also carries its alignment
-terms to the unlabeled target.
+gradient (``theta'`` swapped in for the trainable parameters: ``core.autograd.swapped_parameters``); first
+order drops that term: the gradient is ``grad L_train(theta) + beta * grad L_test(theta')`` at
+``theta' = theta - alpha * grad L_train(theta)``. With a :class:`~peftadapt.align.DomainAdaptation`,
+``L_train`` also carries its alignment terms to the unlabeled target.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.func import functional_call
 
 from ..align.step import DomainAdaptation, source_domains
+from ..core.autograd import swapped_parameters
 
 __all__ = ["MLDG"]
 
@@ -35,10 +35,13 @@ def _number(value: Any, name: str, low: float, strict: bool) -> float:
     return float(value)
 
 
-def _task_loss(model: nn.Module, batch: Mapping[str, Any], domain: str, params: dict[str, Any] | None = None):
-    out = (
-        model(**batch) if params is None else functional_call(model, params, args=(), kwargs=dict(batch), strict=False)
-    )
+def _task_loss(model: nn.Module, batch: Mapping[str, Any], domain: str, params: dict[int, Any] | None = None):
+    """``model(**batch).loss``; ``params``: {id(parameter): tensor} used in place of those parameters."""
+    if params is None:
+        out = model(**batch)
+    else:
+        with swapped_parameters(model, params):
+            out = model(**batch)
     loss = getattr(out, "loss", None)
     if loss is None:
         raise ValueError(
@@ -158,10 +161,8 @@ class MLDG:
         missing = [n for n, p in self.params.items() if id(p) not in name_in_net]
         if missing:
             raise ValueError(f"MLDG: meta parameters {missing[:3]} are not parameters of the model called")
-        moved = {
-            name_in_net[id(p)]: p - self.inner_lr * (g.detach() if self.first_order else g)
-            for p, g in zip(tensors, grads, strict=False)
-        }
+        step = [g.detach() if self.first_order else g for g in grads]
+        moved = {id(p): p - self.inner_lr * g for p, g in zip(tensors, step, strict=False)}
         per = {d: _task_loss(net, domains[d], d, moved) for d in test}
         l_test = torch.stack(list(per.values())).mean()
         total = l_test * self.meta_weight if self.first_order else l_train + self.meta_weight * l_test

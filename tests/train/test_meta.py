@@ -135,3 +135,31 @@ def test_scale_accumulates_like_one_call(first_order):
         ml.step = 0  # the same split both times: half the gradient each
         ml.backward(domains, scale=0.5)
     torch.testing.assert_close(two.w.grad, one.w.grad)
+
+
+def test_a_model_reaching_a_module_by_two_paths_keeps_its_parameters():
+    """The Amazon benchmark's TopModel keeps ``net = wrap(hf)`` and ``hf = base_model(net)``: one
+    submodule, two paths. torch.func.functional_call left theta' in such a model after the meta-test
+    forward (the next call then failed, or trained the wrong tensors); the swap puts theta back."""
+
+    class TwoPaths(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.alias = self.lin
+
+        def forward(self, x, labels):
+            return SimpleNamespace(loss=nn.functional.cross_entropy(self.alias(x), labels))
+
+    torch.manual_seed(0)
+    model = TwoPaths()
+    weight = model.lin.weight
+    before = weight.detach().clone()
+    batches = {d: {"x": torch.randn(4, 3), "labels": torch.tensor([0, 1, 0, 1])} for d in ("a", "b", "c")}
+    ml = MLDG(model, inner_lr=0.5, first_order=True, seed=0)
+    for _ in range(2):
+        model.zero_grad()
+        ml.backward(batches)
+        assert model.lin.weight is weight and model.alias.weight is weight
+        assert weight.grad is not None and torch.isfinite(weight.grad).all()
+    torch.testing.assert_close(weight.detach(), before)  # backward only: no tensor left behind
