@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ (the Amazon loader, the study's prompt)
 from benchmarks.amazon.data import load_split
 
 HERE = Path(__file__).resolve().parent

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutput
 
 import peftadapt
+from benchmarks.amazon.run import _Sampler
 from peftadapt.align import DomainAdaptation, Term
 
 from .encode import Encoded, answer_ids, cache_dir, encode_domain, model_dir, prompt_only
@@ -135,22 +136,6 @@ class TopLM(nn.Module):
         return {k: v.detach().clone() for k, v in self.named_parameters() if v.requires_grad}
 
 
-class Sampler:
-    """Endless shuffled batches of a fixed index set, seeded."""
-
-    def __init__(self, idx: torch.Tensor, batch: int, seed: int):
-        self.idx, self.batch = idx, batch
-        self.g = torch.Generator().manual_seed(seed)
-        self.perm, self.pos = self.idx[torch.randperm(len(idx), generator=self.g)], 0
-
-    def next(self) -> torch.Tensor:
-        if self.pos + self.batch > len(self.perm):
-            self.perm, self.pos = self.idx[torch.randperm(len(self.idx), generator=self.g)], 0
-        out = self.perm[self.pos : self.pos + self.batch]
-        self.pos += self.batch
-        return out
-
-
 def source_batch(enc: Encoded, idx: torch.Tensor) -> tuple[dict, torch.Tensor]:
     """(batch with answer-only labels, the prompt mask that source features are pooled over)."""
     t = int(enc.mask[idx].sum(1).max())
@@ -186,8 +171,8 @@ def train_steps(
     da: DomainAdaptation | None = None,
 ) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=prof.learning_rate, weight_decay=0.0)
-    s_samp = Sampler(src.train, prof.batch, seed)
-    t_samp = Sampler(tgt.train, prof.batch, seed + 7) if tgt is not None else None
+    s_samp = _Sampler(src.train, prof.batch, seed)
+    t_samp = _Sampler(tgt.train, prof.batch, seed + 7) if tgt is not None else None
     model.train()
     task_sum, reg_sum = 0.0, 0.0
     for step in range(steps):
@@ -212,7 +197,7 @@ def balance_weight(model: TopLM, reg: str, src: Encoded, tgt: Encoded, prof: Pro
     """lambda = balance * L_answer / |D| on 4 source / target batches of the warm-up model (no target label)."""
     da = build_da(model, reg, 1.0)
     model.eval()
-    s_samp, t_samp = Sampler(src.train, prof.batch, seed + 99), Sampler(tgt.train, prof.batch, seed + 98)
+    s_samp, t_samp = _Sampler(src.train, prof.batch, seed + 99), _Sampler(tgt.train, prof.batch, seed + 98)
     task, raw = [], []
     try:
         for _ in range(4):
