@@ -289,8 +289,14 @@ def main(argv=None) -> None:
     ap.add_argument("--targets", nargs="+", choices=DOMAINS, default=list(DOMAINS))
     ap.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     ap.add_argument("--report", action="store_true", help="only write the table (amazon_lodo.md) from the JSON")
-    ap.add_argument("--steps", nargs=2, type=int, default=None, metavar=("WARMUP", "ADAPT"),
-                    help="override the quick profile's 100 + 60 steps (a smoke run: write to another --out)")
+    ap.add_argument(
+        "--steps",
+        nargs=2,
+        type=int,
+        default=None,
+        metavar=("WARMUP", "ADAPT"),
+        help="override the quick profile's 100 + 60 steps (a smoke run: write to another --out)",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     res = json.loads(out.read_text()) if out.exists() else {"cells": {}}
@@ -302,7 +308,8 @@ def main(argv=None) -> None:
         prof = PROFILES["quick"]
         if args.steps:
             prof = dataclasses.replace(prof, warmup_steps=args.steps[0], adapt_steps=args.steps[1])
-        cmd = " ".join(["python -m benchmarks.amazon.lodo", *sys.argv[1:]])
+        env = " ".join(f"{k}={os.environ[k]}" for k in ("TORCH_THREADS",) if k in os.environ)
+        cmd = f"{env} python -m benchmarks.amazon.lodo {' '.join(sys.argv[1:])}".strip()
         res["meta"] = {
             "seeds": sorted(set(res.get("meta", {}).get("seeds", [])) | set(SEEDS)),
             "commands": list(dict.fromkeys([*res.get("meta", {}).get("commands", []), cmd])),
@@ -315,9 +322,12 @@ def main(argv=None) -> None:
         enc = {d: encode_domain(d, prof, "cpu") for d in DOMAINS}
 
         def save() -> None:
-            if out.exists():
-                for k, v in json.loads(out.read_text()).get("cells", {}).items():
+            if out.exists():  # keep the cells and commands of another process writing the same file
+                old = json.loads(out.read_text())
+                for k, v in old.get("cells", {}).items():
                     res["cells"].setdefault(k, v)
+                cmds = old.get("meta", {}).get("commands", []) + res["meta"]["commands"]
+                res["meta"]["commands"] = list(dict.fromkeys(cmds))
             tmp = out.with_suffix(".tmp")
             tmp.write_text(json.dumps(res, indent=1, sort_keys=True))
             os.replace(tmp, out)
