@@ -62,7 +62,7 @@ ROWS = (
     "mldg+mmd",
     "adda",
 )
-SEEDS = (0, 1)
+SEEDS = (0, 1, 2)
 MMD_WEIGHT = FROZEN_WEIGHTS["mmd"]
 ADDA_LR, ADDA_BETAS = 2e-4, (0.5, 0.999)
 
@@ -330,7 +330,7 @@ def main(argv=None) -> None:
                     res["cells"].setdefault(k, v)
                 cmds = old.get("meta", {}).get("commands", []) + res["meta"]["commands"]
                 res["meta"]["commands"] = list(dict.fromkeys(cmds))
-            tmp = out.with_suffix(".tmp")
+            tmp = out.with_suffix(f".{os.getpid()}.tmp")  # one per process: several write the same file
             tmp.write_text(json.dumps(res, indent=1, sort_keys=True))
             os.replace(tmp, out)
 

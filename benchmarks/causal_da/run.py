@@ -68,7 +68,7 @@ PAIRS = [("books", "kitchen"), ("kitchen", "electronics")]
 @dataclass
 class Profile:
     pairs: list = field(default_factory=lambda: list(PAIRS))
-    seeds: list = field(default_factory=lambda: [0, 1])
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
     regs: list = field(default_factory=lambda: list(REGULARIZERS))
     adapt_layers: int = 4
     batch: int = 8  # per domain
@@ -238,7 +238,7 @@ def _save(results: dict, path: Path) -> None:
             results["cells"].setdefault(k, v)
         cmds = old.get("meta", {}).get("commands", []) + results["meta"]["commands"]
         results["meta"]["commands"] = list(dict.fromkeys(cmds))
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # one per process: several write the same file
     tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
     os.replace(tmp, path)
 
