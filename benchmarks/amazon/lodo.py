@@ -50,7 +50,18 @@ from peftadapt.train.meta import MLDG
 
 from .data import DOMAINS
 from .report import _fmt, _stats, gain_check
-from .run import FROZEN_WEIGHTS, PROFILES, RESULTS, TopModel, _batch, _Sampler, encode_domain, train_steps, warm_model
+from .run import (
+    FROZEN_WEIGHTS,
+    PROFILES,
+    RESULTS,
+    TopModel,
+    _batch,
+    _Sampler,
+    _save_results,
+    encode_domain,
+    train_steps,
+    warm_model,
+)
 
 ROWS = (
     "single (mean of 3 sources)",
@@ -324,15 +335,7 @@ def main(argv=None) -> None:
         enc = {d: encode_domain(d, prof, "cpu") for d in DOMAINS}
 
         def save() -> None:
-            if out.exists():  # keep the cells and commands of another process writing the same file
-                old = json.loads(out.read_text())
-                for k, v in old.get("cells", {}).items():
-                    res["cells"].setdefault(k, v)
-                cmds = old.get("meta", {}).get("commands", []) + res["meta"]["commands"]
-                res["meta"]["commands"] = list(dict.fromkeys(cmds))
-            tmp = out.with_suffix(f".{os.getpid()}.tmp")  # one per process: several write the same file
-            tmp.write_text(json.dumps(res, indent=1, sort_keys=True))
-            os.replace(tmp, out)
+            _save_results(res, out)
 
         for seed in args.seeds:
             for t in args.targets:

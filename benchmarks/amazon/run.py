@@ -167,15 +167,20 @@ def _atomic_save(tensors: dict, path: Path) -> None:
 
 
 def _save_results(results: dict, path: Path) -> None:
-    """Write results, keeping cells another process (e.g. a warm-up-only run) added meanwhile."""
+    """Write results, keeping the cells (and the recorded commands) of another process writing the
+    same file meanwhile (e.g. a warm-up-only run, or one process per seed). Every study's one writer."""
     if path.exists():
-        for k, v in json.loads(path.read_text()).get("cells", {}).items():
+        old = json.loads(path.read_text())
+        for k, v in old.get("cells", {}).items():
             results["cells"].setdefault(k, v)
+        if "commands" in results.get("meta", {}):
+            cmds = old.get("meta", {}).get("commands", []) + results["meta"]["commands"]
+            results["meta"]["commands"] = list(dict.fromkeys(cmds))
     _atomic_json(results, path)
 
 
 def _atomic_json(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # one per process: several write the same file
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
     os.replace(tmp, path)
 

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutput
 
 import peftadapt
-from benchmarks.amazon.run import _Sampler
+from benchmarks.amazon.run import _atomic_save, _Sampler, _save_results
 from peftadapt.align import DomainAdaptation, Term
 
 from .encode import Encoded, answer_ids, cache_dir, encode_domain, model_dir, prompt_only
@@ -223,26 +223,6 @@ def evaluate(model: TopLM, enc: Encoded, idx: torch.Tensor, bs: int = 32) -> dic
     return {"acc": float((pred == enc.labels[idx]).float().mean()), "pos_frac": float(pred.float().mean())}
 
 
-def _atomic_save(tensors: dict, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def _save(results: dict, path: Path) -> None:
-    if path.exists():  # keep the cells and commands of another process writing the same file
-        old = json.loads(path.read_text())
-        for k, v in old.get("cells", {}).items():
-            results["cells"].setdefault(k, v)
-        cmds = old.get("meta", {}).get("commands", []) + results["meta"]["commands"]
-        results["meta"]["commands"] = list(dict.fromkeys(cmds))
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # one per process: several write the same file
-    tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def warm_model(prof: Profile, enc: dict, source: str, seed: int) -> TopLM:
     torch.manual_seed(1000 + seed)
     model = TopLM(prof)
@@ -283,7 +263,7 @@ def run(prof: Profile, out: Path, log=print) -> dict:
             "acc": float((pred == e.labels[e.test]).float().mean()),
             "pos_frac": float(pred.float().mean()),
         }
-    _save(results, out)
+    _save_results(results, out)
     for seed in prof.seeds:
         for source in dict.fromkeys(s for s, _ in prof.pairs):
             targets = [t for s, t in prof.pairs if s == source]
@@ -300,7 +280,7 @@ def run(prof: Profile, out: Path, log=print) -> dict:
                         "seconds": time.time() - t0,
                     }
                     log(f"{k}: {cells[k]}")
-                _save(results, out)
+                _save_results(results, out)
             for target in targets:
                 for reg in prof.regs:
                     k = f"{source}>{target}|{reg}|{seed}"
@@ -320,7 +300,7 @@ def run(prof: Profile, out: Path, log=print) -> dict:
                         da.remove()
                     cell["seconds"] = time.time() - t0
                     cells[k] = cell
-                    _save(results, out)
+                    _save_results(results, out)
                     log(f"{k}: {cell}")
     return results
 
